@@ -1,0 +1,7 @@
+//! Touchline, the edge daemon: ingest → store → engine → outbox → uplink.
+//!
+//! Each stage is a module that owns its state; `app` composes them and
+//! `cli` is the binary's edge.
+#![forbid(unsafe_code)]
+
+pub mod event;

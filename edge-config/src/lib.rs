@@ -4,7 +4,28 @@
 //! the daemon never sees an unvalidated value. Errors name the file, line
 //! and field, because the people reading them are operators and CVM teams
 //! editing TOML by hand.
+//!
+//! - [`load_site_config`] / [`parse_site_config`]: the site config file.
+//! - [`load_rules`]: the rule files the site config names, as one bundle.
+//! - [`parse_rules`]: one rule file.
+//! - [`parse_size`] / [`parse_duration`]: the unit syntax both use, for
+//!   command-line options that should read the same way.
 #![forbid(unsafe_code)]
 
+mod cel_check;
+pub mod defaults;
+mod diagnostic;
 pub mod model;
+mod paths;
+mod reader;
+mod rule_files;
+mod rules;
+mod site;
+mod units;
+
+pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use model::*;
+pub use rule_files::load_rules;
+pub use rules::parse_rules;
+pub use site::{load_site_config, parse_site_config};
+pub use units::{parse_duration, parse_size};

@@ -3,7 +3,13 @@
 //! These types hold values that already passed validation: paths are
 //! absolute (resolved against the config file's folder), sizes are bytes,
 //! durations are `Duration`s, CEL expressions compiled once without error.
-//! Every default is documented on its field and applied by the parser.
+//! Every default is documented on its field and applied by the parser (the
+//! values live in [`crate::defaults`]).
+//!
+//! Sizes are written `"64KiB"` (units `B`, `KiB`, `MiB`, `GiB`) or as a
+//! plain number of bytes and must be greater than zero; durations are
+//! written `"30s"` (units `ms`, `s`, `m`, `h`, `d`) and must be greater than
+//! zero unless a field says otherwise.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +38,11 @@ pub struct Site {
     pub id: String,
     /// `data_dir`: required; the LMDB environment lives here.
     pub data_dir: PathBuf,
-    /// `rules`: glob patterns of rule files (TOML); default none.
+    /// `rules`: glob patterns of rule files (TOML); default none. Kept as
+    /// written; [`crate::load_rules`] resolves relative patterns against
+    /// the config file's folder, requires each to match at least one file
+    /// and loads the matches in sorted order. `*` matches neither `/` nor
+    /// a leading `.`; `**` matches folders recursively.
     pub rules: Vec<String>,
 }
 
@@ -47,24 +57,28 @@ pub struct Ingest {
 /// `[ingest.mqtt]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mqtt {
-    /// `url`: `mqtt://host:port` (required).
+    /// `url`: `mqtt://host:port` (required); the port defaults to 1883,
+    /// IPv6 hosts go in brackets (`mqtt://[::1]:1883`) and are stored
+    /// without them. Other schemes (`mqtts`, `ws`, ...) are refused.
     pub host: String,
     pub port: u16,
     /// `client_id`: required, non-empty (persistent sessions need it).
     pub client_id: String,
-    /// `topics`: topic filters, at least one.
+    /// `topics`: topic filters, at least one; each a valid MQTT filter
+    /// (`+` and `#` fill a whole level, `#` only as the last one).
     pub topics: Vec<String>,
     /// `max_packet_size`: default 256 KiB. Must be at least
-    /// `validation.max_event_size`.
+    /// `validation.max_event_size` and at most MQTT's limit (256 MiB).
     pub max_packet_size: usize,
-    /// `keep_alive`: default 30 s.
+    /// `keep_alive`: default 30 s; whole seconds from 1 s to 65535 s (the
+    /// protocol's 16-bit field).
     pub keep_alive: Duration,
     /// `reconnect_min` / `reconnect_max`: jittered exponential backoff
-    /// bounds; defaults 100 ms and 30 s.
+    /// bounds; defaults 100 ms and 30 s; `reconnect_min <= reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// `inflight`: how many unacknowledged QoS 1 messages we accept from
-    /// the broker at once; default 1000.
+    /// the broker at once; default 1000, at least 1.
     pub inflight: u16,
 }
 
@@ -73,7 +87,8 @@ pub struct Mqtt {
 pub struct Http {
     /// `listen`: socket address, e.g. `127.0.0.1:8088` (required).
     pub listen: SocketAddr,
-    /// `max_body`: default 16 MiB; larger requests get 413.
+    /// `max_body`: default 16 MiB; larger requests get 413. Must be at
+    /// least `validation.max_event_size`.
     pub max_body: usize,
 }
 
@@ -83,6 +98,7 @@ pub struct Validation {
     /// `max_event_size`: default 64 KiB per event.
     pub max_event_size: usize,
     /// `max_future_skew`: default 5 min; events further ahead are rejected.
+    /// Zero is allowed (no event time may lie ahead of the site clock).
     pub max_future_skew: Duration,
     /// `max_age`: default 7 days; older events are rejected.
     pub max_age: Duration,
@@ -90,10 +106,12 @@ pub struct Validation {
     /// are duplicates.
     pub dedup_retention: Duration,
     /// `venue_types`: event type patterns that are venue-wide and carry no
-    /// subject. A trailing `*` matches any suffix. Default
-    /// `["venue.*", "match.*"]`. Every other type requires `subject`.
+    /// subject. A trailing `*` matches any suffix (`*` anywhere else is an
+    /// error). Default `["venue.*", "match.*"]`. Every other type requires
+    /// `subject`.
     pub venue_types: Vec<String>,
-    /// `dlq_max`: dead-letter samples kept (oldest evicted); default 1000.
+    /// `dlq_max`: dead-letter samples kept (oldest evicted); default 1000;
+    /// 0 keeps none.
     pub dlq_max: usize,
 }
 
@@ -104,10 +122,10 @@ pub struct Store {
     /// `outbox.max_bytes`.
     pub map_size: usize,
     /// `commit_max_events`: group commit closes after this many events;
-    /// default 4096.
+    /// default 4096, at least 1.
     pub commit_max_events: usize,
     /// `commit_max_delay`: or after this long since its first event;
-    /// default 2 ms.
+    /// default 2 ms; zero is allowed (commit without waiting for more).
     pub commit_max_delay: Duration,
     /// `sync`: default `full`.
     pub sync: SyncMode,
@@ -129,31 +147,36 @@ pub enum SyncMode {
 /// `[uplink]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct Uplink {
-    /// `central`: address of the central receiver (required).
+    /// `central`: address of the central receiver, `IP:port` (required).
     pub central: SocketAddr,
     /// `server_name`: TLS name of the central certificate; default
     /// `localhost`.
     pub server_name: String,
-    /// `ca`, `cert`, `key`: PEM files (required).
+    /// `ca`, `cert`, `key`: PEM files (required). Not opened by the
+    /// parser: the daemon reports a missing or unreadable file at start.
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
-    /// `batch_max_records`: default 2000.
+    /// `batch_max_records`: default 2000, at least 1.
     pub batch_max_records: usize,
-    /// `batch_max_bytes`: default 1 MiB.
+    /// `batch_max_bytes`: default 1 MiB; at most half the protocol's frame
+    /// limit (8 MiB), leaving room for the envelope.
     pub batch_max_bytes: usize,
     /// `keep_alive`: default 5 s; `idle_timeout`: default 30 s. Keep-alive
     /// must be below the idle timeout.
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
-    /// `reconnect_min` / `reconnect_max`: defaults 200 ms and 30 s.
+    /// `reconnect_min` / `reconnect_max`: defaults 200 ms and 30 s;
+    /// `reconnect_min <= reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// `pseudonymize`: default true: customer ids leave the site as
     /// HMAC-SHA256(key, id), hex.
     pub pseudonymize: bool,
-    /// `pseudonym_key`: file holding the HMAC key; default
-    /// `<data_dir>/pseudonym.key`, created with a random key when absent.
+    /// `pseudonym_key`: file holding the HMAC key. `None` when not set:
+    /// then the key is `<data_dir>/pseudonym.key`
+    /// ([`crate::defaults::PSEUDONYM_KEY_FILE`]), created with a random key
+    /// when absent.
     pub pseudonym_key: Option<PathBuf>,
 }
 
@@ -187,19 +210,25 @@ pub struct RuleBundle {
 pub struct AchievementRule {
     /// `id`: required, unique in the bundle, `[A-Za-z0-9._-]{1,64}`.
     pub id: String,
-    /// `name`: required.
+    /// `name`: required, non-empty.
     pub name: String,
     /// `version`: default 1, at least 1.
     pub version: u32,
-    /// `on`: event types, at least one.
+    /// `on`: event types (exact CloudEvents `type`s), at least one; each
+    /// non-empty, without whitespace, listed once.
     pub on: Vec<String>,
-    /// `when`: CEL predicate; it was compiled once at load without error.
+    /// `when`: CEL predicate; optional (absent: every event of the `on`
+    /// types matches). Non-empty, at most 16 KiB; it was compiled once at
+    /// load without error.
     pub when: Option<String>,
+    /// `measure`: required.
     pub measure: Measure,
+    /// `window`: required.
     pub window: Window,
     /// `tiers`: at least one, `at` strictly ascending and positive.
     pub tiers: Vec<Tier>,
-    /// Where the rule was defined, for messages.
+    /// Where the rule was defined, for messages: the rule file (absolute)
+    /// and the 1-based line of its `[[achievement]]` header.
     pub file: PathBuf,
     pub line: usize,
 }
@@ -221,9 +250,12 @@ pub enum Window {
 /// One entry of `tiers`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tier {
-    /// `at`: the measure value that reaches this tier.
+    /// `at`: the measure value that reaches this tier; an integer or a
+    /// float, greater than 0, a whole number for `count`.
     pub at: f64,
+    /// `badge`: optional, non-empty.
     pub badge: Option<String>,
-    /// `points`: category → amount (BTreeMap for a stable order).
+    /// `points`: category → integer amount (BTreeMap for a stable order);
+    /// default none. Categories follow the id rule `[A-Za-z0-9._-]{1,64}`.
     pub points: BTreeMap<String, i64>,
 }

@@ -38,8 +38,8 @@ pub enum EncodeError {
 }
 
 fn encode<T: Serialize>(msg: T) -> Result<Vec<u8>, EncodeError> {
-    let mut out = vec![0u8; FRAME_HEADER_LEN];
-    let out = postcard::to_extend(&Envelope::V1(msg), out)
+    let header = vec![0u8; FRAME_HEADER_LEN];
+    let mut out = postcard::to_extend(&Envelope::V1(msg), header)
         .map_err(|e| EncodeError::Serialize(e.to_string()))?;
     let len = out.len() - FRAME_HEADER_LEN;
     if len > MAX_FRAME_LEN {
@@ -48,7 +48,6 @@ fn encode<T: Serialize>(msg: T) -> Result<Vec<u8>, EncodeError> {
             max: MAX_FRAME_LEN,
         });
     }
-    let mut out = out;
     out[..FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
 }

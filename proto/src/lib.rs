@@ -72,7 +72,10 @@ pub enum ServerMessage {
     /// durable at the central side.
     Ack { through: u64 },
     /// The request was refused; the session should be closed.
-    Refused { reason: RefusalReason, message: String },
+    Refused {
+        reason: RefusalReason,
+        message: String,
+    },
 }
 
 /// Why the central side refused a request.

@@ -18,20 +18,22 @@ fn record() -> impl Strategy<Value = Record> {
         any::<f64>().prop_filter("NaN never equals itself", |v| !v.is_nan()),
     )
         .prop_map(
-            |(site, seq, at_ms, customer, achievement, version, tier, badge, points, value)| Record {
-                site,
-                seq,
-                at_ms,
-                body: RecordBody::AchievementAwarded(AchievementAwarded {
-                    customer,
-                    achievement,
-                    version,
-                    tier,
-                    badge,
-                    points,
-                    window: "lifetime".into(),
-                    value,
-                }),
+            |(site, seq, at_ms, customer, achievement, version, tier, badge, points, value)| {
+                Record {
+                    site,
+                    seq,
+                    at_ms,
+                    body: RecordBody::AchievementAwarded(AchievementAwarded {
+                        customer,
+                        achievement,
+                        version,
+                        tier,
+                        badge,
+                        points,
+                        window: "lifetime".into(),
+                        value,
+                    }),
+                }
             },
         )
 }

@@ -1,0 +1,112 @@
+//! The default of every optional setting, in one place.
+//!
+//! The parser takes its defaults from here and the model's doc comments
+//! state the same values; the `Default` impls let code and tests build a
+//! section without a file.
+
+use std::time::Duration;
+
+use crate::model::{Outbox, Store, SyncMode, Validation, WhenFull};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// `ingest.mqtt.url` port when the URL names none.
+pub const MQTT_PORT: u16 = 1883;
+/// `ingest.mqtt.max_packet_size`.
+pub const MQTT_MAX_PACKET_SIZE: u64 = 256 * KIB;
+/// `ingest.mqtt.keep_alive`.
+pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// `ingest.mqtt.reconnect_min`.
+pub const MQTT_RECONNECT_MIN: Duration = Duration::from_millis(100);
+/// `ingest.mqtt.reconnect_max`.
+pub const MQTT_RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// `ingest.mqtt.inflight`.
+pub const MQTT_INFLIGHT: u16 = 1000;
+
+/// `ingest.http.max_body`.
+pub const HTTP_MAX_BODY: u64 = 16 * MIB;
+
+/// `ingest.validation.max_event_size`.
+pub const MAX_EVENT_SIZE: u64 = 64 * KIB;
+/// `ingest.validation.max_future_skew`.
+pub const MAX_FUTURE_SKEW: Duration = Duration::from_secs(5 * 60);
+/// `ingest.validation.max_age`.
+pub const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// `ingest.validation.dedup_retention`.
+pub const DEDUP_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// `ingest.validation.venue_types`.
+pub const VENUE_TYPES: &[&str] = &["venue.*", "match.*"];
+/// `ingest.validation.dlq_max`.
+pub const DLQ_MAX: usize = 1000;
+
+/// `store.map_size`.
+pub const MAP_SIZE: u64 = 4 * GIB;
+/// `store.commit_max_events`.
+pub const COMMIT_MAX_EVENTS: usize = 4096;
+/// `store.commit_max_delay`.
+pub const COMMIT_MAX_DELAY: Duration = Duration::from_millis(2);
+/// `store.sync`.
+pub const SYNC: SyncMode = SyncMode::Full;
+
+/// `uplink.server_name`.
+pub const UPLINK_SERVER_NAME: &str = "localhost";
+/// `uplink.batch_max_records`.
+pub const UPLINK_BATCH_MAX_RECORDS: usize = 2000;
+/// `uplink.batch_max_bytes`.
+pub const UPLINK_BATCH_MAX_BYTES: u64 = MIB;
+/// `uplink.keep_alive`.
+pub const UPLINK_KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// `uplink.idle_timeout`.
+pub const UPLINK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// `uplink.reconnect_min`.
+pub const UPLINK_RECONNECT_MIN: Duration = Duration::from_millis(200);
+/// `uplink.reconnect_max`.
+pub const UPLINK_RECONNECT_MAX: Duration = Duration::from_secs(30);
+/// `uplink.pseudonymize`.
+pub const UPLINK_PSEUDONYMIZE: bool = true;
+/// Name of the pseudonym key file in `site.data_dir` when
+/// `uplink.pseudonym_key` is not set.
+pub const PSEUDONYM_KEY_FILE: &str = "pseudonym.key";
+
+/// `outbox.max_bytes`.
+pub const OUTBOX_MAX_BYTES: u64 = GIB;
+/// `outbox.when_full`.
+pub const OUTBOX_WHEN_FULL: WhenFull = WhenFull::Block;
+
+/// `[achievement] version`.
+pub const RULE_VERSION: u32 = 1;
+
+impl Default for Validation {
+    fn default() -> Validation {
+        Validation {
+            max_event_size: MAX_EVENT_SIZE as usize,
+            max_future_skew: MAX_FUTURE_SKEW,
+            max_age: MAX_AGE,
+            dedup_retention: DEDUP_RETENTION,
+            venue_types: VENUE_TYPES.iter().map(|s| (*s).to_owned()).collect(),
+            dlq_max: DLQ_MAX,
+        }
+    }
+}
+
+impl Default for Store {
+    fn default() -> Store {
+        Store {
+            map_size: MAP_SIZE as usize,
+            commit_max_events: COMMIT_MAX_EVENTS,
+            commit_max_delay: COMMIT_MAX_DELAY,
+            sync: SYNC,
+        }
+    }
+}
+
+impl Default for Outbox {
+    fn default() -> Outbox {
+        Outbox {
+            max_bytes: OUTBOX_MAX_BYTES,
+            when_full: OUTBOX_WHEN_FULL,
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Finding and loading a site's rule files into one [`RuleBundle`].
+//!
+//! `site.rules` holds glob patterns relative to the config file's folder.
+//! Each pattern must match at least one file, so a typo in a path is an
+//! error rather than a site silently running without its rules. Files load
+//! in sorted order and a file matched by two patterns loads once, so the
+//! bundle does not depend on directory listing order.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use glob::MatchOptions;
+use toml::de::{DeTable, DeValue};
+
+use crate::diagnostic::{ConfigErrors, Diagnostic, Source};
+use crate::model::{RuleBundle, SiteConfig};
+use crate::paths;
+use crate::rules::parse_rules_located;
+
+/// Loads every rule file `site.rules` names and checks that rule ids are
+/// unique across them.
+pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
+    let base = paths::base_of(&site.source);
+    let mut errors = Vec::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (index, pattern) in site.site.rules.iter().enumerate() {
+        match expand(&base, pattern) {
+            Ok(matched) if matched.is_empty() => errors.push(pattern_error(
+                site,
+                index,
+                format!(
+                    "`{pattern}` matches no file (patterns are relative to {})",
+                    base.display()
+                ),
+            )),
+            Ok(matched) => {
+                for file in matched {
+                    if !files.contains(&file) {
+                        files.push(file);
+                    }
+                }
+            }
+            Err(message) => errors.push(pattern_error(site, index, message)),
+        }
+    }
+
+    let mut bundle = RuleBundle::default();
+    // Rule id → where it was first defined.
+    let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    for file in &files {
+        let parsed = paths::read_text(file).and_then(|text| parse_rules_located(&text, file));
+        match parsed {
+            Ok(rules) => {
+                for located in rules {
+                    let rule = located.rule;
+                    if let Some((first_file, first_line)) = seen.get(&rule.id) {
+                        errors.push(Diagnostic {
+                            file: paths::shown(file),
+                            line: located.id_line,
+                            column: located.id_column,
+                            field: format!("achievement[{}].id", located.index),
+                            message: format!(
+                                "duplicate id `{}`: already defined at {}:{first_line}",
+                                rule.id,
+                                paths::shown(first_file).display()
+                            ),
+                        });
+                        continue;
+                    }
+                    seen.insert(rule.id.clone(), (file.clone(), rule.line));
+                    bundle.achievements.push(rule);
+                }
+            }
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    bundle.files = files;
+    Ok(bundle)
+}
+
+/// The files `pattern` matches, sorted. `*` does not cross `/` and does
+/// not match a leading `.` (editor backup and lock files).
+fn expand(base: &Path, pattern: &str) -> Result<Vec<PathBuf>, String> {
+    let full = if Path::new(pattern).is_absolute() {
+        pattern.to_owned()
+    } else {
+        let Some(base) = base.to_str() else {
+            return Err(format!(
+                "the config folder {} is not valid UTF-8, so relative patterns cannot be used; give an absolute pattern",
+                base.display()
+            ));
+        };
+        format!("{}/{pattern}", glob::Pattern::escape(base))
+    };
+    let options = MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let entries =
+        glob::glob_with(&full, options).map_err(|e| format!("invalid glob pattern: {}", e.msg))?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| {
+            format!(
+                "cannot read {} while matching `{pattern}`: {}",
+                e.path().display(),
+                e.error()
+            )
+        })?;
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A problem with `site.rules[index]`, placed at the pattern in the config
+/// file when the file can still be read (the model keeps no positions).
+fn pattern_error(site: &SiteConfig, index: usize, message: String) -> Diagnostic {
+    let field = format!("site.rules[{index}]");
+    let (line, column) = std::fs::read_to_string(&site.source)
+        .ok()
+        .and_then(|text| {
+            let (doc, _) = DeTable::parse_recoverable(&text);
+            let rules = doc.get_ref().get("site")?.get_ref().get("rules")?;
+            let DeValue::Array(items) = rules.get_ref() else {
+                return None;
+            };
+            let offset = items.get(index)?.span().start;
+            Some(Source::new(&site.source, &text).position(offset))
+        })
+        .unwrap_or((1, 1));
+    Diagnostic {
+        file: paths::shown(&site.source),
+        line,
+        column,
+        field,
+        message,
+    }
+}

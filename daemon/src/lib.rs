@@ -2,6 +2,9 @@
 //!
 //! Each stage is a module that owns its state; `app` composes them and
 //! `cli` is the binary's edge.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod engine;
 pub mod event;
+pub mod ingest;
+pub mod store;

@@ -1,0 +1,253 @@
+//! CEL `when` predicates: compiled once at load, evaluated per event.
+//!
+//! Building a CEL root context registers every built-in function (tens of
+//! microseconds), so the engine builds one at load and evaluates in a cheap
+//! child scope per event. The child scope's variables borrow the event
+//! (strings and map keys are not copied) and are built once per event, only
+//! those some matching predicate references, and shared by every rule the
+//! event meets.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
+};
+use cel::common::value::Val;
+use cel::{Context, Program, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::event::Event;
+
+/// Which variables a predicate (or a set of them) reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Needs {
+    pub data: bool,
+    pub event: bool,
+    pub profile: bool,
+}
+
+impl Needs {
+    pub(crate) fn union(self, other: Needs) -> Needs {
+        Needs {
+            data: self.data || other.data,
+            event: self.event || other.event,
+            profile: self.profile || other.profile,
+        }
+    }
+}
+
+/// A compiled `when` expression.
+pub(crate) struct Predicate {
+    program: Program,
+    pub needs: Needs,
+}
+
+/// Why a predicate did not yield `true` or `false`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EvalError {
+    #[error("{0}")]
+    Execution(String),
+    #[error("returned {0}, not a bool")]
+    NotBool(String),
+    #[error("evaluation panicked")]
+    Panicked,
+}
+
+impl Predicate {
+    /// Compiles `source`. Deeply nested input needs a deep stack; callers
+    /// run this on a thread that has one.
+    pub(crate) fn compile(source: &str) -> Result<Predicate, String> {
+        let program = Program::compile(source).map_err(|e| e.to_string())?;
+        let refs = program.references();
+        let needs = Needs {
+            data: refs.has_variable("data"),
+            event: refs.has_variable("event"),
+            profile: refs.has_variable("profile"),
+        };
+        Ok(Predicate { program, needs })
+    }
+
+    /// Evaluates against a scope built by [`scope`].
+    pub(crate) fn eval(&self, scope: &Context<'_, '_>) -> Result<bool, EvalError> {
+        // The interpreter is third-party code running on input we do not
+        // control; a panic in it must not take the writer thread down.
+        let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(scope)))
+            .map_err(|_| EvalError::Panicked)?;
+        match result {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(EvalError::NotBool(format!("{other:?}"))),
+            Err(e) => Err(EvalError::Execution(e.to_string())),
+        }
+    }
+}
+
+/// The root context every evaluation scope derives from.
+pub(crate) fn root() -> Context<'static, 'static> {
+    Context::default()
+}
+
+/// A child scope of `root` holding the variables in `needs`, borrowing
+/// from `event`.
+pub(crate) fn scope<'r, 'e>(
+    root: &'r Context<'static, 'static>,
+    event: &'e Event,
+    needs: Needs,
+) -> Context<'r, 'e> {
+    // A context is covariant in the lifetime of the data it borrows, so the
+    // 'static root can parent a scope that borrows the event.
+    let root: &'r Context<'r, 'e> = root;
+    let mut scope = root.new_inner_scope();
+    if needs.data {
+        scope.add_variable_as_val("data", json(&event.data));
+    }
+    if needs.event {
+        scope.add_variable_as_val("event", event_map(event));
+    }
+    if needs.profile {
+        // Profiles come later; an empty map keeps `has(profile.x)` and
+        // `profile.x` (an error, so no match) well-defined meanwhile.
+        scope.add_variable_as_val("profile", Box::new(CelMap::default()));
+    }
+    scope
+}
+
+/// The event's attributes: `id`, `source`, `type`, `subject` (null when
+/// absent) and `time` (RFC 3339, UTC).
+fn event_map(event: &Event) -> Box<dyn Val + '_> {
+    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::with_capacity(5);
+    map.insert("id".into(), Box::new(CelString::from(event.id.as_str())));
+    map.insert(
+        "source".into(),
+        Box::new(CelString::from(event.source.as_str())),
+    );
+    map.insert(
+        "type".into(),
+        Box::new(CelString::from(event.kind.as_str())),
+    );
+    let subject: Box<dyn Val> = match &event.subject {
+        Some(s) => Box::new(CelString::from(s.as_str())),
+        None => Box::new(CelNull),
+    };
+    map.insert("subject".into(), subject);
+    map.insert(
+        "time".into(),
+        Box::new(CelString::from(rfc3339(event.time_ms))),
+    );
+    Box::new(CelMap::from(map))
+}
+
+fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// JSON → CEL, borrowing strings. Integers that fit `i64` become `int`,
+/// larger ones `uint`, others `double`. Depth is bounded by the JSON
+/// parser's own recursion limit.
+pub(crate) fn json(value: &serde_json::Value) -> Box<dyn Val + '_> {
+    use serde_json::Value as J;
+    match value {
+        J::Null => Box::new(CelNull),
+        J::Bool(b) => Box::new(CelBool::from(*b)),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Box::new(CelInt::from(i))
+            } else if let Some(u) = n.as_u64() {
+                Box::new(CelUInt::from(u))
+            } else {
+                Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN)))
+            }
+        }
+        J::String(s) => Box::new(CelString::from(s.as_str())),
+        J::Array(items) => Box::new(CelList::from(items.iter().map(json).collect::<Vec<_>>())),
+        J::Object(fields) => {
+            let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
+                .iter()
+                .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))
+                .collect();
+            Box::new(CelMap::from(map))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(data: serde_json::Value) -> Event {
+        Event {
+            id: "e1".into(),
+            source: "test".into(),
+            kind: "fan.cheer".into(),
+            subject: Some("fan-1".into()),
+            time_ms: 1_700_000_000_000,
+            data,
+        }
+    }
+
+    fn eval(src: &str, data: serde_json::Value) -> Result<bool, EvalError> {
+        let root = root();
+        let p = Predicate::compile(src).unwrap();
+        let ev = event(data);
+        let scope = scope(&root, &ev, p.needs);
+        p.eval(&scope)
+    }
+
+    #[test]
+    fn data_comparisons() {
+        assert!(eval("data.intensity >= 2", json!({"intensity": 2})).unwrap());
+        assert!(!eval("data.intensity >= 2", json!({"intensity": 1})).unwrap());
+        assert!(eval("data.intensity >= 2", json!({"intensity": 2.5})).unwrap());
+        assert!(eval("data.team == 'home'", json!({"team": "home"})).unwrap());
+        assert!(eval("'x' in data.tags", json!({"tags": ["x", "y"]})).unwrap());
+        assert!(eval("data.a.b.c == null", json!({"a": {"b": {"c": null}}})).unwrap());
+        assert!(eval("has(data.x) || true", json!({})).unwrap());
+    }
+
+    #[test]
+    fn event_and_profile_variables() {
+        assert!(eval(
+            "event.type == 'fan.cheer' && event.subject == 'fan-1'",
+            json!(null)
+        )
+        .unwrap());
+        assert!(eval("event.time.startsWith('2023-11-14T')", json!(null)).unwrap());
+        assert!(eval("size(profile) == 0", json!(null)).unwrap());
+    }
+
+    #[test]
+    fn errors_are_values() {
+        assert!(matches!(
+            eval("data.missing >= 2", json!({})),
+            Err(EvalError::Execution(_))
+        ));
+        assert!(matches!(
+            eval("data.intensity", json!({"intensity": 3})),
+            Err(EvalError::NotBool(_))
+        ));
+        assert!(matches!(
+            eval("data.s >= 2", json!({"s": "three"})),
+            Err(EvalError::Execution(_))
+        ));
+    }
+
+    #[test]
+    fn needs_follow_references() {
+        let p = Predicate::compile("data.x > 1").unwrap();
+        assert_eq!(
+            p.needs,
+            Needs {
+                data: true,
+                event: false,
+                profile: false
+            }
+        );
+        let p = Predicate::compile("event.id != ''").unwrap();
+        assert!(p.needs.event && !p.needs.data);
+    }
+}

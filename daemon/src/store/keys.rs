@@ -1,0 +1,85 @@
+//! Composite LMDB keys that always fit LMDB's 511-byte key limit.
+//!
+//! Keys are built from input we do not control (event source and id,
+//! customer ids), so a natural key can be arbitrarily long. Short keys stay
+//! readable and ordered; a key over the limit is replaced by a marker byte
+//! and its SHA-256, which cannot collide with a natural key because natural
+//! keys start with a big-endian length below 0xFF00.
+
+use sha2::{Digest, Sha256};
+
+/// Marker byte of a hashed key.
+const HASHED: u8 = 0xFF;
+
+/// Builds keys into a reused buffer.
+#[derive(Default)]
+pub(crate) struct KeyBuf {
+    buf: Vec<u8>,
+}
+
+impl KeyBuf {
+    /// Starts a key with a length-prefixed first component (at most
+    /// `u16::MAX` bytes are meaningful; longer input is hashed anyway).
+    pub(crate) fn start(&mut self, first: &str) -> &mut Self {
+        self.buf.clear();
+        let len = u16::try_from(first.len()).unwrap_or(u16::MAX);
+        // A length of 0xFF00 or more would make the first byte look like
+        // the hash marker; such keys are far over the limit and get hashed.
+        self.buf.extend_from_slice(&len.to_be_bytes());
+        self.buf.extend_from_slice(first.as_bytes());
+        self
+    }
+
+    /// Appends a short length-prefixed component (ids of at most 255 bytes;
+    /// longer ones are truncated in the prefix but kept whole in the key).
+    pub(crate) fn short(&mut self, part: &str) -> &mut Self {
+        let len = u8::try_from(part.len()).unwrap_or(u8::MAX);
+        self.buf.push(len);
+        self.buf.extend_from_slice(part.as_bytes());
+        self
+    }
+
+    pub(crate) fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+
+    /// Appends the last component, unprefixed.
+    pub(crate) fn rest(&mut self, part: &str) -> &mut Self {
+        self.buf.extend_from_slice(part.as_bytes());
+        self
+    }
+
+    /// The finished key: itself when at most `max` bytes, else hashed.
+    pub(crate) fn finish(&mut self, max: usize) -> &[u8] {
+        if self.buf.len() > max {
+            let digest = Sha256::digest(&self.buf);
+            self.buf.clear();
+            self.buf.push(HASHED);
+            self.buf.extend_from_slice(&digest);
+        }
+        &self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_keys_are_natural_long_keys_hashed() {
+        let mut k = KeyBuf::default();
+        let key = k.start("src").rest("id-1").finish(64).to_vec();
+        assert_eq!(key, b"\x00\x03srcid-1");
+
+        let long = "x".repeat(500);
+        let key = k.start(&long).rest("id").finish(256).to_vec();
+        assert_eq!(key.len(), 33);
+        assert_eq!(key[0], HASHED);
+
+        // The prefix keeps ("ab","c") and ("a","bc") apart.
+        let a = k.start("ab").rest("c").finish(64).to_vec();
+        let b = k.start("a").rest("bc").finish(64).to_vec();
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,478 @@
+//! The durable store: one LMDB environment per site holding dedup keys,
+//! rule state, the outbox and dead letters.
+//!
+//! Everything that must survive a crash goes through here. Writes funnel
+//! through one writer thread ([`writer`]) that applies events in group
+//! commits and answers callers only after the commit holding their
+//! effects; reads of the outbox run on tokio's blocking pool. The async
+//! side talks to the writer through [`StoreHandle`], which is cheap to
+//! clone and never blocks a tokio worker.
+//!
+//! Back-pressure: a submission takes one permit per event from a bounded
+//! pool before it is queued and gives them back when answered, so ingest
+//! waits (MQTT stops acking, HTTP waits) instead of piling work up in
+//! memory.
+
+mod codec;
+mod dedup;
+mod dlq;
+mod env;
+pub(crate) mod keys;
+mod meta;
+mod outbox;
+pub(crate) mod ratelimit;
+mod stats;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use edge_config::{RuleBundle, SiteConfig};
+use heed::EnvFlags;
+use tokio::sync::{oneshot, Notify, Semaphore};
+use touchline_proto::Record;
+use tracing::warn;
+
+use crate::engine::{Engine, EngineError, EngineStats, Pseudonymizer};
+use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
+use env::{LmdbEnv, ReadDbs};
+pub use outbox::OutboxSummary;
+pub use stats::StoreStats;
+use writer::{Command, Opened, Settings, Writer};
+
+/// Source of "now" (ms since the Unix epoch) for the writer: dedup arrival
+/// times and their expiry. Tests inject their own.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// Stack of the writer thread: predicates are evaluated there and CEL's
+/// interpreter recurses per nesting level.
+const WRITER_STACK: usize = 16 * 1024 * 1024;
+
+/// Dead-letter commands allowed in flight; more are dropped and counted.
+const DLQ_IN_FLIGHT: usize = 64;
+
+/// Events allowed queued or in progress, in units of `commit_max_events`.
+const QUEUED_COMMITS: usize = 4;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store in {path}: {source}")]
+    Open { path: PathBuf, source: heed::Error },
+    #[error("the store in {path} is already open in this process")]
+    AlreadyOpen { path: PathBuf },
+    #[error(
+        "the store in {path} belongs to site `{found}`, not `{expected}`; use another data_dir"
+    )]
+    SiteMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("the store in {path} is unreadable: {detail}")]
+    Format { path: PathBuf, detail: String },
+    #[error("cannot load rules: {0}")]
+    Engine(#[from] EngineError),
+    #[error("cannot start the store writer thread: {0}")]
+    Thread(std::io::Error),
+    #[error("store read failed: {0}")]
+    Read(String),
+    #[error("store write failed: {0}")]
+    Write(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Test and embedding hooks for [`Store::open_with`].
+#[derive(Default, Clone)]
+pub struct StoreOptions {
+    /// Replaces the system clock (default: wall clock).
+    pub clock: Option<Clock>,
+}
+
+/// Opens stores; see [`Store::open`].
+pub struct Store;
+
+/// The writer thread; join it after [`StoreHandle::shutdown`] to be sure
+/// the environment is closed (e.g. before opening it again).
+pub struct WriterThread(JoinHandle<()>);
+
+impl WriterThread {
+    /// Waits for the writer to finish. `Err` only if it panicked.
+    pub fn join(self) -> std::thread::Result<()> {
+        self.0.join()
+    }
+}
+
+struct Shared {
+    tx: std::sync::mpsc::Sender<Command>,
+    event_permits: Arc<Semaphore>,
+    event_permit_cap: usize,
+    dlq_permits: Arc<Semaphore>,
+    /// Taken by the writer when it stops, so readers cannot keep the
+    /// environment open after the store is shut down.
+    env: Arc<Mutex<Option<LmdbEnv>>>,
+    dbs: env::Dbs,
+    stats: Arc<StoreStats>,
+    engine_stats: Arc<EngineStats>,
+    notify: Arc<Notify>,
+}
+
+/// The async face of the store. Clone freely; all clones talk to the same
+/// writer.
+#[derive(Clone)]
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `site.data_dir`, loads the
+    /// rules and starts the writer thread.
+    pub fn open(
+        site: &SiteConfig,
+        rules: &RuleBundle,
+    ) -> Result<(StoreHandle, WriterThread), StoreError> {
+        Store::open_with(site, rules, StoreOptions::default())
+    }
+
+    pub fn open_with(
+        site: &SiteConfig,
+        rules: &RuleBundle,
+        options: StoreOptions,
+    ) -> Result<(StoreHandle, WriterThread), StoreError> {
+        let dir = &site.site.data_dir;
+        create_dir(dir)?;
+        // Rules and key first: a bad rule file should fail before we touch
+        // the environment.
+        let pseudonymizer = Pseudonymizer::from_config(site).map_err(EngineError::from)?;
+        let engine = Engine::new(rules, pseudonymizer)?;
+        let engine_stats = engine.stats();
+
+        let flags = env::sync_flags(site.store.sync);
+        let env = env::open_env(dir, site.store.map_size, flags).map_err(|e| open_error(dir, e))?;
+        let (dbs, meta) = prepare(&env, dir, &site.site.id)?;
+
+        let stats = Arc::new(StoreStats::default());
+        writer::publish_meta(&stats, &meta);
+        let notify = Arc::new(Notify::new());
+        let shared_env = Arc::new(Mutex::new(Some(env.clone())));
+        let settings = Settings {
+            site: site.site.id.clone(),
+            config_source: site.source.clone(),
+            commit_max_events: site.store.commit_max_events.max(1),
+            commit_max_delay: site.store.commit_max_delay,
+            dedup_retention_ms: i64::try_from(site.ingest.validation.dedup_retention.as_millis())
+                .unwrap_or(i64::MAX),
+            outbox_max_bytes: site.outbox.max_bytes,
+            when_full: site.outbox.when_full,
+            dlq_max: site.ingest.validation.dlq_max,
+            map_size: site.store.map_size,
+        };
+        let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));
+        let event_permit_cap = settings
+            .commit_max_events
+            .saturating_mul(QUEUED_COMMITS)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        let writer = Writer::new(
+            Opened { env, dbs, meta },
+            engine,
+            settings,
+            clock,
+            stats.clone(),
+            notify.clone(),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread_env = shared_env.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .stack_size(WRITER_STACK)
+            .spawn(move || writer.run(rx, thread_env))
+            .map_err(StoreError::Thread)?;
+        let handle = StoreHandle {
+            shared: Arc::new(Shared {
+                tx,
+                event_permits: Arc::new(Semaphore::new(event_permit_cap)),
+                event_permit_cap,
+                dlq_permits: Arc::new(Semaphore::new(DLQ_IN_FLIGHT)),
+                env: shared_env,
+                dbs,
+                stats,
+                engine_stats,
+                notify,
+            }),
+        };
+        Ok((handle, WriterThread(thread)))
+    }
+}
+
+impl StoreHandle {
+    /// Applies `events` (dedup, rules, outbox) and returns one outcome per
+    /// event, in order, only after the commit holding their effects. On
+    /// `Err` nothing of the submission took effect.
+    pub async fn submit(&self, events: Vec<Event>) -> Result<Vec<EventOutcome>, SubmitError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let want = events.len().min(self.shared.event_permit_cap);
+        let permit = self
+            .shared
+            .event_permits
+            .clone()
+            .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::Submit {
+                events,
+                reply,
+                _permit: permit,
+            })
+            .map_err(|_| SubmitError::Closed)?;
+        answer.await.map_err(|_| SubmitError::Closed)?
+    }
+
+    /// Keeps rejected-input samples, best effort: never waits for the
+    /// commit, and drops (and counts) samples when the writer is busy.
+    pub async fn dead_letter(&self, samples: Vec<DeadLetter>) {
+        if samples.is_empty() {
+            return;
+        }
+        let n = samples.len() as u64;
+        let Ok(permit) = self.shared.dlq_permits.clone().try_acquire_owned() else {
+            StoreStats::add(&self.shared.stats.dead_letters_dropped, n);
+            return;
+        };
+        let sent = self.shared.tx.send(Command::DeadLetters {
+            samples,
+            _permit: permit,
+        });
+        if sent.is_err() {
+            StoreStats::add(&self.shared.stats.dead_letters_dropped, n);
+        }
+    }
+
+    /// Records with a sequence above `after`, in order, at most
+    /// `max_records` and about `max_bytes` (at least one when any), plus
+    /// the current `dropped_through`. Runs on the blocking pool.
+    pub async fn read_outbox(
+        &self,
+        after: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<Record>, u64), StoreError> {
+        let env = self.env()?;
+        let dbs = self.shared.dbs;
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            let meta = meta::load(dbs.meta, &txn)
+                .map_err(|e| StoreError::Read(e.to_string()))?
+                .unwrap_or_default();
+            let records = outbox::read(dbs.outbox, &txn, after, max_records, max_bytes)
+                .map_err(|e| StoreError::Read(e.to_string()))?;
+            Ok((records, meta.dropped_through))
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    /// Deletes every outbox record up to `through` (the central side made
+    /// them durable). Goes through the writer; works even when the map is
+    /// full.
+    pub async fn ack_outbox(&self, through: u64) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::Ack { through, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Notified after each commit that appended records. May wake once
+    /// without new records; re-read the outbox to find out.
+    pub fn outbox_changed(&self) -> Arc<Notify> {
+        self.shared.notify.clone()
+    }
+
+    pub fn stats(&self) -> Arc<StoreStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Per-rule counters (matches, predicate errors, awards).
+    pub fn engine_stats(&self) -> Arc<EngineStats> {
+        self.shared.engine_stats.clone()
+    }
+
+    /// Outbox size, age and sequence numbers as committed now.
+    pub async fn outbox_summary(&self) -> Result<OutboxSummary, StoreError> {
+        let env = self.env()?;
+        let dbs = self.shared.dbs;
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            let meta = meta::load(dbs.meta, &txn)
+                .map_err(|e| StoreError::Read(e.to_string()))?
+                .unwrap_or_default();
+            outbox::summary(Some(dbs.outbox), &txn, &meta)
+                .map_err(|e| StoreError::Read(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    /// Stops taking submissions, lets the writer commit what is queued,
+    /// and returns when it has. Join the [`WriterThread`] afterwards to wait
+    /// for the environment to close.
+    pub async fn shutdown(&self) {
+        self.shared.event_permits.close();
+        let (reply, answer) = oneshot::channel();
+        if self.shared.tx.send(Command::Shutdown { reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    fn env(&self) -> Result<LmdbEnv, StoreError> {
+        let slot = self.shared.env.lock().unwrap_or_else(|p| p.into_inner());
+        slot.clone().ok_or(StoreError::Closed)
+    }
+}
+
+/// The newest `limit` dead-letter samples (oldest first) of the store in
+/// `data_dir`. Safe while the daemon runs (another process); an empty list
+/// when no store exists there yet.
+pub fn read_dead_letters(
+    data_dir: &Path,
+    map_size: usize,
+    limit: usize,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let Some(env) = open_reader(data_dir, map_size)? else {
+        return Ok(Vec::new());
+    };
+    let txn = env.read_txn().map_err(read_error)?;
+    let dbs = ReadDbs::open(&env, &txn).map_err(read_error)?;
+    match dbs.dead_letters {
+        Some(db) => dlq::read(db, &txn, limit).map_err(read_error),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The outbox summary of the store in `data_dir`, from another process
+/// (`None` when no store exists there yet).
+pub fn read_outbox_summary(
+    data_dir: &Path,
+    map_size: usize,
+) -> Result<Option<OutboxSummary>, StoreError> {
+    let Some(env) = open_reader(data_dir, map_size)? else {
+        return Ok(None);
+    };
+    let txn = env.read_txn().map_err(read_error)?;
+    let dbs = ReadDbs::open(&env, &txn).map_err(read_error)?;
+    let meta = match dbs.meta {
+        Some(db) => meta::load(db, &txn)
+            .map_err(|e| StoreError::Read(e.to_string()))?
+            .unwrap_or_default(),
+        None => meta::Meta::default(),
+    };
+    outbox::summary(dbs.outbox, &txn, &meta)
+        .map(Some)
+        .map_err(|e| StoreError::Read(e.to_string()))
+}
+
+fn open_reader(data_dir: &Path, map_size: usize) -> Result<Option<LmdbEnv>, StoreError> {
+    if !data_dir.join("data.mdb").exists() {
+        return Ok(None);
+    }
+    env::open_env(data_dir, map_size, EnvFlags::READ_ONLY)
+        .map(Some)
+        .map_err(|e| open_error(data_dir, e))
+}
+
+fn open_error(dir: &Path, e: heed::Error) -> StoreError {
+    match e {
+        heed::Error::EnvAlreadyOpened => StoreError::AlreadyOpen {
+            path: dir.to_owned(),
+        },
+        source => StoreError::Open {
+            path: dir.to_owned(),
+            source,
+        },
+    }
+}
+
+fn read_error(e: heed::Error) -> StoreError {
+    StoreError::Read(e.to_string())
+}
+
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StoreError::CreateDir {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Creates the databases, checks the site and loads the counters.
+fn prepare(env: &LmdbEnv, dir: &Path, site: &str) -> Result<(env::Dbs, meta::Meta), StoreError> {
+    let write_err = |e: heed::Error| StoreError::Open {
+        path: dir.to_owned(),
+        source: e,
+    };
+    let mut txn = env.write_txn().map_err(write_err)?;
+    let dbs = env::Dbs::create(env, &mut txn).map_err(write_err)?;
+    match meta::site(dbs.meta, &txn).map_err(write_err)? {
+        Some(found) if found != site => {
+            return Err(StoreError::SiteMismatch {
+                path: dir.to_owned(),
+                found,
+                expected: site.to_owned(),
+            })
+        }
+        Some(_) => {}
+        None => meta::set_site(dbs.meta, &mut txn, site).map_err(write_err)?,
+    }
+    let format_err = |e: meta::MetaError| StoreError::Format {
+        path: dir.to_owned(),
+        detail: e.to_string(),
+    };
+    let mut meta = meta::load(dbs.meta, &txn)
+        .map_err(format_err)?
+        .unwrap_or_default();
+    // The counters are written in the same transactions as the outbox, so
+    // this only trips on a store written by something else; recount then.
+    let records = dbs.outbox.len(&txn).map_err(write_err)?;
+    if records != meta.outbox_records {
+        warn!(
+            counted = records,
+            recorded = meta.outbox_records,
+            "outbox counters disagree with its contents; recounting"
+        );
+        let mut bytes = 0u64;
+        let mut last = 0u64;
+        for entry in dbs.outbox.iter(&txn).map_err(write_err)? {
+            let (seq, value) = entry.map_err(write_err)?;
+            bytes += value.len() as u64;
+            last = seq;
+        }
+        meta.outbox_records = records;
+        meta.outbox_bytes = bytes;
+        meta.next_seq = meta.next_seq.max(last + 1);
+    }
+    meta::save(dbs.meta, &mut txn, &meta).map_err(write_err)?;
+    txn.commit().map_err(write_err)?;
+    Ok((dbs, meta))
+}
+
+fn wall_clock_ms() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,557 @@
+//! The writer thread: the only code that opens LMDB write transactions.
+//!
+//! LMDB allows one write transaction at a time and each commit costs one
+//! or two fsyncs, so all writes funnel through one dedicated OS thread
+//! (never a tokio worker) that groups commands into commits: it blocks for
+//! the first command, gathers more for at most `commit_max_delay` or until
+//! `commit_max_events`, applies them all in ONE transaction (dedup keys,
+//! rule state, outbox records, acks, dead letters), commits, and only then
+//! answers every waiter. A failed commit answers every submission with an
+//! error and changes nothing, so nothing that was answered `Ok` is lost.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use edge_config::WhenFull;
+use heed::RwTxn;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
+use tracing::{error, info, warn};
+
+use super::dedup::Dedup;
+use super::env::{is_map_full, Dbs, LmdbEnv};
+use super::meta::{self, Meta};
+use super::outbox::{self, Outbox};
+use super::ratelimit::LogLimiter;
+use super::stats::StoreStats;
+use super::{dlq, Clock, StoreError};
+use crate::engine::{ApplyError, Emitted, Engine, StateDb};
+use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
+
+/// How long the writer waits for work before sweeping expired dedup keys
+/// on its own.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Dedup keys swept per idle sweep.
+const IDLE_SWEEP_BUDGET: usize = 4096;
+
+/// Dedup keys swept per commit on top of two per event in it, so sweeping
+/// keeps up with inserting.
+const SWEEP_BASE_BUDGET: usize = 64;
+
+/// How long the writer waits, when stopping, for in-flight readers to drop
+/// their handles on the environment.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Work for the writer. Permits travel with the command so back-pressure
+/// covers work queued *and* work in progress.
+pub(crate) enum Command {
+    Submit {
+        events: Vec<Event>,
+        reply: oneshot::Sender<Result<Vec<EventOutcome>, SubmitError>>,
+        _permit: OwnedSemaphorePermit,
+    },
+    DeadLetters {
+        samples: Vec<DeadLetter>,
+        _permit: OwnedSemaphorePermit,
+    },
+    Ack {
+        through: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Command {
+    fn events(&self) -> usize {
+        match self {
+            Command::Submit { events, .. } => events.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// What one command's part of a commit produced.
+enum Answer {
+    Submit(Result<Vec<EventOutcome>, SubmitError>),
+    Ack(Result<(), StoreError>),
+    /// Dead letters and shutdown: nobody waits for a value.
+    Done,
+}
+
+/// Effects of one committed transaction, published to the stats after the
+/// commit.
+#[derive(Default)]
+struct Tally {
+    events: u64,
+    duplicates: u64,
+    records: u64,
+    acked: u64,
+    dropped: u64,
+    refusals: u64,
+    dead_letters: u64,
+    swept: u64,
+}
+
+/// Why a transaction did not commit.
+enum GroupError {
+    MapFull,
+    Failed(String),
+}
+
+impl From<heed::Error> for GroupError {
+    fn from(e: heed::Error) -> Self {
+        if is_map_full(&e) {
+            GroupError::MapFull
+        } else {
+            GroupError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<ApplyError> for GroupError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::Lmdb(e) => e.into(),
+            other => GroupError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Writer settings taken from the site config.
+pub(crate) struct Settings {
+    pub site: String,
+    pub config_source: PathBuf,
+    pub commit_max_events: usize,
+    pub commit_max_delay: Duration,
+    pub dedup_retention_ms: i64,
+    pub outbox_max_bytes: u64,
+    pub when_full: WhenFull,
+    pub dlq_max: usize,
+    pub map_size: usize,
+}
+
+pub(crate) struct Writer {
+    env: LmdbEnv,
+    dbs: Dbs,
+    engine: Engine,
+    /// The committed counters; a transaction works on a copy.
+    meta: Meta,
+    settings: Settings,
+    clock: Clock,
+    stats: Arc<StoreStats>,
+    notify: Arc<Notify>,
+    dedup: Dedup,
+    outbox: Outbox,
+    /// Awards of the event being applied, reused between events.
+    emitted: Vec<Emitted>,
+    map_full_log: LogLimiter,
+    drop_log: LogLimiter,
+    refuse_log: LogLimiter,
+    error_log: LogLimiter,
+}
+
+/// The environment as `Store::open` prepared it.
+pub(crate) struct Opened {
+    pub env: LmdbEnv,
+    pub dbs: Dbs,
+    pub meta: Meta,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        opened: Opened,
+        engine: Engine,
+        settings: Settings,
+        clock: Clock,
+        stats: Arc<StoreStats>,
+        notify: Arc<Notify>,
+    ) -> Writer {
+        let Opened { env, dbs, meta } = opened;
+        Writer {
+            env,
+            dbs,
+            engine,
+            meta,
+            settings,
+            clock,
+            stats,
+            notify,
+            dedup: Dedup::default(),
+            outbox: Outbox::default(),
+            emitted: Vec::new(),
+            map_full_log: LogLimiter::new(LOG_INTERVAL),
+            drop_log: LogLimiter::new(LOG_INTERVAL),
+            refuse_log: LogLimiter::new(LOG_INTERVAL),
+            error_log: LogLimiter::new(LOG_INTERVAL),
+        }
+    }
+
+    /// The thread body: runs until a shutdown command or until every handle
+    /// is gone, then closes the environment.
+    pub(crate) fn run(mut self, rx: Receiver<Command>, shared_env: Arc<Mutex<Option<LmdbEnv>>>) {
+        let mut group = Vec::new();
+        let mut stop = false;
+        while !stop {
+            let first = match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.idle_sweep();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let deadline = Instant::now() + self.settings.commit_max_delay;
+            let mut events = first.events();
+            stop = matches!(first, Command::Shutdown { .. });
+            group.push(first);
+            while !stop && events < self.settings.commit_max_events {
+                // Past the deadline, still take what is already queued:
+                // that costs no waiting and shares the commit.
+                let next = match deadline.checked_duration_since(Instant::now()) {
+                    Some(wait) if !wait.is_zero() => rx.recv_timeout(wait).ok(),
+                    _ => rx.try_recv().ok(),
+                };
+                let Some(cmd) = next else { break };
+                events += cmd.events();
+                stop = matches!(cmd, Command::Shutdown { .. });
+                group.push(cmd);
+            }
+            self.process(&mut group);
+        }
+        // Later senders now fail at once and report `Closed`.
+        drop(rx);
+        let env = self.env.clone();
+        drop(self);
+        let mut slot = shared_env.lock().unwrap_or_else(|p| p.into_inner());
+        slot.take();
+        drop(slot);
+        if !env.prepare_for_closing().wait_timeout(CLOSE_WAIT) {
+            warn!("store environment still in use by readers after {CLOSE_WAIT:?}");
+        }
+        info!("store writer stopped");
+    }
+
+    /// Commits `group` (or as much of it as can commit) and answers every
+    /// command in it.
+    fn process(&mut self, group: &mut Vec<Command>) {
+        let now_ms = (self.clock)();
+        let mut answers: Vec<Option<Answer>> = group.iter().map(|_| None).collect();
+        let all: Vec<usize> = (0..group.len()).collect();
+        match self.apply(group, &all, now_ms) {
+            Ok(done) => self.record(done, &mut answers),
+            Err(GroupError::MapFull) => {
+                self.refuse_map_full(group, &all, &mut answers);
+                // Acks only delete; they usually still fit and free space.
+                let acks: Vec<usize> = all
+                    .iter()
+                    .copied()
+                    .filter(|&i| matches!(group[i], Command::Ack { .. }))
+                    .collect();
+                if !acks.is_empty() {
+                    match self.apply(group, &acks, now_ms) {
+                        Ok(done) => self.record(done, &mut answers),
+                        Err(e) => self.fail(group, &acks, &e, &mut answers),
+                    }
+                }
+            }
+            Err(GroupError::Failed(msg)) if group.len() > 1 => {
+                // Isolate the command that fails so the others still commit.
+                self.log_failure(&msg, group.len());
+                for i in all {
+                    match self.apply(group, &[i], now_ms) {
+                        Ok(done) => self.record(done, &mut answers),
+                        Err(GroupError::MapFull) => self.refuse_map_full(group, &[i], &mut answers),
+                        Err(e) => self.fail(group, &[i], &e, &mut answers),
+                    }
+                }
+            }
+            Err(e) => {
+                if let GroupError::Failed(msg) = &e {
+                    self.log_failure(msg, 1);
+                }
+                self.fail(group, &all, &e, &mut answers);
+            }
+        }
+        for (cmd, answer) in group.drain(..).zip(answers) {
+            match (cmd, answer) {
+                (Command::Submit { reply, .. }, Some(Answer::Submit(result))) => {
+                    let _ = reply.send(result);
+                }
+                (Command::Submit { reply, .. }, _) => {
+                    let _ = reply.send(Err(SubmitError::Storage("not applied".into())));
+                }
+                (Command::Ack { reply, .. }, Some(Answer::Ack(result))) => {
+                    let _ = reply.send(result);
+                }
+                (Command::Ack { reply, .. }, _) => {
+                    let _ = reply.send(Err(StoreError::Write("not applied".into())));
+                }
+                (Command::Shutdown { reply }, _) => {
+                    let _ = reply.send(());
+                }
+                (Command::DeadLetters { .. }, _) => {}
+            }
+        }
+    }
+
+    /// Applies the picked commands in one transaction and commits it.
+    fn apply(
+        &mut self,
+        group: &[Command],
+        pick: &[usize],
+        now_ms: i64,
+    ) -> Result<(Vec<(usize, Answer)>, Tally), GroupError> {
+        let env = self.env.clone();
+        let mut txn = env.write_txn()?;
+        let mut meta = self.meta;
+        let mut tally = Tally::default();
+        let mut answers = Vec::with_capacity(pick.len());
+        for &i in pick {
+            let answer = match &group[i] {
+                Command::Submit { events, .. } => {
+                    Answer::Submit(self.submit(&mut txn, &mut meta, &mut tally, events, now_ms)?)
+                }
+                Command::DeadLetters { samples, .. } => {
+                    for sample in samples {
+                        dlq::put(
+                            &self.dbs,
+                            &mut txn,
+                            &mut meta,
+                            sample,
+                            self.settings.dlq_max,
+                        )?;
+                    }
+                    tally.dead_letters += samples.len() as u64;
+                    Answer::Done
+                }
+                Command::Ack { through, .. } => {
+                    tally.acked += outbox::ack(&self.dbs, &mut txn, &mut meta, *through)?;
+                    Answer::Ack(Ok(()))
+                }
+                Command::Shutdown { .. } => Answer::Done,
+            };
+            answers.push((i, answer));
+        }
+        if self.settings.when_full == WhenFull::DropOldest {
+            let max = self.settings.outbox_max_bytes;
+            if let Some((n, _)) = outbox::drop_oldest(&self.dbs, &mut txn, &mut meta, max)? {
+                tally.dropped = n;
+            }
+        }
+        let budget = 2 * (tally.events + tally.duplicates) as usize + SWEEP_BASE_BUDGET;
+        let retention = self.settings.dedup_retention_ms;
+        let (swept, _) = self
+            .dedup
+            .sweep(&self.dbs, &mut txn, now_ms, retention, budget)?;
+        tally.swept = swept as u64;
+        if meta != self.meta {
+            meta::save(self.dbs.meta, &mut txn, &meta)?;
+        }
+        txn.commit()?;
+        self.meta = meta;
+        Ok((answers, tally))
+    }
+
+    /// One submission's part of the transaction.
+    fn submit(
+        &mut self,
+        txn: &mut RwTxn,
+        meta: &mut Meta,
+        tally: &mut Tally,
+        events: &[Event],
+        now_ms: i64,
+    ) -> Result<Result<Vec<EventOutcome>, SubmitError>, GroupError> {
+        let s = &self.settings;
+        if s.when_full == WhenFull::Block && meta.outbox_bytes >= s.outbox_max_bytes {
+            tally.refusals += 1;
+            if let Some(suppressed) = self.refuse_log.check() {
+                warn!(
+                    outbox_bytes = meta.outbox_bytes,
+                    max_bytes = s.outbox_max_bytes,
+                    suppressed,
+                    "outbox full (policy block): refusing events until the uplink catches up"
+                );
+            }
+            return Ok(Err(SubmitError::OutboxFull));
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            let retention = self.settings.dedup_retention_ms;
+            let dup = self.dedup.check_and_insert(
+                &self.dbs,
+                txn,
+                &event.source,
+                &event.id,
+                now_ms,
+                retention,
+            )?;
+            if dup {
+                tally.duplicates += 1;
+                outcomes.push(EventOutcome::Duplicate);
+                continue;
+            }
+            self.emitted.clear();
+            self.engine
+                .apply(txn, StateDb(self.dbs.rule_state), event, &mut self.emitted)?;
+            let records = self.emitted.len();
+            for e in self.emitted.drain(..) {
+                self.outbox
+                    .append(&self.dbs, txn, meta, &self.settings.site, e.at_ms, e.body)?;
+            }
+            tally.events += 1;
+            tally.records += records as u64;
+            outcomes.push(EventOutcome::Committed {
+                records: u32::try_from(records).unwrap_or(u32::MAX),
+            });
+        }
+        Ok(Ok(outcomes))
+    }
+
+    /// Publishes a committed transaction's effects and fills its answers.
+    fn record(
+        &mut self,
+        (done, tally): (Vec<(usize, Answer)>, Tally),
+        answers: &mut [Option<Answer>],
+    ) {
+        for (i, answer) in done {
+            answers[i] = Some(answer);
+        }
+        let st = &self.stats;
+        StoreStats::add(&st.events_committed, tally.events);
+        StoreStats::add(&st.duplicates, tally.duplicates);
+        StoreStats::add(&st.records_appended, tally.records);
+        StoreStats::add(&st.records_acked, tally.acked);
+        StoreStats::add(&st.records_dropped, tally.dropped);
+        StoreStats::add(&st.outbox_full_refusals, tally.refusals);
+        StoreStats::add(&st.dead_letters_stored, tally.dead_letters);
+        StoreStats::add(&st.dedup_expired, tally.swept);
+        StoreStats::add(&st.commits, 1);
+        StoreStats::set(&st.last_commit_events, tally.events + tally.duplicates);
+        publish_meta(st, &self.meta);
+        if tally.dropped > 0 {
+            if let Some(suppressed) = self.drop_log.check() {
+                warn!(
+                    dropped = tally.dropped,
+                    dropped_through = self.meta.dropped_through,
+                    total_dropped = st.records_dropped(),
+                    suppressed,
+                    "outbox over max_bytes (policy drop-oldest): dropped the oldest records"
+                );
+            }
+        }
+        if tally.records > 0 {
+            // Wake a waiting uplink, and leave a permit for one that is
+            // between reads (it may then wake once for nothing).
+            self.notify.notify_waiters();
+            self.notify.notify_one();
+        }
+    }
+
+    fn refuse_map_full(
+        &mut self,
+        group: &[Command],
+        pick: &[usize],
+        answers: &mut [Option<Answer>],
+    ) {
+        let mut events = 0u64;
+        for &i in pick {
+            match &group[i] {
+                Command::Submit { events: evs, .. } => {
+                    events += evs.len() as u64;
+                    answers[i] = Some(Answer::Submit(Err(SubmitError::StoreFull)));
+                }
+                Command::DeadLetters { samples, .. } => {
+                    StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
+                }
+                Command::Ack { .. } | Command::Shutdown { .. } => {}
+            }
+        }
+        StoreStats::add(&self.stats.map_full_events, events);
+        if let Some(suppressed) = self.map_full_log.check() {
+            error!(
+                map_size = self.settings.map_size,
+                config = %self.settings.config_source.display(),
+                refused_events = events,
+                suppressed,
+                "LMDB map is full: raise store.map_size; events are refused (back-pressure) until space frees up"
+            );
+        }
+    }
+
+    fn fail(
+        &mut self,
+        group: &[Command],
+        pick: &[usize],
+        e: &GroupError,
+        answers: &mut [Option<Answer>],
+    ) {
+        let msg = match e {
+            GroupError::MapFull => "store map is full: raise store.map_size".to_string(),
+            GroupError::Failed(msg) => msg.clone(),
+        };
+        StoreStats::add(&self.stats.storage_errors, 1);
+        for &i in pick {
+            answers[i] = match &group[i] {
+                Command::Submit { .. } => Some(Answer::Submit(Err(match e {
+                    GroupError::MapFull => SubmitError::StoreFull,
+                    GroupError::Failed(_) => SubmitError::Storage(msg.clone()),
+                }))),
+                Command::Ack { .. } => Some(Answer::Ack(Err(StoreError::Write(msg.clone())))),
+                Command::DeadLetters { samples, .. } => {
+                    StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
+                    Some(Answer::Done)
+                }
+                Command::Shutdown { .. } => Some(Answer::Done),
+            };
+        }
+    }
+
+    fn log_failure(&mut self, msg: &str, commands: usize) {
+        if let Some(suppressed) = self.error_log.check() {
+            error!(error = %msg, commands, suppressed, "store write failed");
+        }
+    }
+
+    /// Sweeps expired dedup keys while no work arrives.
+    fn idle_sweep(&mut self) {
+        let now_ms = (self.clock)();
+        let retention = self.settings.dedup_retention_ms;
+        let result = (|| -> heed::Result<u64> {
+            let env = self.env.clone();
+            let mut txn = env.write_txn()?;
+            let (swept, _) =
+                self.dedup
+                    .sweep(&self.dbs, &mut txn, now_ms, retention, IDLE_SWEEP_BUDGET)?;
+            if swept > 0 {
+                txn.commit()?;
+            }
+            Ok(swept as u64)
+        })();
+        match result {
+            Ok(swept) if swept > 0 => {
+                StoreStats::add(&self.stats.dedup_expired, swept);
+                StoreStats::add(&self.stats.commits, 1);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if let Some(suppressed) = self.error_log.check() {
+                    warn!(error = %e, suppressed, "dedup expiry sweep failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Mirrors the persisted counters into the stats.
+pub(crate) fn publish_meta(st: &StoreStats, meta: &Meta) {
+    StoreStats::set(&st.outbox_records, meta.outbox_records);
+    StoreStats::set(&st.outbox_bytes, meta.outbox_bytes);
+    StoreStats::set(&st.next_seq, meta.next_seq);
+    StoreStats::set(&st.dropped_through, meta.dropped_through);
+}

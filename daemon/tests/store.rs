@@ -1,0 +1,865 @@
+//! The store and engine seed against a real LMDB environment in a temp
+//! dir: exactly-once awards, dedup and its expiry, outbox bounds, map-full
+//! handling, sequence numbers across restarts, predicates, dead letters.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use edge_config::{
+    AchievementRule, Http, Ingest, Measure, Outbox, RuleBundle, Site, SiteConfig,
+    Store as StoreCfg, SyncMode, Tier, Validation, WhenFull, Window,
+};
+use serde_json::json;
+use touchline::engine::pseudonym::DEFAULT_KEY_FILE;
+use touchline::engine::Pseudonymizer;
+use touchline::event::{DeadLetter, Event, EventOutcome, SubmitError};
+use touchline::store::{
+    read_dead_letters, read_outbox_summary, Store, StoreError, StoreHandle, StoreOptions,
+    WriterThread,
+};
+use touchline_proto::{Record, RecordBody};
+
+const T0: i64 = 1_750_000_000_000;
+
+fn site(dir: &Path) -> SiteConfig {
+    SiteConfig {
+        source: dir.join("touchline.toml"),
+        site: Site {
+            id: "arena-test".into(),
+            data_dir: dir.join("data"),
+            rules: vec![],
+        },
+        ingest: Ingest {
+            mqtt: None,
+            http: Some(Http {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                max_body: 16 << 20,
+            }),
+            validation: Validation {
+                max_event_size: 64 << 10,
+                max_future_skew: Duration::from_secs(300),
+                max_age: Duration::from_secs(7 * 86400),
+                dedup_retention: Duration::from_secs(86400),
+                venue_types: vec!["venue.*".into(), "match.*".into()],
+                dlq_max: 1000,
+            },
+        },
+        store: StoreCfg {
+            map_size: 64 << 20,
+            commit_max_events: 4096,
+            commit_max_delay: Duration::from_millis(2),
+            sync: SyncMode::NoMetaSync,
+        },
+        uplink: None,
+        outbox: Outbox {
+            max_bytes: 1 << 30,
+            when_full: WhenFull::Block,
+        },
+    }
+}
+
+fn rule(id: &str, on: &str, when: Option<&str>, tiers: &[f64]) -> AchievementRule {
+    AchievementRule {
+        id: id.into(),
+        name: id.into(),
+        version: 1,
+        on: vec![on.into()],
+        when: when.map(Into::into),
+        measure: Measure::Count,
+        window: Window::Lifetime,
+        tiers: tiers
+            .iter()
+            .enumerate()
+            .map(|(i, at)| Tier {
+                at: *at,
+                badge: Some(format!("{id}-{}", i + 1)),
+                points: BTreeMap::from([
+                    ("xp".to_string(), 10 * (i as i64 + 1)),
+                    ("coins".to_string(), 1),
+                ]),
+            })
+            .collect(),
+        file: PathBuf::from("rules/test.toml"),
+        line: 1,
+    }
+}
+
+fn bundle(rules: Vec<AchievementRule>) -> RuleBundle {
+    RuleBundle {
+        achievements: rules,
+        files: vec![PathBuf::from("rules/test.toml")],
+    }
+}
+
+fn ev(id: &str, kind: &str, subject: Option<&str>, data: serde_json::Value) -> Event {
+    Event {
+        id: id.into(),
+        source: "test".into(),
+        kind: kind.into(),
+        subject: subject.map(Into::into),
+        time_ms: T0 + id.len() as i64,
+        data,
+    }
+}
+
+fn cheer(id: &str, fan: &str) -> Event {
+    ev(id, "fan.cheer", Some(fan), json!({"intensity": 3}))
+}
+
+fn open(cfg: &SiteConfig, rules: &RuleBundle) -> (StoreHandle, WriterThread) {
+    Store::open(cfg, rules).expect("store opens")
+}
+
+fn open_with_clock(
+    cfg: &SiteConfig,
+    rules: &RuleBundle,
+    clock: Arc<AtomicI64>,
+) -> (StoreHandle, WriterThread) {
+    let options = StoreOptions {
+        clock: Some(Arc::new(move || clock.load(Ordering::SeqCst))),
+    };
+    Store::open_with(cfg, rules, options).expect("store opens")
+}
+
+async fn close(handle: StoreHandle, writer: WriterThread) {
+    handle.shutdown().await;
+    drop(handle);
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .unwrap()
+        .expect("writer did not panic");
+}
+
+async fn all_records(handle: &StoreHandle) -> Vec<Record> {
+    handle
+        .read_outbox(0, usize::MAX, usize::MAX)
+        .await
+        .unwrap()
+        .0
+}
+
+fn pseudonym(cfg: &SiteConfig, customer: &str) -> String {
+    let key = std::fs::read(cfg.site.data_dir.join(DEFAULT_KEY_FILE)).unwrap();
+    Pseudonymizer::keyed(&key).pseudonym(customer)
+}
+
+fn award(record: &Record) -> &touchline_proto::AchievementAwarded {
+    match &record.body {
+        RecordBody::AchievementAwarded(a) => a,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awards_each_tier_exactly_once_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[3.0, 5.0])]);
+
+    let (h, w) = open(&cfg, &rules);
+    let events: Vec<Event> = (0..4).map(|i| cheer(&format!("a{i}"), "fan-1")).collect();
+    let outcomes = h.submit(events).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 1 },
+            EventOutcome::Committed { records: 0 },
+        ]
+    );
+    let records = all_records(&h).await;
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.site, "arena-test");
+    assert_eq!(r.seq, 1);
+    assert_eq!(r.at_ms, T0 + 2);
+    let a = award(r);
+    assert_eq!(a.customer, pseudonym(&cfg, "fan-1"));
+    assert_ne!(a.customer, "fan-1");
+    assert_eq!(a.achievement, "cheer");
+    assert_eq!(a.version, 1);
+    assert_eq!(a.tier, 1);
+    assert_eq!(a.badge.as_deref(), Some("cheer-1"));
+    assert_eq!(
+        a.points,
+        vec![("coins".to_string(), 1), ("xp".to_string(), 10)]
+    );
+    assert_eq!(a.window, "lifetime");
+    assert_eq!(a.value, 3.0);
+    close(h, w).await;
+
+    // After a restart the count goes on from 4: tier 2 at the 5th event,
+    // and nothing more however many follow.
+    let (h, w) = open(&cfg, &rules);
+    let events: Vec<Event> = (0..20).map(|i| cheer(&format!("b{i}"), "fan-1")).collect();
+    let outcomes = h.submit(events).await.unwrap();
+    let produced: u32 = outcomes
+        .iter()
+        .map(|o| match o {
+            EventOutcome::Committed { records } => *records,
+            EventOutcome::Duplicate => panic!("unexpected duplicate"),
+        })
+        .sum();
+    assert_eq!(produced, 1);
+    assert_eq!(outcomes[0], EventOutcome::Committed { records: 1 });
+    let records = all_records(&h).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].seq, 2);
+    assert_eq!(award(&records[1]).tier, 2);
+    assert_eq!(award(&records[1]).value, 5.0);
+    assert_eq!(h.stats().records_appended(), 1);
+    assert_eq!(h.stats().events_committed(), 20);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_within_and_across_submissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0])]);
+    let (h, w) = open(&cfg, &rules);
+
+    let mut other_source = cheer("e1", "fan-1");
+    other_source.source = "elsewhere".into();
+    let outcomes = h
+        .submit(vec![
+            cheer("e1", "fan-1"),
+            cheer("e1", "fan-1"),
+            other_source,
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Duplicate,
+            EventOutcome::Committed { records: 1 },
+        ]
+    );
+    let outcomes = h
+        .submit(vec![cheer("e1", "fan-1"), cheer("e2", "fan-1")])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            EventOutcome::Duplicate,
+            EventOutcome::Committed { records: 0 }
+        ]
+    );
+
+    // Long ids are hashed into the key, and still deduplicated.
+    let long = "x".repeat(2000);
+    let outcomes = h
+        .submit(vec![cheer(&long, "fan-2"), cheer(&long, "fan-2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Duplicate
+        ]
+    );
+
+    let stats = h.stats();
+    assert_eq!(stats.duplicates(), 3);
+    assert_eq!(stats.events_committed(), 4);
+    // A duplicate did not count towards the rule: fan-1 has 3 events, one award.
+    assert_eq!(all_records(&h).await.len(), 1);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_keys_expire_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.ingest.validation.dedup_retention = Duration::from_secs(1);
+    let rules = bundle(vec![]);
+    let clock = Arc::new(AtomicI64::new(T0));
+    let (h, w) = open_with_clock(&cfg, &rules, clock.clone());
+
+    let batch = vec![cheer("a", "f"), cheer("b", "f"), cheer("c", "f")];
+    assert!(h
+        .submit(batch)
+        .await
+        .unwrap()
+        .iter()
+        .all(|o| *o != EventOutcome::Duplicate));
+
+    clock.store(T0 + 999, Ordering::SeqCst);
+    assert_eq!(
+        h.submit(vec![cheer("a", "f")]).await.unwrap(),
+        vec![EventOutcome::Duplicate]
+    );
+    assert_eq!(h.stats().dedup_expired(), 0);
+
+    // Past the retention: the next commit sweeps the three old keys, and
+    // "a" is new again.
+    clock.store(T0 + 5000, Ordering::SeqCst);
+    assert_eq!(
+        h.submit(vec![cheer("d", "f")]).await.unwrap(),
+        vec![EventOutcome::Committed { records: 0 }]
+    );
+    assert_eq!(h.stats().dedup_expired(), 3);
+    assert_eq!(
+        h.submit(vec![cheer("a", "f")]).await.unwrap(),
+        vec![EventOutcome::Committed { records: 0 }]
+    );
+    assert_eq!(
+        h.submit(vec![cheer("a", "f")]).await.unwrap(),
+        vec![EventOutcome::Duplicate]
+    );
+
+    // With no traffic the writer sweeps on its own.
+    clock.store(T0 + 60_000, Ordering::SeqCst);
+    let stats = h.stats();
+    assert!(
+        touchline_tests::wait_until(Duration::from_secs(10), || stats.dedup_expired() == 5),
+        "idle sweep removed {} keys",
+        stats.dedup_expired()
+    );
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_policy_refuses_when_full_and_recovers_after_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.outbox.max_bytes = 1;
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+
+    assert_eq!(
+        h.submit(vec![cheer("e1", "fan-1")]).await.unwrap(),
+        vec![EventOutcome::Committed { records: 1 }]
+    );
+    assert!(h.stats().outbox_bytes() >= 1);
+    assert_eq!(
+        h.submit(vec![cheer("e2", "fan-2")]).await,
+        Err(SubmitError::OutboxFull)
+    );
+    assert_eq!(
+        h.submit(vec![cheer("e2", "fan-2")]).await,
+        Err(SubmitError::OutboxFull)
+    );
+    assert_eq!(h.stats().outbox_full_refusals(), 2);
+
+    h.ack_outbox(1).await.unwrap();
+    assert_eq!(h.stats().outbox_records(), 0);
+    assert_eq!(h.stats().outbox_bytes(), 0);
+    assert_eq!(h.stats().records_acked(), 1);
+    // Nothing of the refused submission was applied: not a duplicate now.
+    assert_eq!(
+        h.submit(vec![cheer("e2", "fan-2")]).await.unwrap(),
+        vec![EventOutcome::Committed { records: 1 }]
+    );
+    let records = all_records(&h).await;
+    assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![2]);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_drops_counts_and_advances_dropped_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.outbox.when_full = WhenFull::DropOldest;
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+
+    // Measure one record's size first.
+    let (h, w) = open(&cfg, &rules);
+    h.submit(vec![cheer("probe", "fan-0")]).await.unwrap();
+    let one = h.stats().outbox_bytes();
+    h.ack_outbox(u64::MAX).await.unwrap();
+    close(h, w).await;
+
+    cfg.outbox.max_bytes = one * 2 + one / 2;
+    let (h, w) = open(&cfg, &rules);
+    for i in 1..=5 {
+        let outcomes = h
+            .submit(vec![cheer(&format!("e{i}"), &format!("fan-{i}"))])
+            .await
+            .unwrap();
+        assert_eq!(outcomes, vec![EventOutcome::Committed { records: 1 }]);
+    }
+    let stats = h.stats();
+    assert!(stats.outbox_bytes() <= cfg.outbox.max_bytes);
+    assert_eq!(stats.outbox_records(), 2);
+    assert_eq!(stats.records_dropped(), 3);
+    let (records, dropped_through) = h.read_outbox(0, 100, usize::MAX).await.unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![5, 6]
+    );
+    assert_eq!(dropped_through, 4);
+    assert_eq!(stats.dropped_through(), 4);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_full_is_refused_not_fatal_and_acks_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.store.map_size = 512 << 10;
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+
+    let pad = "p".repeat(200);
+    let mut accepted = 0usize;
+    let mut store_full = false;
+    for round in 0..500 {
+        let events: Vec<Event> = (0..50)
+            .map(|i| {
+                cheer(
+                    &format!("{pad}-{round}-{i}"),
+                    &format!("{pad}-fan-{round}-{i}"),
+                )
+            })
+            .collect();
+        match h.submit(events).await {
+            Ok(outcomes) => accepted += outcomes.len(),
+            Err(SubmitError::StoreFull) => {
+                store_full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(store_full, "map never filled after {accepted} events");
+    assert!(accepted > 0);
+    let stats = h.stats();
+    assert_eq!(stats.map_full_events(), 50);
+    // Everything accepted is there; nothing of the refused batch is.
+    assert_eq!(stats.outbox_records() as usize, accepted);
+    let (first, _) = h.read_outbox(0, 10, usize::MAX).await.unwrap();
+    assert_eq!(first.len(), 10);
+
+    // Fill what is left with single events until those are refused too.
+    let mut singles_refused = false;
+    for i in 0..2000 {
+        let e = cheer(
+            &format!("{pad}-single-{i}"),
+            &format!("{pad}-fan-single-{i}"),
+        );
+        match h.submit(vec![e]).await {
+            Ok(_) => accepted += 1,
+            Err(SubmitError::StoreFull) => {
+                singles_refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(singles_refused);
+    assert_eq!(stats.outbox_records() as usize, accepted);
+
+    // Acks still commit, and the space they free takes new events again.
+    h.ack_outbox(u64::MAX).await.unwrap();
+    assert_eq!(stats.outbox_records(), 0);
+    assert_eq!(stats.outbox_bytes(), 0);
+    let e = cheer(&format!("{pad}-after"), &format!("{pad}-fan-after"));
+    assert_eq!(
+        h.submit(vec![e]).await,
+        Ok(vec![EventOutcome::Committed { records: 1 }])
+    );
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequences_strictly_increase_across_acks_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0, 2.0])]);
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let (h, w) = open(&cfg, &rules);
+        let events: Vec<Event> = (0..4)
+            .flat_map(|i| {
+                let fan = format!("fan-{round}-{i}");
+                [
+                    cheer(&format!("{fan}-x"), &fan),
+                    cheer(&format!("{fan}-y"), &fan),
+                ]
+            })
+            .collect();
+        h.submit(events).await.unwrap();
+        let records = all_records(&h).await;
+        assert_eq!(records.len(), 8);
+        seen.extend(records.iter().map(|r| r.seq));
+        // Ack everything: the next round must still not reuse numbers.
+        h.ack_outbox(records.last().unwrap().seq).await.unwrap();
+        assert_eq!(h.stats().outbox_records(), 0);
+        close(h, w).await;
+    }
+    assert_eq!(seen, (1..=24).collect::<Vec<u64>>());
+
+    let summary = read_outbox_summary(&cfg.site.data_dir, cfg.store.map_size)
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.next_seq, 25);
+    assert_eq!(summary.records, 0);
+    assert_eq!(summary.oldest_seq, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_predicate_filters_and_runtime_errors_do_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![
+        rule("loud", "fan.cheer", Some("data.intensity >= 2"), &[2.0]),
+        rule("any", "fan.cheer", None, &[5.0]),
+        rule(
+            "home",
+            "fan.cheer",
+            Some("event.subject == 'fan-1' && data.team == 'home'"),
+            &[1.0],
+        ),
+    ]);
+    let (h, w) = open(&cfg, &rules);
+    let events = vec![
+        ev(
+            "e1",
+            "fan.cheer",
+            Some("fan-1"),
+            json!({"intensity": 1, "team": "home"}),
+        ),
+        ev("e2", "fan.cheer", Some("fan-1"), json!({"intensity": 2})),
+        ev(
+            "e3",
+            "fan.cheer",
+            Some("fan-1"),
+            json!({"intensity": "high"}),
+        ),
+        ev("e4", "fan.cheer", Some("fan-1"), json!({})),
+        ev("e5", "fan.cheer", Some("fan-1"), json!({"intensity": 7.5})),
+        // Other types and venue-wide events meet no customer rule.
+        ev("e6", "fan.wave", Some("fan-1"), json!({"intensity": 9})),
+        ev("e7", "fan.cheer", None, json!({"intensity": 9})),
+    ];
+    let outcomes = h.submit(events).await.unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            EventOutcome::Committed { records: 1 }, // home
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 2 }, // loud (2nd match) + any (5th event)
+            EventOutcome::Committed { records: 0 },
+            EventOutcome::Committed { records: 0 },
+        ]
+    );
+    let es = h.engine_stats();
+    let loud = es.rule("loud").unwrap();
+    assert_eq!(loud.matched(), 2);
+    assert_eq!(loud.predicate_errors(), 2); // "high" >= 2 and a missing field
+    assert_eq!(es.rule("any").unwrap().matched(), 5);
+    // `data.team` is missing in most events: errors, never matches.
+    assert_eq!(es.rule("home").unwrap().matched(), 1);
+    let records = all_records(&h).await;
+    let ids: Vec<(&str, u32)> = records
+        .iter()
+        .map(|r| (award(r).achievement.as_str(), award(r).tier))
+        .collect();
+    assert_eq!(ids, vec![("home", 1), ("loud", 1), ("any", 1)]);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_bounded_and_readable_from_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.ingest.validation.dlq_max = 3;
+    let rules = bundle(vec![]);
+    let (h, w) = open(&cfg, &rules);
+    for i in 0..5 {
+        h.dead_letter(vec![DeadLetter {
+            at_ms: T0 + i,
+            origin: "http:127.0.0.1:1".into(),
+            reason: "bad_json".into(),
+            detail: format!("sample {i}"),
+            sample: "é".repeat(1000),
+        }])
+        .await;
+    }
+    // Commands are applied in order: once this commits, so have they.
+    h.submit(vec![cheer("e1", "f")]).await.unwrap();
+    assert_eq!(h.stats().dead_letters_stored(), 5);
+    assert_eq!(
+        read_dead_letters(&cfg.site.data_dir, cfg.store.map_size, 10)
+            .unwrap_err()
+            .to_string(),
+        StoreError::AlreadyOpen {
+            path: cfg.site.data_dir.clone()
+        }
+        .to_string(),
+        "same-process readers are refused cleanly"
+    );
+    close(h, w).await;
+
+    let samples = read_dead_letters(&cfg.site.data_dir, cfg.store.map_size, 10).unwrap();
+    let details: Vec<&str> = samples.iter().map(|s| s.detail.as_str()).collect();
+    assert_eq!(details, vec!["sample 2", "sample 3", "sample 4"]);
+    assert!(samples.iter().all(|s| s.sample.len() <= 1024));
+    let newest = read_dead_letters(&cfg.site.data_dir, cfg.store.map_size, 1).unwrap();
+    assert_eq!(newest[0].detail, "sample 4");
+
+    let empty = tempfile::tempdir().unwrap();
+    assert!(read_dead_letters(empty.path(), 1 << 20, 10)
+        .unwrap()
+        .is_empty());
+}
+
+/// Run by `dead_letters_readable_while_another_process_writes` in a
+/// child process; does nothing on its own.
+#[test]
+#[ignore = "helper run in a child process"]
+fn dlq_reader_child() {
+    let Ok(dir) = std::env::var("TOUCHLINE_TEST_DLQ_DIR") else {
+        return;
+    };
+    let samples = read_dead_letters(Path::new(&dir), 64 << 20, 100).unwrap();
+    let summary = read_outbox_summary(Path::new(&dir), 64 << 20)
+        .unwrap()
+        .unwrap();
+    println!(
+        "child-read dead_letters={} outbox_records={} next_seq={}",
+        samples.len(),
+        summary.records,
+        summary.next_seq
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_readable_while_another_process_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+    h.dead_letter(vec![DeadLetter {
+        at_ms: T0,
+        origin: "mqtt:venue/a/events".into(),
+        reason: "missing_subject".into(),
+        detail: "subject is required for fan.cheer".into(),
+        sample: "{}".into(),
+    }])
+    .await;
+    h.submit(vec![cheer("e1", "fan-1")]).await.unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let data_dir = cfg.site.data_dir.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "dlq_reader_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("TOUCHLINE_TEST_DLQ_DIR", data_dir)
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("child-read dead_letters=1 outbox_records=1 next_seq=2"),
+        "child saw: {stdout}"
+    );
+    // The writer is unaffected by the reader.
+    h.submit(vec![cheer("e2", "fan-2")]).await.unwrap();
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_share_commits_and_notify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.store.commit_max_delay = Duration::from_millis(50);
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+    let notify = h.outbox_changed();
+    let notified = tokio::spawn(async move { notify.notified().await });
+
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                h.submit(vec![cheer(&format!("e{i}"), &format!("fan-{i}"))])
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.unwrap().unwrap(),
+            vec![EventOutcome::Committed { records: 1 }]
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), notified)
+        .await
+        .expect("outbox_changed notified")
+        .unwrap();
+    let stats = h.stats();
+    assert_eq!(stats.events_committed(), 40);
+    assert!(
+        stats.commits() <= 20,
+        "{} commits for 40 submissions",
+        stats.commits()
+    );
+
+    // Reads honour both limits, and return at least one record.
+    let (r, _) = h.read_outbox(0, 5, usize::MAX).await.unwrap();
+    assert_eq!(
+        r.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let (r, _) = h.read_outbox(5, 100, 1).await.unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].seq, 6);
+    let (r, _) = h.read_outbox(40, 100, usize::MAX).await.unwrap();
+    assert!(r.is_empty());
+    let summary = h.outbox_summary().await.unwrap();
+    assert_eq!(summary.records, 40);
+    assert_eq!(summary.oldest_seq, Some(1));
+    assert_eq!(summary.next_seq, 41);
+
+    close(h.clone(), w).await;
+    assert_eq!(
+        h.submit(vec![cheer("late", "f")]).await,
+        Err(SubmitError::Closed)
+    );
+    assert!(matches!(h.ack_outbox(1).await, Err(StoreError::Closed)));
+    assert!(matches!(
+        h.read_outbox(0, 1, 1).await,
+        Err(StoreError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_belongs_to_one_site() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![]);
+    let (h, w) = open(&cfg, &rules);
+    assert!(matches!(
+        Store::open(&cfg, &rules),
+        Err(StoreError::AlreadyOpen { .. })
+    ));
+    close(h, w).await;
+
+    let mut other = cfg.clone();
+    other.site.id = "another-site".into();
+    assert!(matches!(
+        Store::open(&other, &rules),
+        Err(StoreError::SiteMismatch { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_ids_when_pseudonymization_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.uplink = Some(edge_config::Uplink {
+        central: "127.0.0.1:4433".parse().unwrap(),
+        server_name: "localhost".into(),
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("site.pem"),
+        key: dir.path().join("site.key"),
+        batch_max_records: 2000,
+        batch_max_bytes: 1 << 20,
+        keep_alive: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(30),
+        reconnect_min: Duration::from_millis(200),
+        reconnect_max: Duration::from_secs(30),
+        pseudonymize: false,
+        pseudonym_key: None,
+    });
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+    h.submit(vec![cheer("e1", "fan-1")]).await.unwrap();
+    let records = all_records(&h).await;
+    assert_eq!(award(&records[0]).customer, "fan-1");
+    assert!(!cfg.site.data_dir.join(DEFAULT_KEY_FILE).exists());
+    close(h, w).await;
+}
+
+/// Writer throughput, for profiling rather than as a check: run with
+/// `cargo test --release -p touchline --test store -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run explicitly in release mode"]
+async fn throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.store.sync = SyncMode::Full;
+    cfg.store.map_size = 1 << 30;
+    let rules = bundle(vec![
+        rule(
+            "loud",
+            "fan.cheer",
+            Some("data.intensity >= 2"),
+            &[10.0, 50.0, 200.0],
+        ),
+        rule("regular", "venue.checkin", None, &[1.0, 5.0]),
+        rule("foodie", "concession.purchase", None, &[3.0]),
+    ]);
+    let (h, w) = open(&cfg, &rules);
+    const EVENTS: usize = 200_000;
+    const BATCH: usize = 1000;
+    const CLIENTS: usize = 8;
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                for b in 0..EVENTS / BATCH / CLIENTS {
+                    let events: Vec<Event> = (0..BATCH)
+                        .map(|i| {
+                            let n = (c * 1_000_000 + b * BATCH + i) as u64;
+                            let kind = [
+                                "fan.cheer",
+                                "fan.cheer",
+                                "venue.checkin",
+                                "concession.purchase",
+                            ][(n % 4) as usize];
+                            Event {
+                                id: format!("evt-{n}"),
+                                source: "bench".into(),
+                                kind: kind.into(),
+                                subject: Some(format!("fan-{}", n % 20_000)),
+                                time_ms: T0 + n as i64,
+                                data: json!({"intensity": n % 4, "section": "A12"}),
+                            }
+                        })
+                        .collect();
+                    h.submit(events).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let stats = h.stats();
+    println!(
+        "{} events in {:.2?}: {:.0} events/s, {} commits, {} records",
+        stats.events_committed(),
+        elapsed,
+        stats.events_committed() as f64 / elapsed.as_secs_f64(),
+        stats.commits(),
+        stats.records_appended()
+    );
+    close(h, w).await;
+}

@@ -6,6 +6,7 @@
 //! operators run rather than stand-ins.
 #![forbid(unsafe_code)]
 
+pub mod mosquitto;
 pub mod postgres;
 pub mod process;
 

@@ -4,7 +4,13 @@
 //! `cli` is the binary's edge.
 #![deny(unsafe_code)]
 
+pub mod app;
+pub mod certs;
+pub mod cli;
+pub mod clock;
+pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod ingest;
 pub mod store;
+pub mod uplink;

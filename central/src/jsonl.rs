@@ -1,0 +1,153 @@
+//! The JSONL sink: one append-only file per site, fsync before ack.
+//!
+//! The file is its own recovery log: on first use the sink reads it to
+//! learn the last durable sequence, and cuts away a torn last line left by
+//! a crash mid-write (that record was never acknowledged, so the site still
+//! has it and sends it again).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use touchline_proto::Record;
+use tracing::warn;
+
+use crate::sink::{check_site, plan, Sink, SinkError};
+
+/// Writes `<dir>/<site>.jsonl`, one record per line (`Record::to_json`).
+pub struct JsonlSink {
+    dir: PathBuf,
+    sites: Mutex<HashMap<String, Arc<Mutex<SiteFile>>>>,
+}
+
+struct SiteFile {
+    file: File,
+    last: u64,
+}
+
+impl JsonlSink {
+    /// Uses `dir`, creating it when missing.
+    pub fn open(dir: &Path) -> std::io::Result<JsonlSink> {
+        std::fs::create_dir_all(dir)?;
+        Ok(JsonlSink {
+            dir: dir.to_path_buf(),
+            sites: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn site(&self, site: &str) -> Result<Arc<Mutex<SiteFile>>, SinkError> {
+        if !valid_site(site) {
+            return Err(SinkError::Invalid(format!(
+                "site id `{site}` cannot name a file"
+            )));
+        }
+        let mut sites = self.sites.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = sites.get(site) {
+            return Ok(f.clone());
+        }
+        let path = self.dir.join(format!("{site}.jsonl"));
+        let opened = recover(&path)
+            .map_err(|e| SinkError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let f = Arc::new(Mutex::new(opened));
+        sites.insert(site.to_string(), f.clone());
+        Ok(f)
+    }
+}
+
+fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 64
+        && site
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && !site.starts_with('.')
+}
+
+/// Opens the file, drops a torn tail, and finds the last sequence.
+fn recover(path: &Path) -> std::io::Result<SiteFile> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    let mut good_end = 0;
+    let mut last = 0;
+    let mut start = 0;
+    while let Some(nl) = text[start..].iter().position(|b| *b == b'\n') {
+        let line = &text[start..start + nl];
+        match serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+        {
+            Some(seq) => {
+                last = last.max(seq);
+                good_end = start + nl + 1;
+            }
+            None => break,
+        }
+        start += nl + 1;
+    }
+    if good_end < text.len() {
+        warn!(
+            file = %path.display(),
+            bytes = text.len() - good_end,
+            "cutting a torn tail left by an interrupted write"
+        );
+        file.set_len(good_end as u64)?;
+        file.sync_all()?;
+    }
+    file.seek(SeekFrom::End(0))?;
+    Ok(SiteFile { file, last })
+}
+
+impl Sink for JsonlSink {
+    async fn last_durable(&self, site: &str) -> Result<u64, SinkError> {
+        let f = self.site(site)?;
+        let last = f.lock().unwrap_or_else(|p| p.into_inner()).last;
+        Ok(last)
+    }
+
+    async fn write(
+        &self,
+        site: &str,
+        dropped_through: u64,
+        records: &[Record],
+    ) -> Result<u64, SinkError> {
+        check_site(site, records)?;
+        let f = self.site(site)?;
+        let records = records.to_vec();
+        // File writes and fsync block: keep them off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            let (keep, next) = plan(f.last, dropped_through, &records);
+            if !keep.is_empty() {
+                let mut buf = Vec::with_capacity(keep.len() * 256);
+                for i in keep {
+                    serde_json::to_writer(&mut buf, &records[i].to_json())
+                        .map_err(|e| SinkError::Unavailable(e.to_string()))?;
+                    buf.push(b'\n');
+                }
+                let before = f.file.stream_position().map_err(|e| {
+                    SinkError::Unavailable(format!("cannot locate the end of the file: {e}"))
+                })?;
+                let written = f.file.write_all(&buf).and_then(|()| f.file.sync_data());
+                if let Err(e) = written {
+                    // Cut a partial write so the next one starts on a line
+                    // boundary; if even that fails, the next open does it.
+                    let _ = f.file.set_len(before);
+                    let _ = f.file.seek(SeekFrom::Start(before));
+                    return Err(SinkError::Unavailable(format!("write failed: {e}")));
+                }
+            }
+            f.last = next;
+            Ok(next)
+        })
+        .await
+        .map_err(|e| SinkError::Unavailable(format!("writer task failed: {e}")))?
+    }
+}

@@ -1,0 +1,174 @@
+//! The PostgreSQL sink: records in `touchline_records`, keyed by
+//! (site, seq), with each site's durable mark in `touchline_sites`.
+//!
+//! A batch is one transaction: the site's row is locked, new records are
+//! inserted with `ON CONFLICT DO NOTHING`, the mark advances, and only the
+//! commit makes the acknowledgement true. A lost connection makes the sink
+//! unavailable (the site retries) until it reconnects.
+
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use touchline_proto::Record;
+use tracing::{info, warn};
+
+use crate::sink::{check_site, plan, Sink, SinkError};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS touchline_records (
+    site     text        NOT NULL,
+    seq      bigint      NOT NULL,
+    kind     text        NOT NULL,
+    at       timestamptz NOT NULL,
+    customer text,
+    record   jsonb       NOT NULL,
+    PRIMARY KEY (site, seq)
+);
+CREATE TABLE IF NOT EXISTS touchline_sites (
+    site         text   PRIMARY KEY,
+    last_durable bigint NOT NULL
+);";
+
+/// A PostgreSQL sink on one connection (writes of all sites serialise on
+/// it, which also serialises writes per site).
+pub struct PostgresSink {
+    url: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl PostgresSink {
+    /// Connects and creates the tables when missing.
+    pub async fn connect(url: &str) -> Result<PostgresSink, SinkError> {
+        let client = open(url).await?;
+        Ok(PostgresSink {
+            url: url.to_string(),
+            client: Mutex::new(Some(client)),
+        })
+    }
+}
+
+async fn open(url: &str) -> Result<Client, SinkError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| SinkError::Unavailable(format!("cannot connect to PostgreSQL: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    client
+        .batch_execute(SCHEMA)
+        .await
+        .map_err(|e| SinkError::Unavailable(format!("cannot create tables: {e}")))?;
+    Ok(client)
+}
+
+fn unavailable(e: tokio_postgres::Error) -> SinkError {
+    SinkError::Unavailable(e.to_string())
+}
+
+impl PostgresSink {
+    /// The connection, reconnecting first when the last one died.
+    async fn live(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, SinkError> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = Some(open(&self.url).await?);
+            info!("connected to PostgreSQL");
+        }
+        Ok(guard)
+    }
+}
+
+async fn read_mark(c: &Client, site: &str) -> Result<u64, tokio_postgres::Error> {
+    let row = c
+        .query_opt(
+            "SELECT last_durable FROM touchline_sites WHERE site = $1",
+            &[&site],
+        )
+        .await?;
+    Ok(row.map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64)
+}
+
+async fn write_batch(
+    c: &mut Client,
+    site: &str,
+    dropped_through: u64,
+    records: &[Record],
+) -> Result<u64, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    tx.execute(
+        "INSERT INTO touchline_sites (site, last_durable) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+        &[&site],
+    )
+    .await?;
+    let last: i64 = tx
+        .query_one(
+            "SELECT last_durable FROM touchline_sites WHERE site = $1 FOR UPDATE",
+            &[&site],
+        )
+        .await?
+        .get(0);
+    let (keep, next) = plan(last.max(0) as u64, dropped_through, records);
+    if !keep.is_empty() {
+        let mut seqs = Vec::with_capacity(keep.len());
+        let mut kinds = Vec::with_capacity(keep.len());
+        let mut ats = Vec::with_capacity(keep.len());
+        let mut customers = Vec::with_capacity(keep.len());
+        let mut bodies = Vec::with_capacity(keep.len());
+        for i in keep {
+            let r = &records[i];
+            seqs.push(r.seq as i64);
+            kinds.push(r.body.kind().to_string());
+            ats.push(r.at_rfc3339());
+            customers.push(r.body.customer().map(str::to_string));
+            bodies.push(r.to_json());
+        }
+        tx.execute(
+            "INSERT INTO touchline_records (site, seq, kind, at, customer, record)
+             SELECT $1, s, k, a::timestamptz, c, r
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+                  AS t(s, k, a, c, r)
+             ON CONFLICT (site, seq) DO NOTHING",
+            &[&site, &seqs, &kinds, &ats, &customers, &bodies],
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE touchline_sites SET last_durable = $2 WHERE site = $1",
+        &[&site, &(next as i64)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(next)
+}
+
+impl Sink for PostgresSink {
+    async fn last_durable(&self, site: &str) -> Result<u64, SinkError> {
+        let mut guard = self.live().await?;
+        let Some(c) = guard.as_mut() else {
+            return Err(SinkError::Unavailable("no connection".into()));
+        };
+        let result = read_mark(c, site).await;
+        if result.is_err() && c.is_closed() {
+            *guard = None;
+        }
+        result.map_err(unavailable)
+    }
+
+    async fn write(
+        &self,
+        site: &str,
+        dropped_through: u64,
+        records: &[Record],
+    ) -> Result<u64, SinkError> {
+        check_site(site, records)?;
+        let mut guard = self.live().await?;
+        let Some(c) = guard.as_mut() else {
+            return Err(SinkError::Unavailable("no connection".into()));
+        };
+        let result = write_batch(c, site, dropped_through, records).await;
+        if result.is_err() && c.is_closed() {
+            *guard = None;
+        }
+        result.map_err(unavailable)
+    }
+}

@@ -1,0 +1,314 @@
+//! The uplink: the site's side of the session with the central platform.
+//!
+//! It reads the outbox in sequence order, sends batches over QUIC, and
+//! deletes records only after the central side acknowledged them as
+//! durable. Everything it knows about progress comes from the central
+//! side (the Welcome of each session and each Ack), so a crash or a lost
+//! connection at any point means at most a resend, which the central side
+//! drops by sequence number. An outage only grows the outbox.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint};
+use rand::Rng;
+use touchline_proto::{
+    decode_server, encode_client, ClientMessage, Record, ServerMessage, FRAME_HEADER_LEN,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use tracing::{debug, info, warn};
+
+/// How long one request may take before the session is considered dead.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often an idle session looks at the outbox even without a
+/// notification (a safety net; notifications are the normal path).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Records read from the outbox for one batch.
+#[derive(Debug, Clone, Default)]
+pub struct OutboxBatch {
+    pub records: Vec<Record>,
+    /// Highest sequence the site gave up on (outbox policy `drop-oldest`).
+    pub dropped_through: u64,
+}
+
+/// What the uplink needs from the store.
+pub trait OutboxSource: Clone + Send + Sync + 'static {
+    /// Records with seq > `after`, ascending, at most `max_records` and
+    /// about `max_bytes` (at least one record when any exists).
+    fn read(
+        &self,
+        after: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<OutboxBatch, UplinkError>> + Send;
+    /// Everything up to `through` is durable centrally: delete it.
+    fn acknowledge(&self, through: u64) -> impl Future<Output = Result<(), UplinkError>> + Send;
+    /// Resolves when new records may be available.
+    fn changed(&self) -> impl Future<Output = ()> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("outbox: {0}")]
+    Outbox(String),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] touchline_central::tls::TlsError),
+    #[error("cannot bind a local UDP socket: {0}")]
+    Bind(std::io::Error),
+    #[error("connecting to {addr}: {detail}")]
+    Connect { addr: SocketAddr, detail: String },
+    #[error("session: {0}")]
+    Session(String),
+    #[error("central refused: {0}")]
+    Refused(String),
+}
+
+/// Everything the uplink needs, resolved from the site config.
+#[derive(Clone)]
+pub struct UplinkSettings {
+    pub site: String,
+    pub central: SocketAddr,
+    pub server_name: String,
+    pub client: quinn::ClientConfig,
+    pub batch_max_records: usize,
+    pub batch_max_bytes: usize,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl UplinkSettings {
+    /// Loads certificates and builds the QUIC client config.
+    pub fn from_config(
+        site: &str,
+        up: &edge_config::Uplink,
+    ) -> Result<UplinkSettings, UplinkError> {
+        let client = touchline_central::tls::client_config(
+            &up.ca,
+            &up.cert,
+            &up.key,
+            up.keep_alive,
+            up.idle_timeout,
+        )?;
+        Ok(UplinkSettings {
+            site: site.to_string(),
+            central: up.central,
+            server_name: up.server_name.clone(),
+            client,
+            batch_max_records: up.batch_max_records,
+            batch_max_bytes: up.batch_max_bytes,
+            reconnect_min: up.reconnect_min,
+            reconnect_max: up.reconnect_max,
+        })
+    }
+}
+
+/// Live uplink state for status and metrics.
+#[derive(Debug, Default)]
+pub struct UplinkState {
+    connected: AtomicBool,
+    last_acked: AtomicU64,
+    records_sent: AtomicU64,
+    records_acked: AtomicU64,
+    batches: AtomicU64,
+    reconnects: AtomicU64,
+    refusals: AtomicU64,
+}
+
+impl UplinkState {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Relaxed)
+    }
+    /// Highest sequence the central side acknowledged.
+    pub fn last_acked(&self) -> u64 {
+        self.last_acked.load(Relaxed)
+    }
+    pub fn records_sent(&self) -> u64 {
+        self.records_sent.load(Relaxed)
+    }
+    /// Records newly acknowledged (duplicates the central side already had
+    /// are not counted twice).
+    pub fn records_acked(&self) -> u64 {
+        self.records_acked.load(Relaxed)
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Relaxed)
+    }
+    /// Sessions lost or failed to start.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Relaxed)
+    }
+    /// Sessions the central side refused.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Relaxed)
+    }
+}
+
+/// Runs sessions with jittered exponential backoff until `shutdown`.
+pub async fn run<O: OutboxSource>(
+    settings: UplinkSettings,
+    source: O,
+    state: Arc<UplinkState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let bind: SocketAddr = if settings.central.is_ipv6() {
+        SocketAddr::from(([0u16; 8], 0))
+    } else {
+        SocketAddr::from(([0u8; 4], 0))
+    };
+    let mut endpoint = loop {
+        match Endpoint::client(bind) {
+            Ok(e) => break e,
+            Err(e) => {
+                warn!(error = %e, "cannot bind the uplink socket; retrying");
+                tokio::select! {
+                    _ = &mut shutdown => return,
+                    _ = tokio::time::sleep(settings.reconnect_max) => {}
+                }
+            }
+        }
+    };
+    endpoint.set_default_client_config(settings.client.clone());
+    let mut backoff = settings.reconnect_min;
+    loop {
+        let outcome = tokio::select! {
+            _ = &mut shutdown => break,
+            r = session(&endpoint, &settings, &source, &state, &mut backoff) => r,
+        };
+        state.connected.store(false, Relaxed);
+        state.reconnects.fetch_add(1, Relaxed);
+        if let Err(e) = outcome {
+            if matches!(e, UplinkError::Refused(_)) {
+                state.refusals.fetch_add(1, Relaxed);
+            }
+            warn!(central = %settings.central, error = %e, retry_in = ?backoff, "uplink session ended");
+        }
+        let pause = jitter(backoff);
+        backoff = (backoff * 2).min(settings.reconnect_max);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    state.connected.store(false, Relaxed);
+    endpoint.close(quinn::VarInt::from_u32(0), b"site stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    debug!("uplink stopped");
+}
+
+/// A random pause in [d/2, d]: sites restarting together spread out.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + half.mul_f64(rand::rng().random::<f64>())
+}
+
+/// One session: hello, then batches until an error.
+async fn session<O: OutboxSource>(
+    endpoint: &Endpoint,
+    settings: &UplinkSettings,
+    source: &O,
+    state: &UplinkState,
+    backoff: &mut Duration,
+) -> Result<(), UplinkError> {
+    let addr = settings.central;
+    let conn = endpoint
+        .connect(addr, &settings.server_name)
+        .map_err(|e| UplinkError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?
+        .await
+        .map_err(|e| UplinkError::Connect {
+            addr,
+            detail: e.to_string(),
+        })?;
+    let hello = ClientMessage::Hello {
+        site: settings.site.clone(),
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let last_durable = match request(&conn, &hello).await? {
+        ServerMessage::Welcome { last_durable } => last_durable,
+        other => return Err(unexpected(other)),
+    };
+    // What the central side holds needs no resend, even if its Ack was lost.
+    source.acknowledge(last_durable).await?;
+    state.last_acked.store(last_durable, Relaxed);
+    state.connected.store(true, Relaxed);
+    *backoff = settings.reconnect_min;
+    info!(central = %addr, last_durable, "uplink connected");
+
+    let mut sent_through = last_durable;
+    loop {
+        let batch = source
+            .read(
+                sent_through,
+                settings.batch_max_records,
+                settings.batch_max_bytes,
+            )
+            .await?;
+        let Some(last) = batch.records.last().map(|r| r.seq) else {
+            tokio::select! {
+                _ = source.changed() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                e = conn.closed() => return Err(UplinkError::Session(e.to_string())),
+            }
+            continue;
+        };
+        let count = batch.records.len() as u64;
+        let msg = ClientMessage::Batch {
+            dropped_through: batch.dropped_through,
+            records: batch.records,
+        };
+        state.records_sent.fetch_add(count, Relaxed);
+        let through = match request(&conn, &msg).await? {
+            ServerMessage::Ack { through } => through,
+            other => return Err(unexpected(other)),
+        };
+        state.batches.fetch_add(1, Relaxed);
+        if through > sent_through {
+            source.acknowledge(through).await?;
+            state
+                .records_acked
+                .fetch_add(through.min(last) - sent_through.min(through), Relaxed);
+            state.last_acked.store(through, Relaxed);
+            sent_through = through;
+        } else {
+            return Err(UplinkError::Session(format!(
+                "central acknowledged {through} after a batch up to {last}: no progress"
+            )));
+        }
+    }
+}
+
+fn unexpected(msg: ServerMessage) -> UplinkError {
+    match msg {
+        ServerMessage::Refused { reason, message } => {
+            UplinkError::Refused(format!("{reason:?}: {message}"))
+        }
+        other => UplinkError::Session(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// One request on its own bidirectional stream.
+async fn request(conn: &Connection, msg: &ClientMessage) -> Result<ServerMessage, UplinkError> {
+    let frame = encode_client(msg).map_err(|e| UplinkError::Session(e.to_string()))?;
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let bytes = recv
+            .read_to_end(FRAME_HEADER_LEN + MAX_FRAME_LEN)
+            .await
+            .map_err(|e| e.to_string())?;
+        decode_server(&bytes).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| UplinkError::Session("request timed out".into()))?
+        .map_err(UplinkError::Session)
+}

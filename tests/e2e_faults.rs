@@ -1,0 +1,372 @@
+//! Faults under load: `kill -9` of the daemon, an uplink outage, a broker
+//! restart and a PostgreSQL sink. Each ends with the same question: does
+//! the central side hold every expected award exactly once?
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use touchline::app::Daemon;
+use touchline_tests::mosquitto::Mosquitto;
+use touchline_tests::process::ChildProcess;
+
+async fn start_daemon(config: &std::path::Path) -> Daemon {
+    let site = edge_config::load_site_config(config).expect("valid config");
+    let rules = edge_config::load_rules(&site).expect("valid rules");
+    Daemon::start(site, rules).await.expect("daemon starts")
+}
+
+async fn wait_for_awards(central_dir: &std::path::Path, expected: usize, within: Duration) -> bool {
+    let dir = central_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        touchline_tests::wait_until(within, || {
+            awards_at_central(&central_records(&dir))
+                .values()
+                .sum::<usize>()
+                >= expected
+        })
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_under_load_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central = Central::start(
+        &certs,
+        &dir.path().join("central"),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let http_port = touchline_tests::free_port().unwrap();
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(http_port),
+            central: Some(central.addr),
+            ..Default::default()
+        },
+    );
+    let log = dir.path().join("daemon.log");
+    let config_arg = config.to_string_lossy().to_string();
+    let spawn = || {
+        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &config_arg], &log)
+            .expect("daemon process");
+        touchline_tests::wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
+        child
+    };
+    let mut daemon = spawn();
+
+    // The load: a fixed set of events posted by a client that retries each
+    // batch until it is answered 202, while the daemon keeps dying.
+    let events = workload(20_000, 400);
+    let expected = expected_awards(&events);
+    let url = format!("http://127.0.0.1:{http_port}/v1/events");
+    let done = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let events = events.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            let result = post_all(&client, &url, &events, 200, Duration::from_secs(180)).await;
+            done.store(true, Ordering::SeqCst);
+            result
+        })
+    };
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut kills = 0;
+    while kills < 5 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
+        daemon.kill9().expect("kill -9");
+        kills += 1;
+        daemon = spawn();
+    }
+    let retries = loader
+        .await
+        .unwrap()
+        .expect("all events eventually accepted");
+    assert!(done.load(Ordering::SeqCst));
+    assert!(
+        retries > 0,
+        "the kills should have interrupted some requests"
+    );
+
+    assert!(
+        wait_for_awards(&central.dir, expected.len(), Duration::from_secs(60)).await,
+        "not every award arrived; daemon log:\n{}",
+        daemon.log_text()
+    );
+    let records = central_records(&central.dir);
+    assert_eq!(
+        awards_at_central(&records),
+        expected,
+        "awards lost or duplicated"
+    );
+    assert_sequences_unique(&records);
+    let status = daemon
+        .terminate(Duration::from_secs(20))
+        .expect("clean exit");
+    assert!(status.success(), "SIGTERM exit: {status}");
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_outage_queues_records_and_delivers_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central_dir = dir.path().join("central");
+    let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
+    let central_addr = central.addr;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(0),
+            central: Some(central_addr),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let client = reqwest::Client::new();
+    let events = workload(12_000, 300);
+    let expected = expected_awards(&events);
+    // Tiers are reached throughout: the first tier before the outage, the
+    // second mostly during it, the third after it.
+    let (first, rest) = events.split_at(2_000);
+    let (during, after) = rest.split_at(6_000);
+
+    post_all(&client, &url, first, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    central.stop().await;
+    post_all(&client, &url, during, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    // Nothing can leave while the central side is down: the outbox holds it.
+    let queued = daemon.store().stats().outbox_records();
+    assert!(queued > 0, "records should queue during the outage");
+    let central = Central::start(&certs, &central_dir, central_addr).await;
+    post_all(&client, &url, after, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    assert!(
+        wait_for_awards(&central_dir, expected.len(), Duration::from_secs(60)).await,
+        "not every award arrived after the outage"
+    );
+    let records = central_records(&central_dir);
+    assert_eq!(awards_at_central(&records), expected);
+    assert_sequences_unique(&records);
+    assert!(daemon.uplink_state().reconnects() >= 1);
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}
+
+/// Publishes with QoS 1, re-publishing whatever was not acknowledged when
+/// the broker goes away (what a real gateway does).
+async fn publish_through_restarts(port: u16, events: Vec<Value>) {
+    let mut next = 0;
+    let mut attempt = 0;
+    while next < events.len() {
+        attempt += 1;
+        assert!(attempt < 200, "publisher made no progress");
+        let mut opts = MqttOptions::new(format!("e2e-gateway-{attempt}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_inflight(50);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let chunk_end = (next + 50).min(events.len());
+        let chunk: Vec<String> = events[next..chunk_end]
+            .iter()
+            .map(Value::to_string)
+            .collect();
+        let publisher = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for (i, e) in chunk.into_iter().enumerate() {
+                    if client
+                        .publish(
+                            format!("venue/gate-{}/events", i % 3),
+                            QoS::AtLeastOnce,
+                            false,
+                            e,
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let mut acked = 0;
+        let wanted = chunk_end - next;
+        let ok = loop {
+            match tokio::time::timeout(Duration::from_secs(5), eventloop.poll()).await {
+                Ok(Ok(MqttEvent::Incoming(Packet::PubAck(_)))) => {
+                    acked += 1;
+                    if acked == wanted {
+                        break true;
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break false,
+            }
+        };
+        publisher.abort();
+        let _ = client.try_disconnect();
+        if ok {
+            next = chunk_end;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_under_load_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let mut broker = Mosquitto::start().expect("mosquitto");
+    let central = Central::start(
+        &certs,
+        &dir.path().join("central"),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            mqtt_port: Some(broker.port),
+            central: Some(central.addr),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    assert!(touchline_tests::wait_until(Duration::from_secs(10), || {
+        daemon.ingest_stats().snapshot().mqtt_connected
+    }));
+
+    let events = workload(6_000, 150);
+    let expected = expected_awards(&events);
+    let port = broker.port;
+    let publisher = tokio::spawn(publish_through_restarts(port, events));
+    // Restart the broker twice while the gateway publishes.
+    for _ in 0..2 {
+        let stats = daemon.ingest_stats().clone();
+        let before = stats.snapshot().received;
+        let progressed = tokio::task::spawn_blocking(move || {
+            touchline_tests::wait_until(Duration::from_secs(30), || {
+                stats.snapshot().received > before + 1_000
+            })
+        })
+        .await
+        .unwrap();
+        assert!(progressed, "no traffic before the restart");
+        broker.restart().expect("broker restarts");
+    }
+    tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .expect("publisher finished in time")
+        .unwrap();
+
+    assert!(
+        wait_for_awards(&central.dir, expected.len(), Duration::from_secs(60)).await,
+        "not every award arrived after broker restarts"
+    );
+    let records = central_records(&central.dir);
+    assert_eq!(awards_at_central(&records), expected);
+    assert!(daemon.ingest_stats().snapshot().mqtt_reconnects() >= 2);
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_holds_each_award_once_across_central_restarts() {
+    if std::env::var("TOUCHLINE_SKIP_PG").as_deref() == Ok("1") {
+        eprintln!("skipped: TOUCHLINE_SKIP_PG=1");
+        return;
+    }
+    let pg = touchline_tests::postgres::Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let sink = Arc::new(
+        touchline_central::PostgresSink::connect(&pg.url())
+            .await
+            .expect("sink"),
+    );
+    let central =
+        Central::start_with(&certs, sink, dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let central_addr = central.addr;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(0),
+            central: Some(central_addr),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let client = reqwest::Client::new();
+    let events = workload(8_000, 200);
+    let expected = expected_awards(&events);
+    let (first, second) = events.split_at(4_000);
+    post_all(&client, &url, first, 200, Duration::from_secs(60))
+        .await
+        .unwrap();
+    central.stop().await;
+    let sink = Arc::new(
+        touchline_central::PostgresSink::connect(&pg.url())
+            .await
+            .expect("sink"),
+    );
+    let central = Central::start_with(&certs, sink, dir.path(), central_addr).await;
+    post_all(&client, &url, second, 200, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    let (db, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let want = expected.len() as i64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM touchline_records WHERE kind = 'achievement_awarded'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let n: i64 = row.get(0);
+        if n >= want || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = db
+        .query(
+            "SELECT record FROM touchline_records WHERE site = $1 ORDER BY seq",
+            &[&SITE],
+        )
+        .await
+        .unwrap();
+    let records: Vec<Value> = rows.iter().map(|r| r.get::<_, Value>(0)).collect();
+    assert_eq!(awards_at_central(&records), expected);
+    assert_sequences_unique(&records);
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}

@@ -12,15 +12,8 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use touchline::app::Daemon;
 use touchline_tests::mosquitto::Mosquitto;
 use touchline_tests::process::ChildProcess;
-
-async fn start_daemon(config: &std::path::Path) -> Daemon {
-    let site = edge_config::load_site_config(config).expect("valid config");
-    let rules = edge_config::load_rules(&site).expect("valid rules");
-    Daemon::start(site, rules).await.expect("daemon starts")
-}
 
 async fn wait_for_awards(central_dir: &std::path::Path, expected: usize, within: Duration) -> bool {
     let dir = central_dir.to_path_buf();

@@ -8,14 +8,7 @@ use std::time::Duration;
 use common::*;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
-use touchline::app::Daemon;
 use touchline_tests::mosquitto::Mosquitto;
-
-async fn start_daemon(config: &std::path::Path) -> Daemon {
-    let site = edge_config::load_site_config(config).expect("valid config");
-    let rules = edge_config::load_rules(&site).expect("valid rules");
-    Daemon::start(site, rules).await.expect("daemon starts")
-}
 
 /// Publishes every event with QoS 1 and waits for all PUBACKs.
 async fn publish_all(port: u16, events: &[Value]) {

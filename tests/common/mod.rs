@@ -36,6 +36,15 @@ pub fn touchline_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_touchline"))
 }
 
+/// Loads `config` and its rules and starts the daemon in this process.
+pub async fn start_daemon(config: &Path) -> touchline::app::Daemon {
+    let site = edge_config::load_site_config(config).expect("valid config");
+    let rules = edge_config::load_rules(&site).expect("valid rules");
+    touchline::app::Daemon::start(site, rules)
+        .await
+        .expect("daemon starts")
+}
+
 /// Development certificates for [`SITE`] in `dir/certs`.
 pub fn write_certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");

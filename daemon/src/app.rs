@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::{self, Observed};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use crate::ingest::{self, EventSink, IngestStats};
 use crate::store::{Store, StoreHandle, WriterThread};
@@ -32,6 +33,11 @@ pub enum StartError {
     },
     #[error("cannot set up the uplink: {0}")]
     Uplink(String),
+    #[error("cannot listen for [admin] on {addr}: {source}")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running daemon. Dropping it without `shutdown` aborts its tasks.
@@ -45,6 +51,10 @@ pub struct Daemon {
     stop_uplink: CancellationToken,
     ingest_tasks: Vec<JoinHandle<()>>,
     uplink_task: Option<JoinHandle<()>>,
+    observed: Arc<Observed>,
+    admin_addr: Option<SocketAddr>,
+    stop_admin: CancellationToken,
+    admin_task: Option<JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -66,6 +76,28 @@ impl Daemon {
         let stop_uplink = CancellationToken::new();
         let mut ingest_tasks = Vec::new();
         let sink = StoreSink(store.clone());
+        let observed = Arc::new(Observed::new(
+            &config,
+            store.clone(),
+            ingest_stats.clone(),
+            uplink_state.clone(),
+        ));
+        // Bound before anything starts, so a taken port fails the start
+        // cleanly; served once every stage is up.
+        let admin_listener = match &config.admin {
+            Some(a) => {
+                let listen_err = |source| StartError::AdminListen {
+                    addr: a.listen,
+                    source,
+                };
+                let listener = tokio::net::TcpListener::bind(a.listen)
+                    .await
+                    .map_err(listen_err)?;
+                let addr = listener.local_addr().map_err(listen_err)?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
 
         let mut http_addr = None;
         if let Some(http) = &config.ingest.http {
@@ -82,19 +114,20 @@ impl Daemon {
                     source,
                 })?;
             http_addr = Some(addr);
-            info!(%addr, "HTTP ingest listening");
+            observed.set_http_addr(addr);
+            info!(%addr, "HTTP ingest listening (also /metrics, /readyz, /healthz)");
             let cfg = ingest::http::HttpIngestConfig {
                 validation: config.ingest.validation.clone(),
                 max_body: http.max_body,
             };
             let stop = stop_ingest.clone();
-            let serve = ingest::http::serve(
+            let app = ingest::http::router(sink.clone(), cfg, ingest_stats.clone())
+                .merge(admin::probe_routes(observed.clone()));
+            let serve = axum::serve(
                 listener,
-                sink.clone(),
-                cfg,
-                ingest_stats.clone(),
-                async move { stop.cancelled().await },
-            );
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await });
             ingest_tasks.push(tokio::spawn(async move {
                 if let Err(e) = serve.await {
                     error!(error = %e, "HTTP ingest failed");
@@ -138,6 +171,25 @@ impl Daemon {
             }
         };
 
+        let stop_admin = CancellationToken::new();
+        let mut admin_addr = None;
+        let mut admin_task = None;
+        if let Some((listener, addr)) = admin_listener {
+            admin_addr = Some(addr);
+            info!(%addr, "admin listening (/metrics, /healthz, /readyz, /v1/status)");
+            let stop = stop_admin.clone();
+            let serve = admin::serve(
+                listener,
+                observed.clone(),
+                async move { stop.cancelled().await },
+            );
+            admin_task = Some(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    error!(error = %e, "admin listener failed");
+                }
+            }));
+        }
+
         Ok(Daemon {
             store,
             writer: Some(writer),
@@ -148,6 +200,10 @@ impl Daemon {
             stop_uplink,
             ingest_tasks,
             uplink_task,
+            observed,
+            admin_addr,
+            stop_admin,
+            admin_task,
         })
     }
 
@@ -168,10 +224,21 @@ impl Daemon {
         &self.uplink_state
     }
 
+    /// The address the `[admin]` listener is bound to, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Live metrics, readiness and status of this daemon.
+    pub fn observed(&self) -> &Arc<Observed> {
+        &self.observed
+    }
+
     /// Stops taking input, lets the uplink drain for up to `drain` (so
     /// records committed just before still leave when the central side is
     /// reachable), then commits what is queued and stops the writer.
     pub async fn shutdown(mut self, drain: Duration) {
+        self.observed.set_stopping();
         self.stop_ingest.cancel();
         for task in self.ingest_tasks.drain(..) {
             if let Err(e) = task.await {
@@ -196,6 +263,13 @@ impl Daemon {
                 warn!("store writer thread ended abnormally");
             }
         }
+        // Last, so the drain can be watched from the admin listener.
+        self.stop_admin.cancel();
+        if let Some(task) = self.admin_task.take() {
+            if let Err(e) = task.await {
+                warn!(error = %e, "admin task ended abnormally");
+            }
+        }
         info!("daemon stopped");
     }
 }
@@ -204,6 +278,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop_ingest.cancel();
         self.stop_uplink.cancel();
+        self.stop_admin.cancel();
     }
 }
 

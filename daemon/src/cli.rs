@@ -68,6 +68,12 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Summarise a site: asks the running daemon (the `[admin]` listener)
+    /// or, when none answers, reads the store on disk.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run the whole pipeline on this machine with synthetic stadium
     /// traffic and print what happened.
     Demo(crate::demo::DemoArgs),
@@ -80,7 +86,13 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// Entry point used by `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own summary; its logs would only bury it.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Certs {
@@ -98,6 +110,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Dlq { config, limit } => dlq(&config, limit),
+        Command::Status { config } => crate::status::run(&config),
         Command::Run { config, drain } => run(&config, drain),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(crate::demo::run(args))) {
             Ok(()) => ExitCode::SUCCESS,
@@ -109,9 +122,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

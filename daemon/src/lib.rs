@@ -4,6 +4,7 @@
 //! `cli` is the binary's edge.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod cli;
@@ -12,5 +13,6 @@ pub mod demo;
 pub mod engine;
 pub mod event;
 pub mod ingest;
+pub mod status;
 pub mod store;
 pub mod uplink;

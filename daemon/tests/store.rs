@@ -58,6 +58,7 @@ fn site(dir: &Path) -> SiteConfig {
             max_bytes: 1 << 30,
             when_full: WhenFull::Block,
         },
+        admin: None,
     }
 }
 

@@ -28,6 +28,10 @@ pub struct SiteConfig {
     /// outbox until one is configured.
     pub uplink: Option<Uplink>,
     pub outbox: Outbox,
+    /// `None` when the `[admin]` section is absent: no admin listener
+    /// (metrics and probes are still served on the HTTP ingest port when
+    /// that is configured).
+    pub admin: Option<Admin>,
 }
 
 /// `[site]`
@@ -195,6 +199,16 @@ pub enum WhenFull {
     Block,
     /// `drop-oldest`: the oldest records are dropped, counted and logged.
     DropOldest,
+}
+
+/// `[admin]`: the operator's HTTP listener for `/metrics`, `/healthz`,
+/// `/readyz` and `/v1/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// `listen`: socket address, e.g. `127.0.0.1:9464` (required). Port 0
+    /// picks a free port (for tests). Keep it on a management network: it
+    /// is not authenticated.
+    pub listen: SocketAddr,
 }
 
 /// All rules loaded from a site's rule files.

@@ -17,7 +17,8 @@ use toml::de::DeTable;
 use crate::defaults;
 use crate::diagnostic::{ConfigErrors, Diags, Invalid, Source};
 use crate::model::{
-    Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, Uplink, Validation, WhenFull,
+    Admin, Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, Uplink, Validation,
+    WhenFull,
 };
 use crate::paths;
 use crate::reader::{self, Dur, Id, NonEmpty, PositiveDur, Setting, Size, StrList, Table};
@@ -125,6 +126,9 @@ fn read_config(
     let uplink = root
         .table(d, "uplink")
         .and_then(|t| t.map(|t| read_uplink(d, t, &base)).transpose());
+    let admin = root
+        .table(d, "admin")
+        .and_then(|t| t.map(|t| read_admin(d, t)).transpose());
     root.finish(d);
 
     Ok(SiteConfig {
@@ -134,6 +138,7 @@ fn read_config(
         store: store?,
         uplink: uplink?,
         outbox: outbox?.0,
+        admin: admin?,
     })
 }
 
@@ -640,6 +645,14 @@ fn read_uplink(
         return Err(Invalid);
     }
     Ok(uplink)
+}
+
+fn read_admin(d: &mut Diags<'_, '_>, mut t: Table<'_, '_>) -> Result<Admin, Invalid> {
+    let listen = t.req::<SocketAddr>(d, "listen");
+    t.finish(d);
+    Ok(Admin {
+        listen: listen?.value,
+    })
 }
 
 fn read_outbox(

@@ -88,6 +88,7 @@ pub struct Emitted {
 #[derive(Debug)]
 pub struct RuleStats {
     id: String,
+    version: u32,
     matched: AtomicU64,
     predicate_errors: AtomicU64,
     awards: AtomicU64,
@@ -96,6 +97,10 @@ pub struct RuleStats {
 impl RuleStats {
     pub fn id(&self) -> &str {
         &self.id
+    }
+    /// The rule version these counters belong to.
+    pub fn version(&self) -> u32 {
+        self.version
     }
     /// Events that met the rule (type and `when`) and updated its state.
     /// Counted when evaluated; a rolled-back commit is not subtracted.
@@ -206,6 +211,7 @@ impl Engine {
                 .iter()
                 .map(|r| RuleStats {
                     id: r.id.clone(),
+                    version: r.version,
                     matched: AtomicU64::new(0),
                     predicate_errors: AtomicU64::new(0),
                     awards: AtomicU64::new(0),

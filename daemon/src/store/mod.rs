@@ -38,7 +38,7 @@ use crate::engine::{Engine, EngineError, EngineStats, Pseudonymizer};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use env::{LmdbEnv, ReadDbs};
 pub use outbox::OutboxSummary;
-pub use stats::StoreStats;
+pub use stats::{HistogramSnapshot, StoreStats};
 use writer::{Command, Opened, Settings, Writer};
 
 /// Source of "now" (ms since the Unix epoch) for the writer: dedup arrival

@@ -96,6 +96,8 @@ struct Tally {
     refusals: u64,
     dead_letters: u64,
     swept: u64,
+    /// From the transaction's start to its durable commit.
+    duration: Duration,
 }
 
 /// Why a transaction did not commit.
@@ -307,6 +309,7 @@ impl Writer {
         pick: &[usize],
         now_ms: i64,
     ) -> Result<(Vec<(usize, Answer)>, Tally), GroupError> {
+        let started = Instant::now();
         let env = self.env.clone();
         let mut txn = env.write_txn()?;
         let mut meta = self.meta;
@@ -354,6 +357,7 @@ impl Writer {
             meta::save(self.dbs.meta, &mut txn, &meta)?;
         }
         txn.commit()?;
+        tally.duration = started.elapsed();
         self.meta = meta;
         Ok((answers, tally))
     }
@@ -433,6 +437,10 @@ impl Writer {
         StoreStats::add(&st.dedup_expired, tally.swept);
         StoreStats::add(&st.commits, 1);
         StoreStats::set(&st.last_commit_events, tally.events + tally.duplicates);
+        st.commit_duration.observe_duration(tally.duration);
+        if tally.events + tally.duplicates > 0 {
+            st.commit_events.observe(tally.events + tally.duplicates);
+        }
         publish_meta(st, &self.meta);
         if tally.dropped > 0 {
             if let Some(suppressed) = self.drop_log.check() {

@@ -25,7 +25,7 @@ mod stats;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use edge_config::{RuleBundle, SiteConfig};
@@ -120,7 +120,10 @@ struct Shared {
     env: Arc<Mutex<Option<LmdbEnv>>>,
     dbs: env::Dbs,
     stats: Arc<StoreStats>,
-    engine_stats: Arc<EngineStats>,
+    /// Replaced with the engine on a rules reload.
+    engine_stats: RwLock<Arc<EngineStats>>,
+    /// Kept so a reload builds its engine with the same key.
+    pseudonymizer: Pseudonymizer,
     notify: Arc<Notify>,
 }
 
@@ -151,7 +154,7 @@ impl Store {
         // Rules and key first: a bad rule file should fail before we touch
         // the environment.
         let pseudonymizer = Pseudonymizer::from_config(site).map_err(EngineError::from)?;
-        let engine = Engine::new(rules, pseudonymizer)?;
+        let engine = Engine::new(rules, pseudonymizer.clone())?;
         let engine_stats = engine.stats();
 
         let flags = env::sync_flags(site.store.sync);
@@ -203,7 +206,8 @@ impl Store {
                 env: shared_env,
                 dbs,
                 stats,
-                engine_stats,
+                engine_stats: RwLock::new(engine_stats),
+                pseudonymizer,
                 notify,
             }),
         };
@@ -307,7 +311,43 @@ impl StoreHandle {
 
     /// Per-rule counters (matches, predicate errors, awards).
     pub fn engine_stats(&self) -> Arc<EngineStats> {
-        self.shared.engine_stats.clone()
+        let slot = self
+            .shared
+            .engine_stats
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+    }
+
+    /// Compiles `rules` and makes them the active rules between two
+    /// commits. On `Err` (a rule that does not compile) the old rules stay
+    /// active. State is keyed by rule id and version, so the progress of
+    /// unchanged rules carries over and a rule whose version changed starts
+    /// fresh; the new rules' counters start at zero.
+    pub async fn replace_rules(&self, rules: &RuleBundle) -> Result<(), StoreError> {
+        // Compiling the predicates is CPU work: keep it off the workers.
+        let bundle = rules.clone();
+        let pseudonymizer = self.shared.pseudonymizer.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::new(&bundle, pseudonymizer))
+            .await
+            .map_err(|e| StoreError::Write(format!("rule compilation aborted: {e}")))??;
+        let stats = engine.stats();
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::ReplaceEngine {
+                engine: Box::new(engine),
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?;
+        let mut slot = self
+            .shared
+            .engine_stats
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        *slot = stats;
+        Ok(())
     }
 
     /// Outbox size, age and sequence numbers as committed now.

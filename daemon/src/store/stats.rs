@@ -7,7 +7,7 @@
 //! atomics too, so the writer never waits for a scrape.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of `commit_duration` buckets, in µs (0.1 ms … 5 s): a
 /// commit is one or two fsyncs, so most land in the low milliseconds.
@@ -24,6 +24,10 @@ const COMMIT_EVENTS_BOUNDS: &[u64] = &[
 
 #[derive(Debug)]
 pub struct StoreStats {
+    /// When these stats were made; the heartbeat counts from here.
+    born: Instant,
+    /// Milliseconds after `born` at which the writer loop last turned.
+    heartbeat_ms: AtomicU64,
     /// Duration of each write transaction that committed, from its start
     /// (applying events included) to the durable commit.
     pub(crate) commit_duration: Histogram,
@@ -51,6 +55,20 @@ pub struct StoreStats {
 macro_rules! getters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         impl StoreStats {
+    /// Called by the writer each time its loop turns (at least once a
+    /// second while idle).
+    pub(crate) fn beat(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the writer loop last turned: stays around a second
+    /// while idle or busy, grows without bound when a commit hangs.
+    pub fn writer_silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(last)
+    }
+
             $(
                 $(#[$doc])*
                 pub fn $name(&self) -> u64 {
@@ -101,6 +119,8 @@ getters! {
 impl Default for StoreStats {
     fn default() -> Self {
         StoreStats {
+            born: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
             commit_duration: Histogram::new(COMMIT_DURATION_BOUNDS_US, 1e6),
             commit_events: Histogram::new(COMMIT_EVENTS_BOUNDS, 1.0),
             events_committed: AtomicU64::new(0),

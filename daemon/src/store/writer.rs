@@ -62,6 +62,12 @@ pub(crate) enum Command {
         through: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Swaps the rules between two commits: every event before it was
+    /// applied with the old rules, every event after with the new.
+    ReplaceEngine {
+        engine: Box<Engine>,
+        reply: oneshot::Sender<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -199,15 +205,30 @@ impl Writer {
     pub(crate) fn run(mut self, rx: Receiver<Command>, shared_env: Arc<Mutex<Option<LmdbEnv>>>) {
         let mut group = Vec::new();
         let mut stop = false;
+        // A swap that arrived while a group was gathering; done right
+        // after that group commits.
+        let mut swap = None;
         while !stop {
-            let first = match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
-                Ok(cmd) => cmd,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.idle_sweep();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
+            // The loop turns at least every IDLE_SWEEP_INTERVAL, so the
+            // heartbeat stays fresh while idle and goes stale only when a
+            // commit hangs.
+            self.stats.beat();
+            let first = match swap.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
+                    Ok(cmd) => cmd,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.idle_sweep();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
             };
+            if let Command::ReplaceEngine { engine, reply } = first {
+                self.engine = *engine;
+                let _ = reply.send(());
+                continue;
+            }
             let deadline = Instant::now() + self.settings.commit_max_delay;
             let mut events = first.events();
             stop = matches!(first, Command::Shutdown { .. });
@@ -220,6 +241,10 @@ impl Writer {
                     _ => rx.try_recv().ok(),
                 };
                 let Some(cmd) = next else { break };
+                if matches!(cmd, Command::ReplaceEngine { .. }) {
+                    swap = Some(cmd);
+                    break;
+                }
                 events += cmd.events();
                 stop = matches!(cmd, Command::Shutdown { .. });
                 group.push(cmd);
@@ -294,7 +319,7 @@ impl Writer {
                 (Command::Ack { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
-                (Command::Shutdown { reply }, _) => {
+                (Command::Shutdown { reply }, _) | (Command::ReplaceEngine { reply, .. }, _) => {
                     let _ = reply.send(());
                 }
                 (Command::DeadLetters { .. }, _) => {}
@@ -337,7 +362,7 @@ impl Writer {
                     tally.acked += outbox::ack(&self.dbs, &mut txn, &mut meta, *through)?;
                     Answer::Ack(Ok(()))
                 }
-                Command::Shutdown { .. } => Answer::Done,
+                Command::Shutdown { .. } | Command::ReplaceEngine { .. } => Answer::Done,
             };
             answers.push((i, answer));
         }
@@ -477,7 +502,7 @@ impl Writer {
                 Command::DeadLetters { samples, .. } => {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
                 }
-                Command::Ack { .. } | Command::Shutdown { .. } => {}
+                Command::Ack { .. } | Command::Shutdown { .. } | Command::ReplaceEngine { .. } => {}
             }
         }
         StoreStats::add(&self.stats.map_full_events, events);
@@ -515,7 +540,7 @@ impl Writer {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
                     Some(Answer::Done)
                 }
-                Command::Shutdown { .. } => Some(Answer::Done),
+                Command::Shutdown { .. } | Command::ReplaceEngine { .. } => Some(Answer::Done),
             };
         }
     }

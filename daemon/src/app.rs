@@ -17,13 +17,18 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Observed};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
+use crate::ingest::gate::{self, IntakeGate};
 use crate::ingest::{self, EventSink, IngestStats};
+use crate::instance::{InstanceLock, LockError};
+use crate::reload::Reloader;
 use crate::store::{Store, StoreHandle, WriterThread};
 use crate::uplink::{self, OutboxBatch, OutboxSource, UplinkError, UplinkSettings, UplinkState};
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("{0}")]
+    AlreadyRunning(#[from] LockError),
     #[error("cannot open the store: {0}")]
     Store(String),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -40,6 +45,9 @@ pub enum StartError {
     },
 }
 
+/// How long shutdown waits for admitted HTTP requests to commit.
+const IN_FLIGHT_LIMIT: Duration = Duration::from_secs(10);
+
 /// A running daemon. Dropping it without `shutdown` aborts its tasks.
 pub struct Daemon {
     store: StoreHandle,
@@ -47,10 +55,18 @@ pub struct Daemon {
     ingest_stats: Arc<IngestStats>,
     uplink_state: Arc<UplinkState>,
     http_addr: Option<SocketAddr>,
-    stop_ingest: CancellationToken,
+    /// Stops MQTT ingest (a clean disconnect after its last acks).
+    stop_mqtt: CancellationToken,
+    mqtt_task: Option<JoinHandle<()>>,
+    /// HTTP keeps answering (503 for input) until the very end.
+    gate: Arc<IntakeGate>,
+    stop_http: CancellationToken,
+    http_task: Option<JoinHandle<()>>,
     stop_uplink: CancellationToken,
-    ingest_tasks: Vec<JoinHandle<()>>,
     uplink_task: Option<JoinHandle<()>>,
+    reloader: Arc<Reloader>,
+    /// Released last, when everything else has stopped.
+    _lock: InstanceLock,
     observed: Arc<Observed>,
     admin_addr: Option<SocketAddr>,
     stop_admin: CancellationToken,
@@ -61,6 +77,7 @@ impl Daemon {
     /// Opens the store, starts every configured stage and returns once they
     /// are accepting work. HTTP may listen on port 0; see [`Daemon::http_addr`].
     pub async fn start(config: SiteConfig, rules: RuleBundle) -> Result<Daemon, StartError> {
+        let lock = InstanceLock::acquire(&config.site.data_dir)?;
         let (store, writer) =
             Store::open(&config, &rules).map_err(|e| StartError::Store(e.to_string()))?;
         info!(
@@ -72,9 +89,11 @@ impl Daemon {
 
         let ingest_stats = Arc::new(IngestStats::default());
         let uplink_state = Arc::new(UplinkState::default());
-        let stop_ingest = CancellationToken::new();
+        let stop_mqtt = CancellationToken::new();
+        let stop_http = CancellationToken::new();
+        let gate = Arc::new(IntakeGate::default());
         let stop_uplink = CancellationToken::new();
-        let mut ingest_tasks = Vec::new();
+        let reloader = Arc::new(Reloader::new(config.clone(), rules.clone(), store.clone()));
         let sink = StoreSink(store.clone());
         let observed = Arc::new(Observed::new(
             &config,
@@ -100,6 +119,7 @@ impl Daemon {
         };
 
         let mut http_addr = None;
+        let mut http_task = None;
         if let Some(http) = &config.ingest.http {
             let listener = tokio::net::TcpListener::bind(http.listen)
                 .await
@@ -120,24 +140,27 @@ impl Daemon {
                 validation: config.ingest.validation.clone(),
                 max_body: http.max_body,
             };
-            let stop = stop_ingest.clone();
-            let app = ingest::http::router(sink.clone(), cfg, ingest_stats.clone())
-                .merge(admin::probe_routes(observed.clone()));
+            let stop = stop_http.clone();
+            let app = gate::guard(
+                ingest::http::router(sink.clone(), cfg, ingest_stats.clone()),
+                gate.clone(),
+            )
+            .merge(admin::probe_routes(observed.clone()));
             let serve = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(async move { stop.cancelled().await });
-            ingest_tasks.push(tokio::spawn(async move {
+            http_task = Some(tokio::spawn(async move {
                 if let Err(e) = serve.await {
                     error!(error = %e, "HTTP ingest failed");
                 }
             }));
         }
 
-        if let Some(mqtt) = &config.ingest.mqtt {
+        let mqtt_task = if let Some(mqtt) = &config.ingest.mqtt {
             info!(host = %mqtt.host, port = mqtt.port, topics = ?mqtt.topics, "MQTT ingest starting");
-            let stop = stop_ingest.clone();
+            let stop = stop_mqtt.clone();
             let run = ingest::mqtt::run(
                 mqtt.clone(),
                 config.ingest.validation.clone(),
@@ -145,12 +168,14 @@ impl Daemon {
                 ingest_stats.clone(),
                 async move { stop.cancelled().await },
             );
-            ingest_tasks.push(tokio::spawn(async move {
+            Some(tokio::spawn(async move {
                 if let Err(e) = run.await {
                     error!(error = %e, "MQTT ingest failed");
                 }
-            }));
-        }
+            }))
+        } else {
+            None
+        };
 
         let uplink_task = match &config.uplink {
             Some(up) => {
@@ -178,11 +203,9 @@ impl Daemon {
             admin_addr = Some(addr);
             info!(%addr, "admin listening (/metrics, /healthz, /readyz, /v1/status)");
             let stop = stop_admin.clone();
-            let serve = admin::serve(
-                listener,
-                observed.clone(),
-                async move { stop.cancelled().await },
-            );
+            let serve = admin::serve(listener, observed.clone(), reloader.clone(), async move {
+                stop.cancelled().await
+            });
             admin_task = Some(tokio::spawn(async move {
                 if let Err(e) = serve.await {
                     error!(error = %e, "admin listener failed");
@@ -196,10 +219,15 @@ impl Daemon {
             ingest_stats,
             uplink_state,
             http_addr,
-            stop_ingest,
+            stop_mqtt,
+            mqtt_task,
+            gate,
+            stop_http,
+            http_task,
             stop_uplink,
-            ingest_tasks,
             uplink_task,
+            reloader,
+            _lock: lock,
             observed,
             admin_addr,
             stop_admin,
@@ -229,27 +257,56 @@ impl Daemon {
         self.admin_addr
     }
 
+    /// Whether an `[uplink]` is configured (and running until shutdown).
+    pub fn uplink_configured(&self) -> bool {
+        self.uplink_task.is_some()
+    }
+
+    /// Reloads the rules from the config file the daemon started with.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
     /// Live metrics, readiness and status of this daemon.
     pub fn observed(&self) -> &Arc<Observed> {
         &self.observed
     }
 
-    /// Stops taking input, lets the uplink drain for up to `drain` (so
-    /// records committed just before still leave when the central side is
-    /// reachable), then commits what is queued and stops the writer.
+    /// Stops taking input and lets what was taken finish: MQTT
+    /// disconnects cleanly after acking what it committed (the broker
+    /// keeps the rest of the persistent session for the next start), HTTP
+    /// answers 503 to new input while admitted requests commit, the uplink
+    /// gets up to `drain` to send what is in the outbox, then the writer
+    /// commits what is queued and closes the store. Whatever the uplink
+    /// could not send in time stays in the outbox for the next start.
     pub async fn shutdown(mut self, drain: Duration) {
         self.observed.set_stopping();
-        self.stop_ingest.cancel();
-        for task in self.ingest_tasks.drain(..) {
+        self.gate.close();
+        self.stop_mqtt.cancel();
+        if let Some(task) = self.mqtt_task.take() {
             if let Err(e) = task.await {
-                warn!(error = %e, "ingest task ended abnormally");
+                warn!(error = %e, "MQTT ingest task ended abnormally");
             }
+        }
+        if !self.gate.wait_idle(IN_FLIGHT_LIMIT).await {
+            warn!(
+                in_flight = self.gate.in_flight(),
+                "HTTP requests still unanswered after {IN_FLIGHT_LIMIT:?}; stopping anyway (their clients got no 202 and will resend)"
+            );
         }
         if let Some(task) = self.uplink_task.take() {
             let deadline = tokio::time::Instant::now() + drain;
             let stats = self.store.stats();
+            let waiting = stats.outbox_records();
+            if waiting > 0 {
+                info!(records = waiting, grace = ?drain, "letting the uplink drain the outbox");
+            }
             while tokio::time::Instant::now() < deadline && stats.outbox_records() > 0 {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = stats.outbox_records();
+            if left > 0 {
+                info!(records = left, "outbox not empty at the end of the grace period; the records leave after the next start");
             }
             self.stop_uplink.cancel();
             if let Err(e) = task.await {
@@ -263,7 +320,13 @@ impl Daemon {
                 warn!("store writer thread ended abnormally");
             }
         }
-        // Last, so the drain can be watched from the admin listener.
+        // Last, so the drain can be watched (and 503s answered) to the end.
+        self.stop_http.cancel();
+        if let Some(task) = self.http_task.take() {
+            if let Err(e) = task.await {
+                warn!(error = %e, "HTTP ingest task ended abnormally");
+            }
+        }
         self.stop_admin.cancel();
         if let Some(task) = self.admin_task.take() {
             if let Err(e) = task.await {
@@ -276,7 +339,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.stop_ingest.cancel();
+        self.stop_mqtt.cancel();
+        self.stop_http.cancel();
         self.stop_uplink.cancel();
         self.stop_admin.cancel();
     }

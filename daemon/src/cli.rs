@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing::{error, info};
-
-use crate::app::Daemon;
+use tracing::error;
 
 /// Exit code for invalid configuration or arguments (sysexits EX_USAGE).
 pub const EX_USAGE: u8 = 64;
@@ -68,6 +66,14 @@ pub enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Reload the rules of the running daemon. The bundle is validated
+    /// here first (exit 64 with its errors when invalid); then the daemon
+    /// is asked through its `[admin]` listener, or sent SIGHUP when there
+    /// is none.
+    Reload {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Summarise a site: asks the running daemon (the `[admin]` listener)
     /// or, when none answers, reads the store on disk.
     Status {
@@ -111,6 +117,7 @@ pub fn main() -> ExitCode {
         },
         Command::Dlq { config, limit } => dlq(&config, limit),
         Command::Status { config } => crate::status::run(&config),
+        Command::Reload { config } => crate::reload_client::run(&config),
         Command::Run { config, drain } => run(&config, drain),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(crate::demo::run(args))) {
             Ok(()) => ExitCode::SUCCESS,
@@ -217,34 +224,5 @@ fn run(config: &Path, drain: Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
-        let daemon = match Daemon::start(site, rules).await {
-            Ok(d) => d,
-            Err(e) => {
-                error!("cannot start: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        info!("touchline running");
-        wait_for_termination().await;
-        info!("stopping");
-        daemon.shutdown(drain).await;
-        ExitCode::SUCCESS
-    })
-}
-
-async fn wait_for_termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    rt.block_on(crate::service::run(site, rules, drain))
 }

@@ -93,7 +93,7 @@ fn fetch(addr: SocketAddr) -> Result<StatusReport, String> {
 
 /// reqwest's own text says "error sending request for url (…)"; the
 /// cause underneath (connection refused, timed out) is what helps.
-fn describe(e: reqwest::Error) -> String {
+pub(crate) fn describe(e: reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
         "timed out".to_string()
     } else if e.is_connect() {

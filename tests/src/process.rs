@@ -17,6 +17,16 @@ pub struct ChildProcess {
 impl ChildProcess {
     /// Starts `bin` with `args`, stderr and stdout appended to `log`.
     pub fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<ChildProcess> {
+        ChildProcess::spawn_with_env(bin, args, &[], log)
+    }
+
+    /// Like [`ChildProcess::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> anyhow::Result<ChildProcess> {
         let out = File::options()
             .create(true)
             .append(true)
@@ -25,6 +35,7 @@ impl ChildProcess {
         let err = out.try_clone()?;
         let child = Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -49,14 +60,20 @@ impl ChildProcess {
 
     /// SIGTERM, then waits for the exit status up to `within`.
     pub fn terminate(&mut self, within: Duration) -> anyhow::Result<ExitStatus> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .context("running kill -TERM")?;
-        if !status.success() {
-            bail!("kill -TERM {} failed", self.pid());
-        }
+        self.signal("TERM")?;
         self.wait(within)
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, …) without waiting.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .with_context(|| format!("running kill -{name}"))?;
+        if !status.success() {
+            bail!("kill -{name} {} failed", self.pid());
+        }
+        Ok(())
     }
 
     /// Waits for the process to exit on its own, up to `within`.

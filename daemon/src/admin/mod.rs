@@ -21,12 +21,13 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use edge_config::SiteConfig;
 use serde::Serialize;
 
 use crate::ingest::{IngestSnapshot, IngestStats};
+use crate::reload::{ReloadError, Reloader};
 use crate::store::{OutboxSummary, StoreHandle, StoreStats};
 use crate::uplink::UplinkState;
 
@@ -41,6 +42,9 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Path of the JSON status document on the admin listener.
 pub const STATUS_PATH: &str = "/v1/status";
+
+/// `POST` here reloads the rules (what `touchline reload` calls).
+pub const RELOAD_PATH: &str = "/v1/reload";
 
 /// Handles on the live state of one daemon, read on demand.
 pub struct Observed {
@@ -196,22 +200,29 @@ pub fn probe_routes(observed: Arc<Observed>) -> Router {
         .with_state(observed)
 }
 
-/// Every admin route: [`probe_routes`] plus `/healthz` and `/v1/status`.
-pub fn router(observed: Arc<Observed>) -> Router {
+/// Every admin route: [`probe_routes`] plus `/healthz`, `/v1/status` and
+/// `POST /v1/reload`.
+pub fn router(observed: Arc<Observed>, reloader: Arc<Reloader>) -> Router {
     Router::new()
         .route("/healthz", get(get_healthz))
         .route(STATUS_PATH, get(get_status))
         .with_state(observed.clone())
         .merge(probe_routes(observed))
+        .merge(
+            Router::new()
+                .route(RELOAD_PATH, post(post_reload))
+                .with_state(reloader),
+        )
 }
 
 /// Serves [`router`] on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     observed: Arc<Observed>,
+    reloader: Arc<Reloader>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(observed))
+    axum::serve(listener, router(observed, reloader))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -254,4 +265,20 @@ async fn get_readyz(State(observed): State<Arc<Observed>>) -> Response {
 
 async fn get_status(State(observed): State<Arc<Observed>>) -> Json<StatusReport> {
     Json(observed.status().await)
+}
+
+/// 200 with the [`crate::reload::ReloadReport`], or 422 with the errors
+/// (the old rules stay active).
+async fn post_reload(State(reloader): State<Arc<Reloader>>) -> Response {
+    match reloader.reload().await {
+        Ok(report) => (StatusCode::OK, Json(report)).into_response(),
+        Err(e) => {
+            let status = match e {
+                ReloadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            let body = serde_json::json!({ "error": "reload_refused", "detail": e.to_string() });
+            (status, Json(body)).into_response()
+        }
+    }
 }

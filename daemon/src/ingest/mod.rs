@@ -14,6 +14,7 @@ use std::future::Future;
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 
 mod backoff;
+pub mod gate;
 pub mod http;
 pub mod mqtt;
 mod ratelimit;

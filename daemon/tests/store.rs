@@ -150,6 +150,7 @@ fn pseudonym(cfg: &SiteConfig, customer: &str) -> String {
 fn award(record: &Record) -> &touchline_proto::AchievementAwarded {
     match &record.body {
         RecordBody::AchievementAwarded(a) => a,
+        other => panic!("expected an award, got {}", other.kind()),
     }
 }
 

@@ -34,7 +34,10 @@ pub use frame::{
     decode_client, decode_server, encode_client, encode_server, DecodeError, EncodeError,
     FRAME_HEADER_LEN, MAX_FRAME_LEN,
 };
-pub use record::{AchievementAwarded, Record, RecordBody};
+pub use record::{
+    AchievementAwarded, CustomerErased, OfferDecision, OfferOutcome, OfferStats, PeriodSummary,
+    Record, RecordBody, RuleProgress, RuleStats,
+};
 
 use serde::{Deserialize, Serialize};
 

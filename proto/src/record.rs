@@ -26,6 +26,12 @@ pub struct Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RecordBody {
     AchievementAwarded(AchievementAwarded),
+    PeriodSummary(PeriodSummary),
+    RuleStats(RuleStats),
+    CustomerErased(CustomerErased),
+    OfferDecision(OfferDecision),
+    OfferOutcome(OfferOutcome),
+    OfferStats(OfferStats),
 }
 
 /// A customer reached one tier of an achievement rule.
@@ -49,11 +55,122 @@ pub struct AchievementAwarded {
     pub value: f64,
 }
 
+/// One customer's condensed standing at the end of a venue period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeriodSummary {
+    /// Customer id as it leaves the site (pseudonym unless configured off).
+    pub customer: String,
+    /// The period (`data.period` of `venue.period.started`).
+    pub period: String,
+    /// Points credited in the period, by category, in category order.
+    pub points: Vec<(String, i64)>,
+    /// Badges awarded in the period, in award order.
+    pub badges: Vec<String>,
+    /// Rules with progress in the period but without their last tier.
+    pub progress: Vec<RuleProgress>,
+}
+
+/// Progress of one unfinished rule, inside a [`PeriodSummary`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleProgress {
+    pub rule: String,
+    pub version: u32,
+    /// The measure's value at the period end.
+    pub value: f64,
+    /// Threshold of the next tier not yet reached.
+    pub next_at: f64,
+}
+
+/// Per-rule counters over one reporting interval (every minute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleStats {
+    pub rule: String,
+    pub version: u32,
+    /// Interval covered, ms since the Unix epoch: `[from_ms, to_ms)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Events that met the rule's type and `when`.
+    pub matched: u64,
+    pub awards: u64,
+    /// Events behind the watermark by more than the rule's lateness.
+    pub late: u64,
+    /// Events refused by the rule's limits (rate, `max_value`, sources).
+    pub limited: u64,
+}
+
+/// Every trace of a customer was deleted at the site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CustomerErased {
+    /// The customer as previously sent (pseudonym unless configured off),
+    /// so the central side can erase its copies too.
+    pub customer: String,
+}
+
+/// The next-best-action decision for one customer on one trigger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferDecision {
+    pub customer: String,
+    pub offer: String,
+    pub version: u32,
+    /// Unique id of the offer instance (or of the would-have-been instance
+    /// for a control customer).
+    pub instance: String,
+    /// Event type that triggered the decision.
+    pub trigger: String,
+    /// propensity × value × weight at decision time.
+    pub score: f64,
+    /// True for a control-group customer: nothing was shown.
+    pub control: bool,
+    /// Learner segment the propensity came from.
+    pub segment: String,
+    /// When the instance expires, ms since the Unix epoch.
+    pub expires_ms: i64,
+}
+
+/// How an offer instance ended (or changed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferOutcome {
+    pub customer: String,
+    pub offer: String,
+    pub version: u32,
+    pub instance: String,
+    /// `accepted`, `dismissed`, `clicked`, `shared`, `expired` or
+    /// `converted`.
+    pub outcome: String,
+}
+
+/// Per-offer counters over one reporting interval (every minute).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferStats {
+    pub offer: String,
+    pub version: u32,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub decided: u64,
+    pub shown: u64,
+    pub accepted: u64,
+    pub dismissed: u64,
+    pub expired: u64,
+    /// Suppressed decisions by reason, in reason order.
+    pub suppressed: Vec<(String, u64)>,
+    /// Control-group customers who would have been offered.
+    pub control: u64,
+    /// Conversions among treated and control customers.
+    pub converted_treated: u64,
+    pub converted_control: u64,
+}
+
 impl RecordBody {
     /// The `kind` string used in JSON output.
     pub fn kind(&self) -> &'static str {
         match self {
             RecordBody::AchievementAwarded(_) => "achievement_awarded",
+            RecordBody::PeriodSummary(_) => "period_summary",
+            RecordBody::RuleStats(_) => "rule_stats",
+            RecordBody::CustomerErased(_) => "customer_erased",
+            RecordBody::OfferDecision(_) => "offer_decision",
+            RecordBody::OfferOutcome(_) => "offer_outcome",
+            RecordBody::OfferStats(_) => "offer_stats",
         }
     }
 
@@ -61,19 +178,34 @@ impl RecordBody {
     pub fn customer(&self) -> Option<&str> {
         match self {
             RecordBody::AchievementAwarded(a) => Some(&a.customer),
+            RecordBody::PeriodSummary(p) => Some(&p.customer),
+            RecordBody::CustomerErased(e) => Some(&e.customer),
+            RecordBody::OfferDecision(d) => Some(&d.customer),
+            RecordBody::OfferOutcome(o) => Some(&o.customer),
+            RecordBody::RuleStats(_) | RecordBody::OfferStats(_) => None,
         }
     }
+}
+
+/// ms since the Unix epoch as RFC 3339 (UTC); out-of-range → the epoch.
+fn rfc3339(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// `[(name, n)]` as a JSON object, keeping the names as keys.
+fn pairs<T: Serialize>(pairs: &[(String, T)]) -> Value {
+    Value::Object(pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
 }
 
 impl Record {
     /// Event time as RFC 3339 (UTC). Out-of-range times fall back to the
     /// epoch rather than failing: the number is kept in `at_ms` regardless.
     pub fn at_rfc3339(&self) -> String {
-        let nanos = i128::from(self.at_ms) * 1_000_000;
-        OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok())
-            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
+        rfc3339(self.at_ms)
     }
 
     /// The record as one JSON object: `site`, `seq`, `kind`, `at` and the
@@ -91,14 +223,70 @@ impl Record {
                 obj.insert("version".into(), json!(a.version));
                 obj.insert("tier".into(), json!(a.tier));
                 obj.insert("badge".into(), json!(a.badge));
-                let points: Map<String, Value> = a
-                    .points
-                    .iter()
-                    .map(|(k, v)| (k.clone(), json!(v)))
-                    .collect();
-                obj.insert("points".into(), Value::Object(points));
+                obj.insert("points".into(), pairs(&a.points));
                 obj.insert("window".into(), json!(a.window));
                 obj.insert("value".into(), json!(a.value));
+            }
+            RecordBody::PeriodSummary(p) => {
+                obj.insert("customer".into(), json!(p.customer));
+                obj.insert("period".into(), json!(p.period));
+                obj.insert("points".into(), pairs(&p.points));
+                obj.insert("badges".into(), json!(p.badges));
+                let progress: Vec<Value> = p
+                    .progress
+                    .iter()
+                    .map(|r| {
+                        json!({ "rule": r.rule, "version": r.version,
+                                "value": r.value, "next_at": r.next_at })
+                    })
+                    .collect();
+                obj.insert("progress".into(), Value::Array(progress));
+            }
+            RecordBody::RuleStats(r) => {
+                obj.insert("rule".into(), json!(r.rule));
+                obj.insert("version".into(), json!(r.version));
+                obj.insert("from".into(), json!(rfc3339(r.from_ms)));
+                obj.insert("to".into(), json!(rfc3339(r.to_ms)));
+                obj.insert("matched".into(), json!(r.matched));
+                obj.insert("awards".into(), json!(r.awards));
+                obj.insert("late".into(), json!(r.late));
+                obj.insert("limited".into(), json!(r.limited));
+            }
+            RecordBody::CustomerErased(e) => {
+                obj.insert("customer".into(), json!(e.customer));
+            }
+            RecordBody::OfferDecision(d) => {
+                obj.insert("customer".into(), json!(d.customer));
+                obj.insert("offer".into(), json!(d.offer));
+                obj.insert("version".into(), json!(d.version));
+                obj.insert("instance".into(), json!(d.instance));
+                obj.insert("trigger".into(), json!(d.trigger));
+                obj.insert("score".into(), json!(d.score));
+                obj.insert("control".into(), json!(d.control));
+                obj.insert("segment".into(), json!(d.segment));
+                obj.insert("expires".into(), json!(rfc3339(d.expires_ms)));
+            }
+            RecordBody::OfferOutcome(o) => {
+                obj.insert("customer".into(), json!(o.customer));
+                obj.insert("offer".into(), json!(o.offer));
+                obj.insert("version".into(), json!(o.version));
+                obj.insert("instance".into(), json!(o.instance));
+                obj.insert("outcome".into(), json!(o.outcome));
+            }
+            RecordBody::OfferStats(s) => {
+                obj.insert("offer".into(), json!(s.offer));
+                obj.insert("version".into(), json!(s.version));
+                obj.insert("from".into(), json!(rfc3339(s.from_ms)));
+                obj.insert("to".into(), json!(rfc3339(s.to_ms)));
+                obj.insert("decided".into(), json!(s.decided));
+                obj.insert("shown".into(), json!(s.shown));
+                obj.insert("accepted".into(), json!(s.accepted));
+                obj.insert("dismissed".into(), json!(s.dismissed));
+                obj.insert("expired".into(), json!(s.expired));
+                obj.insert("suppressed".into(), pairs(&s.suppressed));
+                obj.insert("control".into(), json!(s.control));
+                obj.insert("converted_treated".into(), json!(s.converted_treated));
+                obj.insert("converted_control".into(), json!(s.converted_control));
             }
         }
         Value::Object(obj)

@@ -4,38 +4,193 @@
 use proptest::prelude::*;
 use touchline_proto::*;
 
-fn record() -> impl Strategy<Value = Record> {
+fn name() -> impl Strategy<Value = String> {
+    "[a-z-]{1,20}"
+}
+
+fn finite() -> impl Strategy<Value = f64> {
+    any::<f64>().prop_filter("NaN never equals itself", |v| !v.is_nan())
+}
+
+fn counts() -> impl Strategy<Value = Vec<(String, i64)>> {
+    proptest::collection::vec(("[a-z]{1,6}", any::<i64>()), 0..4)
+}
+
+fn award() -> impl Strategy<Value = RecordBody> {
     (
-        "[a-z0-9-]{1,16}",
-        1u64..u64::MAX,
-        any::<i64>(),
         "[ -~]{0,40}",
-        "[a-z-]{1,20}",
+        name(),
         1u32..1000,
         1u32..10,
         proptest::option::of("[a-z-]{1,12}"),
-        proptest::collection::vec(("[a-z]{1,6}", any::<i64>()), 0..4),
-        any::<f64>().prop_filter("NaN never equals itself", |v| !v.is_nan()),
+        counts(),
+        "[a-z0-9:-]{1,24}",
+        finite(),
     )
         .prop_map(
-            |(site, seq, at_ms, customer, achievement, version, tier, badge, points, value)| {
-                Record {
-                    site,
-                    seq,
-                    at_ms,
-                    body: RecordBody::AchievementAwarded(AchievementAwarded {
-                        customer,
-                        achievement,
-                        version,
-                        tier,
-                        badge,
-                        points,
-                        window: "lifetime".into(),
-                        value,
-                    }),
-                }
+            |(customer, achievement, version, tier, badge, points, window, value)| {
+                RecordBody::AchievementAwarded(AchievementAwarded {
+                    customer,
+                    achievement,
+                    version,
+                    tier,
+                    badge,
+                    points,
+                    window,
+                    value,
+                })
             },
         )
+}
+
+fn summary() -> impl Strategy<Value = RecordBody> {
+    (
+        "[ -~]{0,40}",
+        name(),
+        counts(),
+        proptest::collection::vec(name(), 0..4),
+        proptest::collection::vec((name(), any::<u32>(), finite(), finite()), 0..4),
+    )
+        .prop_map(|(customer, period, points, badges, progress)| {
+            RecordBody::PeriodSummary(PeriodSummary {
+                customer,
+                period,
+                points,
+                badges,
+                progress: progress
+                    .into_iter()
+                    .map(|(rule, version, value, next_at)| RuleProgress {
+                        rule,
+                        version,
+                        value,
+                        next_at,
+                    })
+                    .collect(),
+            })
+        })
+}
+
+fn rule_stats() -> impl Strategy<Value = RecordBody> {
+    (
+        name(),
+        any::<u32>(),
+        any::<i64>(),
+        any::<i64>(),
+        any::<[u64; 4]>(),
+    )
+        .prop_map(
+            |(rule, version, from_ms, to_ms, [matched, awards, late, limited])| {
+                RecordBody::RuleStats(RuleStats {
+                    rule,
+                    version,
+                    from_ms,
+                    to_ms,
+                    matched,
+                    awards,
+                    late,
+                    limited,
+                })
+            },
+        )
+}
+
+fn offer_records() -> impl Strategy<Value = RecordBody> {
+    prop_oneof![
+        (
+            "[ -~]{0,40}",
+            name(),
+            any::<u32>(),
+            "[a-z0-9]{1,26}",
+            name(),
+            finite(),
+            any::<bool>(),
+            name(),
+            any::<i64>()
+        )
+            .prop_map(
+                |(
+                    customer,
+                    offer,
+                    version,
+                    instance,
+                    trigger,
+                    score,
+                    control,
+                    segment,
+                    expires_ms,
+                )| {
+                    RecordBody::OfferDecision(OfferDecision {
+                        customer,
+                        offer,
+                        version,
+                        instance,
+                        trigger,
+                        score,
+                        control,
+                        segment,
+                        expires_ms,
+                    })
+                }
+            ),
+        (
+            "[ -~]{0,40}",
+            name(),
+            any::<u32>(),
+            "[a-z0-9]{1,26}",
+            name()
+        )
+            .prop_map(|(customer, offer, version, instance, outcome)| {
+                RecordBody::OfferOutcome(OfferOutcome {
+                    customer,
+                    offer,
+                    version,
+                    instance,
+                    outcome,
+                })
+            }),
+        (
+            name(),
+            any::<u32>(),
+            any::<(i64, i64)>(),
+            any::<[u64; 8]>(),
+            proptest::collection::vec((name(), any::<u64>()), 0..4)
+        )
+            .prop_map(|(offer, version, (from_ms, to_ms), n, suppressed)| {
+                RecordBody::OfferStats(OfferStats {
+                    offer,
+                    version,
+                    from_ms,
+                    to_ms,
+                    decided: n[0],
+                    shown: n[1],
+                    accepted: n[2],
+                    dismissed: n[3],
+                    expired: n[4],
+                    suppressed,
+                    control: n[5],
+                    converted_treated: n[6],
+                    converted_control: n[7],
+                })
+            }),
+    ]
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    let body = prop_oneof![
+        award(),
+        summary(),
+        rule_stats(),
+        "[ -~]{0,40}".prop_map(|customer| RecordBody::CustomerErased(CustomerErased { customer })),
+        offer_records(),
+    ];
+    ("[a-z0-9-]{1,16}", 1u64..u64::MAX, any::<i64>(), body).prop_map(|(site, seq, at_ms, body)| {
+        Record {
+            site,
+            seq,
+            at_ms,
+            body,
+        }
+    })
 }
 
 fn client_message() -> impl Strategy<Value = ClientMessage> {
@@ -102,10 +257,22 @@ proptest! {
         let json = rec.to_json();
         prop_assert_eq!(json["site"].as_str(), Some(rec.site.as_str()));
         prop_assert_eq!(json["seq"].as_u64(), Some(rec.seq));
-        prop_assert_eq!(json["kind"].as_str(), Some("achievement_awarded"));
+        prop_assert_eq!(json["kind"].as_str(), Some(rec.body.kind()));
         prop_assert!(json["at"].is_string());
-        prop_assert!(json["customer"].is_string());
-        prop_assert!(json["tier"].is_u64());
+        // Customer records name the customer; aggregate ones do not.
+        prop_assert_eq!(json["customer"].as_str(), rec.body.customer());
+        match &rec.body {
+            RecordBody::AchievementAwarded(a) => {
+                prop_assert_eq!(json["tier"].as_u64(), Some(u64::from(a.tier)));
+                prop_assert_eq!(json["points"].as_object().map(|p| p.len()),
+                    Some(a.points.iter().map(|(k, _)| k).collect::<std::collections::BTreeSet<_>>().len()));
+            }
+            RecordBody::RuleStats(r) => prop_assert_eq!(json["late"].as_u64(), Some(r.late)),
+            RecordBody::OfferDecision(d) => prop_assert_eq!(json["control"].as_bool(), Some(d.control)),
+            RecordBody::OfferStats(s) => prop_assert!(json["suppressed"].is_object() && json["converted_control"].as_u64() == Some(s.converted_control)),
+            RecordBody::PeriodSummary(p) => prop_assert_eq!(json["progress"].as_array().map(Vec::len), Some(p.progress.len())),
+            _ => {}
+        }
     }
 }
 

@@ -445,3 +445,94 @@ async fn a_second_instance_on_the_same_data_dir_refuses_to_start() {
     assert!(first.is_running());
     assert!(first.terminate(Duration::from_secs(30)).unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_lose_and_duplicate_no_award() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central = Central::start(
+        &certs,
+        &dir.path().join("central"),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let http_port = free_port().unwrap();
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(http_port),
+            central: Some(central.addr),
+            ..Default::default()
+        },
+    );
+    let mut daemon = spawn_touchline(dir.path(), &config, &[], &[], "touchline.log");
+    wait_for_port(http_port, Duration::from_secs(20)).unwrap();
+
+    let events = workload(20_000, 300);
+    let expected = expected_awards(&events);
+    let url = format!("http://127.0.0.1:{http_port}/v1/events");
+    let loader = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        post_all(&client, &url, &events, 100, Duration::from_secs(120)).await
+    });
+
+    // The award rule stays as it is; another rule comes and goes, so every
+    // reload really swaps the engine while events are being committed.
+    let rules_file = dir.path().join("rules/e2e.toml");
+    let extra = "\n[[achievement]]\nid = \"ticket-holder\"\nname = \"Ticket holder\"\non = [\"ticket.scanned\"]\nmeasure = \"count\"\nwindow = \"lifetime\"\ntiers = [ { at = 1 } ]\n";
+    let mut reloads = 0;
+    while !loader.is_finished() && reloads < 40 {
+        let text = if reloads % 2 == 0 {
+            format!("{RULES}{extra}")
+        } else {
+            RULES.to_string()
+        };
+        std::fs::write(&rules_file, text).unwrap();
+        daemon.signal("HUP").unwrap();
+        reloads += 1;
+        let seen = reloads;
+        let log_dir = dir.path().to_path_buf();
+        // Each reload is logged before the next is sent.
+        let logged = tokio::task::spawn_blocking(move || {
+            wait_until(Duration::from_secs(20), || {
+                std::fs::read_to_string(log_dir.join("touchline.log"))
+                    .unwrap_or_default()
+                    .matches("rules reloaded")
+                    .count()
+                    >= seen
+            })
+        })
+        .await
+        .unwrap();
+        assert!(logged, "reload {seen} not logged\n{}", daemon.log_text());
+    }
+    loader.await.unwrap().expect("all events accepted");
+    assert!(
+        reloads >= 3,
+        "the load ended before enough reloads ({reloads})"
+    );
+
+    let central_dir = dir.path().join("central");
+    let n = expected.len();
+    let dir2 = central_dir.clone();
+    let arrived = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(60), || {
+            awards_at_central(&central_records(&dir2))
+                .values()
+                .sum::<usize>()
+                >= n
+        })
+    })
+    .await
+    .unwrap();
+    assert!(arrived, "awards missing\n{}", daemon.log_text());
+    let records = central_records(&central_dir);
+    assert_eq!(
+        awards_at_central(&records),
+        expected,
+        "awards lost or duplicated"
+    );
+    assert_sequences_unique(&records);
+    assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
+    central.stop().await;
+}

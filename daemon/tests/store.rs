@@ -616,6 +616,124 @@ async fn dead_letters_are_bounded_and_readable_from_outside() {
         .is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn withdrawn_consent_stops_tracking_until_given_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
+    let (h, w) = open(&cfg, &rules);
+    let profile = |id: &str, data| ev(id, "customer.profile", Some("fan-1"), data);
+
+    h.submit(vec![
+        profile(
+            "p1",
+            json!({"section": "101", "consent": {"gamification": false}}),
+        ),
+        cheer("c1", "fan-1"),
+        cheer("c2", "fan-1"),
+        cheer("c3", "fan-1"),
+    ])
+    .await
+    .unwrap();
+    assert!(all_records(&h).await.is_empty(), "no award without consent");
+    // The profile event that withdraws consent is itself not tracked.
+    assert_eq!(h.stats().events_not_tracked(), 4);
+    assert_eq!(
+        h.stats().events_committed(),
+        4,
+        "still deduplicated and committed"
+    );
+
+    // Consent again: counting starts from what was tracked (nothing).
+    h.submit(vec![
+        profile("p2", json!({"consent": {"gamification": true}})),
+        cheer("c4", "fan-1"),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        all_records(&h).await.is_empty(),
+        "one tracked cheer is below tier 1"
+    );
+    h.submit(vec![cheer("c5", "fan-1")]).await.unwrap();
+    let records = all_records(&h).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(award(&records[0]).tier, 1);
+    close(h, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_deletes_every_trace_and_tells_the_central_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
+    let (h, w) = open(&cfg, &rules);
+    h.dead_letter(vec![DeadLetter {
+        at_ms: T0,
+        origin: "http:127.0.0.1:1".into(),
+        reason: "bad_time".into(),
+        detail: "time is not RFC 3339".into(),
+        sample: r#"{"subject":"fan-erase","time":"yesterday"}"#.into(),
+    }])
+    .await;
+    h.submit(vec![
+        ev(
+            "p1",
+            "customer.profile",
+            Some("fan-erase"),
+            json!({"team": "A"}),
+        ),
+        cheer("c1", "fan-erase"),
+        cheer("c2", "fan-erase"),
+        cheer("c3", "fan-erase"),
+        cheer("k1", "fan-keep"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(all_records(&h).await.len(), 1, "tier 1 for fan-erase");
+
+    h.submit(vec![ev(
+        "x1",
+        "customer.erased",
+        Some("fan-erase"),
+        json!({}),
+    )])
+    .await
+    .unwrap();
+    let records = all_records(&h).await;
+    let RecordBody::CustomerErased(erased) = &records[1].body else {
+        panic!("expected an erasure record, got {:?}", records[1].body);
+    };
+    assert_eq!(erased.customer, pseudonym(&cfg, "fan-erase"));
+    assert_eq!(h.stats().erasures(), 1);
+    assert_eq!(h.stats().dead_letters_erased(), 1);
+
+    // State is gone: the customer starts from zero and earns tier 1 again;
+    // the other customer keeps their progress (one more cheer reaches 2).
+    h.submit(vec![
+        cheer("c4", "fan-erase"),
+        cheer("c5", "fan-erase"),
+        cheer("k2", "fan-keep"),
+    ])
+    .await
+    .unwrap();
+    let records = all_records(&h).await;
+    let tiers: Vec<(String, u32)> = records[2..]
+        .iter()
+        .map(|r| (award(r).customer.clone(), award(r).tier))
+        .collect();
+    assert_eq!(
+        tiers,
+        vec![
+            (pseudonym(&cfg, "fan-erase"), 1),
+            (pseudonym(&cfg, "fan-keep"), 1)
+        ]
+    );
+    close(h, w).await;
+    let samples = read_dead_letters(&cfg.site.data_dir, cfg.store.map_size, 10).unwrap();
+    assert!(samples.is_empty(), "the sample naming the customer is gone");
+}
+
 /// Run by `dead_letters_readable_while_another_process_writes` in a
 /// child process; does nothing on its own.
 #[test]

@@ -247,6 +247,16 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         "Rejected-input samples not kept (writer busy or store failure).",
         store.dead_letters_dropped(),
     );
+    x.counter(
+        "touchline_events_not_tracked_total",
+        "Events of customers without gamification consent: committed, applied to no rule.",
+        store.events_not_tracked(),
+    );
+    x.counter(
+        "touchline_customers_erased_total",
+        "customer.erased events applied: every trace of the customer deleted.",
+        store.erasures(),
+    );
 
     // Outbox.
     let (outbox, _) = sample.outbox_view(&store);

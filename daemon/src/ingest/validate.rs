@@ -7,6 +7,7 @@
 //! accept any JSON type, so one serde pass both parses and lets us report
 //! wrong types precisely; only `data` becomes an owned `Value`.
 
+use crate::store::customers::MAX_CUSTOMER_LEN;
 use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
@@ -49,11 +50,13 @@ pub enum RejectReason {
     MissingSubject,
     /// `data_base64` (binary data) is not supported.
     UnsupportedEncoding,
+    /// `subject` longer than a customer id may be.
+    SubjectTooLong,
 }
 
 impl RejectReason {
     /// Number of reasons: the size of per-reason counter arrays.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     /// Every reason, in `index()` order.
     pub const ALL: [RejectReason; RejectReason::COUNT] = [
@@ -69,6 +72,7 @@ impl RejectReason {
         RejectReason::TooOld,
         RejectReason::MissingSubject,
         RejectReason::UnsupportedEncoding,
+        RejectReason::SubjectTooLong,
     ];
 
     /// Position in `ALL`, for indexing counter arrays.
@@ -91,6 +95,7 @@ impl RejectReason {
             RejectReason::TooOld => "too_old",
             RejectReason::MissingSubject => "missing_subject",
             RejectReason::UnsupportedEncoding => "unsupported_encoding",
+            RejectReason::SubjectTooLong => "subject_too_long",
         }
     }
 }
@@ -499,6 +504,17 @@ fn validate(raw: RawEvent<'_>, now_ms: i64, v: &Validation) -> Result<Event, Rej
                 v.venue_types.join(", ")
             ),
         ));
+    }
+    if let Some(s) = &subject {
+        if s.len() > MAX_CUSTOMER_LEN {
+            return Err(Rejection::new(
+                RejectReason::SubjectTooLong,
+                format!(
+                    "`subject` is {} bytes; customer ids are at most {MAX_CUSTOMER_LEN}",
+                    s.len()
+                ),
+            ));
+        }
     }
     optional(raw.datacontenttype, "datacontenttype")?;
     optional(raw.dataschema, "dataschema")?;

@@ -72,3 +72,26 @@ pub(crate) fn read(
     out.reverse();
     Ok(out)
 }
+
+/// Deletes every sample whose input or detail mentions `text` (a
+/// customer being erased). May delete a little more than needed, never
+/// less. Undecodable samples cannot be checked and are left; they
+/// age out like every sample.
+pub(crate) fn erase_mentions(dbs: &Dbs, txn: &mut RwTxn, text: &str) -> heed::Result<u64> {
+    let mut doomed = Vec::new();
+    for entry in dbs.dead_letters.iter(txn)? {
+        match entry {
+            Ok((key, sample)) => {
+                if sample.sample.contains(text) || sample.detail.contains(text) {
+                    doomed.push(key);
+                }
+            }
+            Err(heed::Error::Decoding(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for key in &doomed {
+        dbs.dead_letters.delete(txn, key)?;
+    }
+    Ok(doomed.len() as u64)
+}

@@ -30,6 +30,7 @@ pub(crate) const DB_DEDUP_EXPIRY: &str = "dedup_expiry";
 pub(crate) const DB_OUTBOX: &str = "outbox";
 pub(crate) const DB_RULE_STATE: &str = "rule_state";
 pub(crate) const DB_DEAD_LETTERS: &str = "dead_letters";
+pub(crate) const DB_PROFILES: &str = "profiles";
 
 /// How each commit reaches the disk; see [`SyncMode`] for the faults each
 /// mode survives.
@@ -97,6 +98,9 @@ pub(crate) struct Dbs {
     pub rule_state: Database<Bytes, Bytes>,
     /// `dead_letters`: insertion number (BE) → postcard `DeadLetter`.
     pub dead_letters: Database<BeU64, Postcard<DeadLetter>>,
+    /// `profiles`: customer key → versioned JSON profile (see
+    /// `customers.rs`).
+    pub profiles: Database<Bytes, Bytes>,
 }
 
 impl Dbs {
@@ -109,6 +113,7 @@ impl Dbs {
             outbox: env.create_database(txn, Some(DB_OUTBOX))?,
             rule_state: env.create_database(txn, Some(DB_RULE_STATE))?,
             dead_letters: env.create_database(txn, Some(DB_DEAD_LETTERS))?,
+            profiles: env.create_database(txn, Some(DB_PROFILES))?,
         })
     }
 }

@@ -14,6 +14,7 @@
 //! memory.
 
 mod codec;
+pub mod customers;
 mod dedup;
 mod dlq;
 mod env;

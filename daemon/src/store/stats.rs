@@ -50,6 +50,9 @@ pub struct StoreStats {
     pub(crate) dead_letters_stored: AtomicU64,
     pub(crate) dead_letters_dropped: AtomicU64,
     pub(crate) dedup_expired: AtomicU64,
+    pub(crate) events_not_tracked: AtomicU64,
+    pub(crate) erasures: AtomicU64,
+    pub(crate) dead_letters_erased: AtomicU64,
 }
 
 macro_rules! getters {
@@ -114,6 +117,13 @@ getters! {
     dead_letters_dropped,
     /// Dedup keys removed after their retention.
     dedup_expired,
+    /// Events of customers whose `consent.gamification` is false: committed
+    /// (deduplicated) but applied to no rule.
+    events_not_tracked,
+    /// Customers erased (`customer.erased`).
+    erasures,
+    /// Dead-letter samples deleted because they mentioned an erased customer.
+    dead_letters_erased,
 }
 
 impl Default for StoreStats {
@@ -140,6 +150,9 @@ impl Default for StoreStats {
             dead_letters_stored: AtomicU64::new(0),
             dead_letters_dropped: AtomicU64::new(0),
             dedup_expired: AtomicU64::new(0),
+            events_not_tracked: AtomicU64::new(0),
+            erasures: AtomicU64::new(0),
+            dead_letters_erased: AtomicU64::new(0),
         }
     }
 }

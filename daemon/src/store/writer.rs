@@ -19,8 +19,10 @@ use heed::RwTxn;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tracing::{error, info, warn};
 
+use super::customers::{self, Admission, CustomerDbs, CustomerError};
 use super::dedup::Dedup;
 use super::env::{is_map_full, Dbs, LmdbEnv};
+use super::keys::KeyBuf;
 use super::meta::{self, Meta};
 use super::outbox::{self, Outbox};
 use super::ratelimit::LogLimiter;
@@ -28,6 +30,7 @@ use super::stats::StoreStats;
 use super::{dlq, Clock, StoreError};
 use crate::engine::{ApplyError, Emitted, Engine, StateDb};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
+use touchline_proto::{CustomerErased, RecordBody};
 
 /// How long the writer waits for work before sweeping expired dedup keys
 /// on its own.
@@ -102,6 +105,10 @@ struct Tally {
     refusals: u64,
     dead_letters: u64,
     swept: u64,
+    /// Events of customers without gamification consent.
+    not_tracked: u64,
+    erasures: u64,
+    dead_letters_erased: u64,
     /// From the transaction's start to its durable commit.
     duration: Duration,
 }
@@ -118,6 +125,15 @@ impl From<heed::Error> for GroupError {
             GroupError::MapFull
         } else {
             GroupError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<CustomerError> for GroupError {
+    fn from(e: CustomerError) -> Self {
+        match e {
+            CustomerError::Lmdb(e) => e.into(),
+            other => GroupError::Failed(other.to_string()),
         }
     }
 }
@@ -158,6 +174,7 @@ pub(crate) struct Writer {
     outbox: Outbox,
     /// Awards of the event being applied, reused between events.
     emitted: Vec<Emitted>,
+    key: KeyBuf,
     map_full_log: LogLimiter,
     drop_log: LogLimiter,
     refuse_log: LogLimiter,
@@ -193,6 +210,7 @@ impl Writer {
             dedup: Dedup::default(),
             outbox: Outbox::default(),
             emitted: Vec::new(),
+            key: KeyBuf::default(),
             map_full_log: LogLimiter::new(LOG_INTERVAL),
             drop_log: LogLimiter::new(LOG_INTERVAL),
             refuse_log: LogLimiter::new(LOG_INTERVAL),
@@ -426,8 +444,31 @@ impl Writer {
                 continue;
             }
             self.emitted.clear();
-            self.engine
-                .apply(txn, StateDb(self.dbs.rule_state), event, &mut self.emitted)?;
+            let customer_dbs = CustomerDbs {
+                profiles: self.dbs.profiles,
+                rule_state: self.dbs.rule_state,
+            };
+            match customers::admit(customer_dbs, txn, &mut self.key, event)? {
+                Admission::Track(_profile) => {
+                    self.engine.apply(
+                        txn,
+                        StateDb(self.dbs.rule_state),
+                        event,
+                        &mut self.emitted,
+                    )?;
+                }
+                Admission::NotTracked => tally.not_tracked += 1,
+                Admission::Erased { customer } => {
+                    tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
+                    tally.erasures += 1;
+                    self.emitted.push(Emitted {
+                        at_ms: event.time_ms,
+                        body: RecordBody::CustomerErased(CustomerErased {
+                            customer: self.engine.pseudonymizer().pseudonym(&customer),
+                        }),
+                    });
+                }
+            }
             let records = self.emitted.len();
             for e in self.emitted.drain(..) {
                 self.outbox
@@ -460,6 +501,9 @@ impl Writer {
         StoreStats::add(&st.outbox_full_refusals, tally.refusals);
         StoreStats::add(&st.dead_letters_stored, tally.dead_letters);
         StoreStats::add(&st.dedup_expired, tally.swept);
+        StoreStats::add(&st.events_not_tracked, tally.not_tracked);
+        StoreStats::add(&st.erasures, tally.erasures);
+        StoreStats::add(&st.dead_letters_erased, tally.dead_letters_erased);
         StoreStats::add(&st.commits, 1);
         StoreStats::set(&st.last_commit_events, tally.events + tally.duplicates);
         st.commit_duration.observe_duration(tally.duration);

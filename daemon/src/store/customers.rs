@@ -1,0 +1,250 @@
+//! Customers: profiles, consent and erasure, applied in the writer's
+//! transaction before any rule sees an event.
+//!
+//! A profile is the JSON object built from `customer.profile` events: each
+//! top-level key of the event's `data` replaces that key (a `null` value
+//! removes it). Rules see it as `profile`. Consent is read from it: a
+//! customer whose `consent.gamification` is `false` is not tracked, so
+//! their events change no state and are counted as skipped. A
+//! `customer.erased` event deletes every trace of the customer kept at the
+//! site (profile, rule state, dead-letter samples that mention them) in
+//! the same commit that queues the erasure record for the central side.
+//!
+//! Keys are the customer id itself (length-prefixed like rule state, whose
+//! keys start with the customer, so one prefix scan finds all of a
+//! customer's state). Ingest bounds `subject` to [`MAX_CUSTOMER_LEN`]
+//! bytes, so those keys are never hashed and the scan is exhaustive.
+
+use heed::types::Bytes;
+use heed::{Database, RwTxn};
+use serde_json::{Map, Value};
+
+use super::keys::KeyBuf;
+use crate::event::Event;
+
+/// Event type that updates a profile.
+pub const PROFILE_EVENT: &str = "customer.profile";
+/// Event type that erases a customer.
+pub const ERASE_EVENT: &str = "customer.erased";
+
+/// Longest customer id (`subject`) ingest accepts, in bytes.
+pub const MAX_CUSTOMER_LEN: usize = 256;
+
+/// Format version byte leading every stored profile.
+const PROFILE_V1: u8 = 1;
+
+/// What the writer does with an event after this stage.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Apply rules; the profile (when the event has a subject) is what
+    /// they see as `profile`.
+    Track(Option<Map<String, Value>>),
+    /// The customer did not consent to gamification: no state changes.
+    NotTracked,
+    /// The customer's data was deleted; the caller queues the erasure
+    /// record for `customer` and applies no rules.
+    Erased { customer: String },
+}
+
+/// Why this stage could not run; the transaction is abandoned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CustomerError {
+    #[error("{0}")]
+    Lmdb(#[from] heed::Error),
+    #[error("stored profile of {customer} is unreadable: {detail}")]
+    Corrupt { customer: String, detail: String },
+}
+
+/// The profile and rule-state databases this stage reads and writes.
+#[derive(Clone, Copy)]
+pub(crate) struct CustomerDbs {
+    pub profiles: Database<Bytes, Bytes>,
+    pub rule_state: Database<Bytes, Bytes>,
+}
+
+/// Runs the stage for one new (non-duplicate) event.
+pub(crate) fn admit(
+    dbs: CustomerDbs,
+    txn: &mut RwTxn,
+    key: &mut KeyBuf,
+    event: &Event,
+) -> Result<Admission, CustomerError> {
+    let Some(customer) = event.subject.as_deref() else {
+        return Ok(Admission::Track(None));
+    };
+    if event.kind == ERASE_EVENT {
+        erase(dbs, txn, key, customer)?;
+        return Ok(Admission::Erased {
+            customer: customer.to_string(),
+        });
+    }
+    let mut profile = load(dbs.profiles, txn, key, customer)?;
+    if event.kind == PROFILE_EVENT {
+        let updates = match &event.data {
+            Value::Object(map) => map.clone(),
+            // Validation lets any JSON through as `data`; a profile update
+            // that is not an object changes nothing.
+            _ => Map::new(),
+        };
+        let mut merged = profile.unwrap_or_default();
+        merge(&mut merged, updates);
+        save(dbs.profiles, txn, key, customer, &merged)?;
+        profile = Some(merged);
+    }
+    if profile
+        .as_ref()
+        .is_some_and(|p| !consents(p, "gamification"))
+    {
+        return Ok(Admission::NotTracked);
+    }
+    Ok(Admission::Track(profile))
+}
+
+/// Applies a profile update: each top-level key replaces the stored one;
+/// `null` removes it.
+pub fn merge(profile: &mut Map<String, Value>, updates: Map<String, Value>) {
+    for (k, v) in updates {
+        if v.is_null() {
+            profile.remove(&k);
+        } else {
+            profile.insert(k, v);
+        }
+    }
+}
+
+/// Whether `profile.consent.<purpose>` allows it. Only an explicit `false`
+/// withholds consent for gamification (tracking is the venue app's
+/// default); a purpose that needs an explicit opt-in is checked with
+/// [`opted_in`].
+pub fn consents(profile: &Map<String, Value>, purpose: &str) -> bool {
+    !matches!(
+        profile.get("consent").and_then(|c| c.get(purpose)),
+        Some(Value::Bool(false))
+    )
+}
+
+/// Whether `profile.consent.<purpose>` is explicitly `true` (marketing
+/// offers need an opt-in).
+pub fn opted_in(profile: &Map<String, Value>, purpose: &str) -> bool {
+    matches!(
+        profile.get("consent").and_then(|c| c.get(purpose)),
+        Some(Value::Bool(true))
+    )
+}
+
+fn profile_key<'b>(key: &'b mut KeyBuf, customer: &str) -> &'b [u8] {
+    // Never hashed: customer ids are bounded well below the limit.
+    key.start(customer).finish(usize::MAX)
+}
+
+pub(crate) fn load(
+    db: Database<Bytes, Bytes>,
+    txn: &RwTxn,
+    key: &mut KeyBuf,
+    customer: &str,
+) -> Result<Option<Map<String, Value>>, CustomerError> {
+    let Some(bytes) = db.get(txn, profile_key(key, customer))? else {
+        return Ok(None);
+    };
+    decode(bytes)
+        .map(Some)
+        .map_err(|detail| CustomerError::Corrupt {
+            customer: customer.to_string(),
+            detail,
+        })
+}
+
+fn decode(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    match bytes.split_first() {
+        Some((&PROFILE_V1, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown profile format {v}")),
+        None => Err("empty profile record".into()),
+    }
+}
+
+fn save(
+    db: Database<Bytes, Bytes>,
+    txn: &mut RwTxn,
+    key: &mut KeyBuf,
+    customer: &str,
+    profile: &Map<String, Value>,
+) -> Result<(), CustomerError> {
+    let mut bytes = vec![PROFILE_V1];
+    // Serialising a map of JSON values cannot fail.
+    serde_json::to_writer(&mut bytes, profile).map_err(|e| CustomerError::Corrupt {
+        customer: customer.to_string(),
+        detail: e.to_string(),
+    })?;
+    db.put(txn, profile_key(key, customer), &bytes)?;
+    Ok(())
+}
+
+/// Deletes the profile and every rule-state record of `customer`.
+fn erase(
+    dbs: CustomerDbs,
+    txn: &mut RwTxn,
+    key: &mut KeyBuf,
+    customer: &str,
+) -> Result<(), CustomerError> {
+    let prefix = profile_key(key, customer).to_vec();
+    dbs.profiles.delete(txn, &prefix)?;
+    // Keys first, deletes after: deleting through the cursor is unsafe
+    // in heed, and one customer's state is small.
+    let mut doomed = Vec::new();
+    for entry in dbs.rule_state.prefix_iter(txn, &prefix)? {
+        let (k, _) = entry?;
+        doomed.push(k.to_vec());
+    }
+    for k in &doomed {
+        dbs.rule_state.delete(txn, k)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn updates_replace_top_level_keys_and_null_removes() {
+        let mut p = obj(json!({"team": "A", "section": "101", "consent": {"marketing": true}}));
+        merge(
+            &mut p,
+            obj(json!({"section": "102", "consent": {"gamification": false}, "team": null})),
+        );
+        assert_eq!(
+            Value::Object(p),
+            json!({"section": "102", "consent": {"gamification": false}})
+        );
+    }
+
+    #[test]
+    fn only_an_explicit_false_withholds_gamification_consent() {
+        assert!(consents(&Map::new(), "gamification"));
+        assert!(consents(&obj(json!({"consent": {}})), "gamification"));
+        assert!(!consents(
+            &obj(json!({"consent": {"gamification": false}})),
+            "gamification"
+        ));
+        assert!(!opted_in(&Map::new(), "marketing"));
+        assert!(opted_in(
+            &obj(json!({"consent": {"marketing": true}})),
+            "marketing"
+        ));
+    }
+
+    #[test]
+    fn profile_records_are_versioned() {
+        assert!(decode(b"").is_err());
+        assert!(decode(b"\x07{}").is_err());
+        assert_eq!(decode(b"\x01{\"a\":1}").unwrap()["a"], json!(1));
+    }
+}

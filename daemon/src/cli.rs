@@ -74,6 +74,17 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Erase a customer: every trace at the site is deleted and an
+    /// erasure record is sent upstream.
+    Forget {
+        #[arg(long)]
+        config: PathBuf,
+        /// The customer id (CloudEvents `subject`).
+        customer: String,
+    },
+    /// Customer profiles.
+    #[command(subcommand)]
+    Profiles(ProfilesCommand),
     /// Summarise a site: asks the running daemon (the `[admin]` listener)
     /// or, when none answers, reads the store on disk.
     Status {
@@ -83,6 +94,18 @@ pub enum Command {
     /// Run the whole pipeline on this machine with synthetic stadium
     /// traffic and print what happened.
     Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProfilesCommand {
+    /// Import profiles from JSONL: one `{"customer": "...", "profile":
+    /// {...}}` per line; each top-level profile key replaces the stored
+    /// one. Re-importing the same lines changes nothing.
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        file: PathBuf,
+    },
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -117,6 +140,10 @@ pub fn main() -> ExitCode {
         },
         Command::Dlq { config, limit } => dlq(&config, limit),
         Command::Status { config } => crate::status::run(&config),
+        Command::Forget { config, customer } => crate::customer_cli::forget(&config, &customer),
+        Command::Profiles(ProfilesCommand::Import { config, file }) => {
+            crate::customer_cli::import(&config, &file)
+        }
         Command::Reload { config } => crate::reload_client::run(&config),
         Command::Run { config, drain } => run(&config, drain),
         Command::Demo(args) => match runtime().and_then(|rt| rt.block_on(crate::demo::run(args))) {

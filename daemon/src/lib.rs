@@ -9,6 +9,7 @@ pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod clock;
+mod customer_cli;
 pub mod demo;
 pub mod engine;
 pub mod event;

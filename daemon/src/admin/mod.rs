@@ -8,6 +8,7 @@
 //! listener and, for single-port setups, `/metrics` and `/readyz` are
 //! merged into the HTTP ingest router too (which has its own `/healthz`).
 
+pub mod customers;
 mod metrics;
 mod readiness;
 mod status;
@@ -200,19 +201,20 @@ pub fn probe_routes(observed: Arc<Observed>) -> Router {
         .with_state(observed)
 }
 
-/// Every admin route: [`probe_routes`] plus `/healthz`, `/v1/status` and
-/// `POST /v1/reload`.
+/// Every admin route: [`probe_routes`] plus `/healthz`, `/v1/status`,
+/// `POST /v1/reload` and the customer actions of [`customers`].
 pub fn router(observed: Arc<Observed>, reloader: Arc<Reloader>) -> Router {
     Router::new()
         .route("/healthz", get(get_healthz))
         .route(STATUS_PATH, get(get_status))
         .with_state(observed.clone())
-        .merge(probe_routes(observed))
+        .merge(probe_routes(observed.clone()))
         .merge(
             Router::new()
                 .route(RELOAD_PATH, post(post_reload))
                 .with_state(reloader),
         )
+        .merge(customers::routes(observed.store.clone()))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` resolves.

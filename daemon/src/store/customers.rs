@@ -248,3 +248,107 @@ mod tests {
         assert_eq!(decode(b"\x01{\"a\":1}").unwrap()["a"], json!(1));
     }
 }
+
+/// Source of the events `touchline forget` and `touchline profiles import`
+/// create.
+pub const ADMIN_SOURCE: &str = "touchline/admin";
+
+/// One line of a profile import that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImportError {
+    /// 1-based line number.
+    pub line: usize,
+    pub error: String,
+}
+
+/// The `customer.erased` event for `customer`, as of `now_ms`.
+pub fn erase_event(customer: &str, now_ms: i64) -> Result<Event, String> {
+    check_customer(customer)?;
+    Ok(Event {
+        id: format!("erase-{now_ms}-{}", short_hash(customer.as_bytes())),
+        source: ADMIN_SOURCE.into(),
+        kind: ERASE_EVENT.into(),
+        subject: Some(customer.to_string()),
+        time_ms: now_ms,
+        data: Value::Object(Map::new()),
+    })
+}
+
+/// Turns a JSONL profile import (`{"customer": "...", "profile": {...}}`
+/// per line; blank lines skipped) into `customer.profile` events. The
+/// event id is a hash of the line, so importing the same file twice is
+/// deduplicated like any repeated event.
+pub fn import_events(text: &str, now_ms: i64) -> (Vec<Event>, Vec<ImportError>) {
+    let mut events = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match import_line(line, now_ms) {
+            Ok(e) => events.push(e),
+            Err(error) => errors.push(ImportError { line: i + 1, error }),
+        }
+    }
+    (events, errors)
+}
+
+fn import_line(line: &str, now_ms: i64) -> Result<Event, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let customer = value
+        .get("customer")
+        .and_then(Value::as_str)
+        .ok_or("needs a string `customer`")?;
+    check_customer(customer)?;
+    let profile = match value.get("profile") {
+        Some(Value::Object(p)) => p.clone(),
+        _ => return Err("needs an object `profile`".into()),
+    };
+    Ok(Event {
+        id: format!("import-{}", short_hash(line.trim().as_bytes())),
+        source: ADMIN_SOURCE.into(),
+        kind: PROFILE_EVENT.into(),
+        subject: Some(customer.to_string()),
+        time_ms: now_ms,
+        data: Value::Object(profile),
+    })
+}
+
+fn check_customer(customer: &str) -> Result<(), String> {
+    if customer.is_empty() {
+        Err("the customer id is empty".into())
+    } else if customer.len() > MAX_CUSTOMER_LEN {
+        Err(format!(
+            "the customer id is {} bytes; at most {MAX_CUSTOMER_LEN}",
+            customer.len()
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod import_tests {
+    use super::*;
+
+    #[test]
+    fn import_lines_become_idempotent_profile_events() {
+        let text = "{\"customer\":\"c1\",\"profile\":{\"team\":\"A\"}}\n\n\
+                    not json\n{\"customer\":\"c2\"}\n{\"customer\":\"c1\",\"profile\":{\"team\":\"A\"}}\n";
+        let (events, errors) = import_events(text, 5);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].id, events[1].id, "same line, same id");
+        assert_eq!(events[0].kind, PROFILE_EVENT);
+        assert_eq!(events[0].subject.as_deref(), Some("c1"));
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![3, 4]);
+        assert!(erase_event("", 1).is_err());
+        assert_eq!(erase_event("c1", 1).unwrap().kind, ERASE_EVENT);
+    }
+}

@@ -59,6 +59,7 @@ fn site(dir: &Path) -> SiteConfig {
             when_full: WhenFull::Block,
         },
         admin: None,
+        nba: Default::default(),
     }
 }
 
@@ -91,6 +92,7 @@ fn rule(id: &str, on: &str, when: Option<&str>, tiers: &[f64]) -> AchievementRul
 fn bundle(rules: Vec<AchievementRule>) -> RuleBundle {
     RuleBundle {
         achievements: rules,
+        offers: Vec::new(),
         files: vec![PathBuf::from("rules/test.toml")],
     }
 }

@@ -8,6 +8,7 @@
 //! - [`load_site_config`] / [`parse_site_config`]: the site config file.
 //! - [`load_rules`]: the rule files the site config names, as one bundle.
 //! - [`parse_rules`]: one rule file.
+//! - [`parse_offers`]: one offer file.
 //! - [`parse_size`] / [`parse_duration`]: the unit syntax both use, for
 //!   command-line options that should read the same way.
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ mod cel_check;
 pub mod defaults;
 mod diagnostic;
 pub mod model;
+mod offers;
 mod paths;
 mod reader;
 mod rule_files;
@@ -25,6 +27,8 @@ mod units;
 
 pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use model::*;
+pub use offers::defaults as nba_defaults;
+pub use offers::parse_offers;
 pub use rule_files::load_rules;
 pub use rules::parse_rules;
 pub use site::{load_site_config, parse_site_config};

@@ -32,6 +32,9 @@ pub struct SiteConfig {
     /// (metrics and probes are still served on the HTTP ingest port when
     /// that is configured).
     pub admin: Option<Admin>,
+    /// `[nba]`: next-best-action policy; every default applies when the
+    /// section is absent.
+    pub nba: NbaPolicy,
 }
 
 /// `[site]`
@@ -215,6 +218,8 @@ pub struct Admin {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct RuleBundle {
     pub achievements: Vec<AchievementRule>,
+    /// `[[offer]]`s, in file order.
+    pub offers: Vec<Offer>,
     /// The files the bundle was read from, in load order.
     pub files: Vec<PathBuf>,
 }
@@ -272,4 +277,214 @@ pub struct Tier {
     /// `points`: category → integer amount (BTreeMap for a stable order);
     /// default none. Categories follow the id rule `[A-Za-z0-9._-]{1,64}`.
     pub points: BTreeMap<String, i64>,
+}
+
+// ---------------------------------------------------------------------
+// Next best action: `[[offer]]` in rule files and the site's `[nba]`
+// policy. Both are read by `offers.rs`; the defaults live in
+// [`crate::nba_defaults`].
+// ---------------------------------------------------------------------
+
+/// `[nba]` in the site config: the policy every offer of the site shares.
+/// The section is optional; when it is absent every default applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbaPolicy {
+    /// `max_per_customer`: at most this many offers shown to one customer
+    /// within a rolling window, across all offers, written `"<n>/<window>"`;
+    /// default `"3/1h"`. `n` at least 1.
+    pub max_per_customer: Rate,
+    /// `quiet_after_accept`: no offer for this long after the customer
+    /// accepted one; default 10 min; zero allowed (no quiet time).
+    pub quiet_after_accept: Duration,
+    /// `top_k`: how many offers one trigger may show one customer; default
+    /// 1, from 1 to 16.
+    pub top_k: u32,
+    /// `control_share`: the share of customers held out as the control
+    /// group (they get no offers; what they would have got is recorded);
+    /// default 0.05; from 0 (no control group) up to, not including, 1.
+    pub control_share: f64,
+    /// `control_salt`: mixed into the hash that places a customer in the
+    /// control group; default `None`, which means the site id. Changing it
+    /// draws a new control group.
+    pub control_salt: Option<String>,
+    /// `on_expiry`: what an expired offer teaches the learner; default
+    /// `ignore`.
+    pub on_expiry: OnExpiry,
+    /// `prior = { alpha, beta }`: the Beta prior of every offer's
+    /// propensity before anything was learned; default 1 and 1 (uniform);
+    /// both finite and greater than 0.
+    pub prior: BetaPrior,
+    /// `exploration`: the share of decisions that pick among the eligible
+    /// offers at random instead of by score, so a weak-looking offer keeps
+    /// being tried; default 0.05; from 0 up to, not including, 1.
+    pub exploration: f64,
+    /// `segment`: CEL over `profile` giving the learner segment as a
+    /// string; default `None`: one segment, `all`. An offer's own
+    /// `segment` overrides it. Non-empty, compiled once at load.
+    pub segment: Option<String>,
+}
+
+/// What an expiry teaches the learner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExpiry {
+    /// `ignore`: an expired offer counts as ignored (a failure).
+    Ignore,
+    /// `neutral`: an expiry teaches nothing.
+    Neutral,
+}
+
+/// A Beta distribution's parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BetaPrior {
+    /// `alpha`: default 1; finite, greater than 0.
+    pub alpha: f64,
+    /// `beta`: default 1; finite, greater than 0.
+    pub beta: f64,
+}
+
+/// A frequency cap, written `"<n>/<window>"` (`"1/10m"`: once per ten
+/// minutes). The window is rolling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// At least 1.
+    pub count: u32,
+    /// Greater than zero.
+    pub per: Duration,
+}
+
+/// `[[offer]]` in a rule file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Offer {
+    /// `id`: required, unique among the bundle's offers,
+    /// `[A-Za-z0-9._-]{1,64}`.
+    pub id: String,
+    /// `version`: default 1, at least 1. Learned propensities and records
+    /// are kept per version: bump it when the offer changes meaning.
+    pub version: u32,
+    /// `on`: trigger event types, at least one; each non-empty, without
+    /// whitespace, listed once.
+    pub on: Vec<String>,
+    /// `audience`: CEL predicate over `profile`, `progress`, `event` and
+    /// `data` (the trigger); default `None`: every customer.
+    pub audience: Option<String>,
+    /// `consent`: required; the consent purpose the customer must have
+    /// granted (an id, e.g. `marketing`). No offer goes out unchecked.
+    pub consent: String,
+    /// `value`: required; business value of an accept, finite and greater
+    /// than 0.
+    pub value: f64,
+    /// `weight`: CEL over the same variables as `audience`, giving a
+    /// number that multiplies the score; default `None`: 1.
+    pub weight: Option<String>,
+    /// `channel`: default `app`.
+    pub channel: Channel,
+    /// `expires_after`: required, greater than zero; how long a shown
+    /// offer waits for an answer before it expires.
+    pub expires_after: Duration,
+    /// `payload`: what the app shows, passed through as JSON; default
+    /// empty. Strings, numbers, booleans, arrays and tables (no dates).
+    pub payload: BTreeMap<String, PayloadValue>,
+    /// `escalate`: default `None`: the payload never changes.
+    pub escalate: Option<Escalate>,
+    /// `contact`: per-customer limits of this offer; every key optional.
+    pub contact: Contact,
+    /// `conversion`: the event that counts as a conversion for uplift;
+    /// default `None`: conversions are not measured for this offer.
+    pub conversion: Option<Conversion>,
+    /// `reward = { points = { category = amount } }`: credited on accept;
+    /// default none.
+    pub reward: BTreeMap<String, i64>,
+    /// `referral = { points = { category = amount } }`: credited to a
+    /// customer who shared the offer when the friend accepts it while the
+    /// shared instance is still open; default none.
+    pub referral: BTreeMap<String, i64>,
+    /// `segment`: CEL over `profile`; overrides `nba.segment` for this
+    /// offer; default `None`.
+    pub segment: Option<String>,
+    /// Where the offer was defined: the rule file (absolute) and the
+    /// 1-based line of its `[[offer]]` header.
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+/// `channel`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// `app`: published to the venue app and listed for pull.
+    App,
+}
+
+/// A `payload` value, kept as written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PayloadValue {
+    String(String),
+    Integer(i64),
+    Float(f64),
+    Boolean(bool),
+    Array(Vec<PayloadValue>),
+    Table(BTreeMap<String, PayloadValue>),
+}
+
+/// A number in `escalate.add` / `escalate.max`, kept as written so an
+/// integer payload field stays an integer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Amount {
+    Integer(i64),
+    Float(f64),
+}
+
+impl Amount {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Amount::Integer(i) => i as f64,
+            Amount::Float(f) => f,
+        }
+    }
+}
+
+/// `escalate = { on, when, add, max }`: while an instance is open, each
+/// matching event raises payload fields by `add`, never beyond `max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Escalate {
+    /// `on`: event types, at least one (same rules as the offer's `on`).
+    pub on: Vec<String>,
+    /// `when`: CEL predicate over `profile`, `event` and `data`; default
+    /// `None`: every event of the `on` types.
+    pub when: Option<String>,
+    /// `add`: payload field → amount, at least one; each field a top-level
+    /// number in `payload`, each amount greater than 0.
+    pub add: BTreeMap<String, Amount>,
+    /// `max`: payload field → cap, one for every `add` field and no other;
+    /// at least the field's value in `payload`.
+    pub max: BTreeMap<String, Amount>,
+}
+
+/// `contact = { max, cooldown, stop_after_ignores }`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Contact {
+    /// `max`: at most this often per customer (`"1/10m"`); default `None`:
+    /// only the site-wide cap applies.
+    pub max: Option<Rate>,
+    /// `cooldown`: after an instance closes (answered or expired), wait
+    /// this long before showing the offer to that customer again; default
+    /// zero.
+    pub cooldown: Duration,
+    /// `stop_after_ignores`: after this many ignores in a row (dismissed
+    /// or expired, no accept between), the customer is not shown the offer
+    /// again; default `None`: never stop. At least 1.
+    pub stop_after_ignores: Option<u32>,
+}
+
+/// `conversion = { on, when, window }`
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conversion {
+    /// `on`: event types, at least one (e.g. `["shop.purchase"]`).
+    pub on: Vec<String>,
+    /// `when`: CEL predicate over `profile`, `event` and `data` telling
+    /// whether the event converts this offer (e.g. the SKU matches);
+    /// default `None`: every event of the `on` types.
+    pub when: Option<String>,
+    /// `window`: a conversion counts when it happens this long after the
+    /// decision at most; default 24 h; greater than zero.
+    pub window: Duration,
 }

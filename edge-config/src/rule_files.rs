@@ -14,6 +14,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::diagnostic::{ConfigErrors, Diagnostic, Source};
 use crate::model::{RuleBundle, SiteConfig};
+use crate::offers::{parse_offers_located, LocatedOffer};
 use crate::paths;
 use crate::rules::parse_rules_located;
 
@@ -47,8 +48,24 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
     let mut bundle = RuleBundle::default();
     // Rule id → where it was first defined.
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    // Offer id → where it was first defined.
+    let mut seen_offers: HashMap<String, (PathBuf, usize)> = HashMap::new();
     for file in &files {
-        let parsed = paths::read_text(file).and_then(|text| parse_rules_located(&text, file));
+        let text = match paths::read_text(file) {
+            Ok(text) => text,
+            Err(e) => {
+                errors.extend(e.0);
+                continue;
+            }
+        };
+        if let Some(kind) = offer_file(&text, file) {
+            match kind.and_then(|()| parse_offers_located(&text, file)) {
+                Ok(offers) => add_offers(&mut bundle, &mut seen_offers, &mut errors, file, offers),
+                Err(e) => errors.extend(e.0),
+            }
+            continue;
+        }
+        let parsed = parse_rules_located(&text, file);
         match parsed {
             Ok(rules) => {
                 for located in rules {
@@ -79,6 +96,55 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
     }
     bundle.files = files;
     Ok(bundle)
+}
+
+/// `Some` when `text` holds offers, which the offer reader takes; an error
+/// when it holds achievements too (each reader refuses the other's key).
+/// `None` for every other file, syntax errors included, which the
+/// achievement reader reports as before.
+fn offer_file(text: &str, file: &Path) -> Option<Result<(), ConfigErrors>> {
+    let (doc, _) = DeTable::parse_recoverable(text);
+    let offer = doc.get_ref().get_key_value("offer")?.0;
+    if !doc.get_ref().contains_key("achievement") {
+        return Some(Ok(()));
+    }
+    let (line, column) = Source::new(file, text).position(offer.span().start);
+    Some(Err(ConfigErrors(vec![Diagnostic {
+        file: paths::shown(file),
+        line,
+        column,
+        field: "offer".to_owned(),
+        message: "a rule file holds either [[achievement]] or [[offer]] tables; move the offers to a file of their own".to_owned(),
+    }])))
+}
+
+/// Adds one file's offers, refusing ids another file already used.
+fn add_offers(
+    bundle: &mut RuleBundle,
+    seen: &mut HashMap<String, (PathBuf, usize)>,
+    errors: &mut Vec<Diagnostic>,
+    file: &Path,
+    offers: Vec<LocatedOffer>,
+) {
+    for located in offers {
+        let offer = located.offer;
+        if let Some((first_file, first_line)) = seen.get(&offer.id) {
+            errors.push(Diagnostic {
+                file: paths::shown(file),
+                line: located.id_line,
+                column: located.id_column,
+                field: format!("offer[{}].id", located.index),
+                message: format!(
+                    "duplicate offer id `{}`: already defined at {}:{first_line}",
+                    offer.id,
+                    paths::shown(first_file).display()
+                ),
+            });
+            continue;
+        }
+        seen.insert(offer.id.clone(), (file.to_path_buf(), offer.line));
+        bundle.offers.push(offer);
+    }
 }
 
 /// The files `pattern` matches, sorted. `*` does not cross `/` and does

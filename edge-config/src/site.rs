@@ -20,6 +20,7 @@ use crate::model::{
     Admin, Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, Uplink, Validation,
     WhenFull,
 };
+use crate::offers;
 use crate::paths;
 use crate::reader::{self, Dur, Id, NonEmpty, PositiveDur, Setting, Size, StrList, Table};
 use crate::units::{format_duration, format_size};
@@ -129,6 +130,7 @@ fn read_config(
     let admin = root
         .table(d, "admin")
         .and_then(|t| t.map(|t| read_admin(d, t)).transpose());
+    let nba = section(&mut root, d, "nba", &empty).and_then(|t| offers::read_nba(d, t));
     root.finish(d);
 
     Ok(SiteConfig {
@@ -139,6 +141,7 @@ fn read_config(
         uplink: uplink?,
         outbox: outbox?.0,
         admin: admin?,
+        nba: nba?,
     })
 }
 

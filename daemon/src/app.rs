@@ -145,7 +145,8 @@ impl Daemon {
                 ingest::http::router(sink.clone(), cfg, ingest_stats.clone()),
                 gate.clone(),
             )
-            .merge(admin::probe_routes(observed.clone()));
+            .merge(admin::probe_routes(observed.clone()))
+            .merge(crate::fan_api::routes(store.clone()));
             let serve = axum::serve(
                 listener,
                 app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -13,6 +13,7 @@ mod customer_cli;
 pub mod demo;
 pub mod engine;
 pub mod event;
+pub mod fan_api;
 pub mod ingest;
 pub mod instance;
 pub mod notify;

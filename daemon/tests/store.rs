@@ -736,6 +736,89 @@ async fn erasure_deletes_every_trace_and_tells_the_central_side() {
     assert!(samples.is_empty(), "the sample naming the customer is gone");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewards_and_leaderboards_respect_opt_in_and_erasure() {
+    use touchline::store::boards::BoardQuery;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    // Tiers at 1, 2, 3 credit xp 10, 20, 30 and one coin each.
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[1.0, 2.0, 3.0])]);
+    let (h, w) = open(&cfg, &rules);
+    let mut events = vec![
+        ev(
+            "pa",
+            "customer.profile",
+            Some("a"),
+            json!({"leaderboard_opt_in": true}),
+        ),
+        ev(
+            "pb",
+            "customer.profile",
+            Some("b"),
+            json!({"leaderboard_opt_in": true, "display_name": "Bee"}),
+        ),
+    ];
+    for (fan, n) in [("a", 3), ("b", 2), ("c", 1), ("d", 2)] {
+        for i in 0..n {
+            events.push(cheer(&format!("{fan}{i}"), fan));
+        }
+    }
+    h.submit(events).await.unwrap();
+
+    let a = h.rewards("a").await.unwrap();
+    assert_eq!(a.points["xp"], json!(60));
+    assert_eq!(a.points["coins"], json!(3));
+    assert_eq!(a.badges.len(), 3);
+    assert!(h.rewards("nobody").await.unwrap().points.is_empty());
+
+    let query = |customer: &str| BoardQuery {
+        category: "xp".into(),
+        window: "lifetime".into(),
+        customer: Some(customer.into()),
+        around: 1,
+        top: 10,
+    };
+    let board = h.leaderboard(query("d")).await.unwrap();
+    let top: Vec<(u64, &str, i64)> = board
+        .top
+        .iter()
+        .map(|r| (r.rank, r.name.as_str(), r.points))
+        .collect();
+    assert_eq!(top, vec![(1, "a", 60), (2, "Bee", 30)], "opted-in only");
+    assert_eq!(board.participants, Some(4));
+    let me = board.standing.unwrap();
+    assert_eq!((me.rank, me.points), (2, 30), "ties share a rank");
+    assert_eq!(me.percentile, 75.0);
+    assert_eq!(me.above.len(), 1);
+    assert_eq!(me.above[0].name, "Bee");
+    assert_eq!(me.below.len(), 1);
+    let c_name = &me.below[0].name;
+    assert!(c_name.starts_with("fan-") && c_name.len() == 14, "{c_name}");
+    // Stable: the same pseudonym on the next query.
+    let again = h.leaderboard(query("d")).await.unwrap();
+    assert_eq!(&again.standing.unwrap().below[0].name, c_name);
+
+    let day = touchline::store::rewards::day_window(T0);
+    let by_day = h
+        .leaderboard(BoardQuery {
+            window: day,
+            ..query("c")
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_day.standing.unwrap().rank, 4);
+
+    h.submit(vec![ev("xa", "customer.erased", Some("a"), json!({}))])
+        .await
+        .unwrap();
+    let board = h.leaderboard(query("b")).await.unwrap();
+    assert_eq!(board.top[0].name, "Bee");
+    assert_eq!(board.top[0].rank, 1);
+    assert_eq!(board.participants, Some(3));
+    assert!(h.rewards("a").await.unwrap().points.is_empty());
+    close(h, w).await;
+}
+
 /// Run by `dead_letters_readable_while_another_process_writes` in a
 /// child process; does nothing on its own.
 #[test]

@@ -215,6 +215,7 @@ pub fn router(observed: Arc<Observed>, reloader: Arc<Reloader>) -> Router {
                 .with_state(reloader),
         )
         .merge(customers::routes(observed.store.clone()))
+        .merge(crate::fan_api::routes(observed.store.clone()))
 }
 
 /// Serves [`router`] on `listener` until `shutdown` resolves.

@@ -139,7 +139,7 @@ fn profile_key<'b>(key: &'b mut KeyBuf, customer: &str) -> &'b [u8] {
 
 pub(crate) fn load(
     db: Database<Bytes, Bytes>,
-    txn: &RwTxn,
+    txn: &heed::RoTxn,
     key: &mut KeyBuf,
     customer: &str,
 ) -> Result<Option<Map<String, Value>>, CustomerError> {

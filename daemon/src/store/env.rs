@@ -31,6 +31,9 @@ pub(crate) const DB_OUTBOX: &str = "outbox";
 pub(crate) const DB_RULE_STATE: &str = "rule_state";
 pub(crate) const DB_DEAD_LETTERS: &str = "dead_letters";
 pub(crate) const DB_PROFILES: &str = "profiles";
+pub(crate) const DB_LEDGERS: &str = "ledgers";
+pub(crate) const DB_SCORES: &str = "scores";
+pub(crate) const DB_RANKING: &str = "ranking";
 
 /// How each commit reaches the disk; see [`SyncMode`] for the faults each
 /// mode survives.
@@ -101,6 +104,11 @@ pub(crate) struct Dbs {
     /// `profiles`: customer key → versioned JSON profile (see
     /// `customers.rs`).
     pub profiles: Database<Bytes, Bytes>,
+    /// `ledgers`, `scores`, `ranking`: rewards and leaderboards (see
+    /// `rewards.rs`).
+    pub ledgers: Database<Bytes, Bytes>,
+    pub scores: Database<Bytes, Bytes>,
+    pub ranking: Database<Bytes, Unit>,
 }
 
 impl Dbs {
@@ -114,6 +122,9 @@ impl Dbs {
             rule_state: env.create_database(txn, Some(DB_RULE_STATE))?,
             dead_letters: env.create_database(txn, Some(DB_DEAD_LETTERS))?,
             profiles: env.create_database(txn, Some(DB_PROFILES))?,
+            ledgers: env.create_database(txn, Some(DB_LEDGERS))?,
+            scores: env.create_database(txn, Some(DB_SCORES))?,
+            ranking: env.create_database(txn, Some(DB_RANKING))?,
         })
     }
 }

@@ -13,6 +13,7 @@
 //! waits (MQTT stops acking, HTTP waits) instead of piling work up in
 //! memory.
 
+pub mod boards;
 mod codec;
 pub mod customers;
 mod dedup;
@@ -22,6 +23,7 @@ pub(crate) mod keys;
 mod meta;
 mod outbox;
 pub(crate) mod ratelimit;
+pub mod rewards;
 mod stats;
 mod writer;
 
@@ -97,6 +99,9 @@ pub struct StoreOptions {
     pub clock: Option<Clock>,
 }
 
+/// Key file of the leaderboard pseudonyms, in the data directory.
+pub const BOARD_KEY_FILE: &str = "leaderboard.key";
+
 /// Opens stores; see [`Store::open`].
 pub struct Store;
 
@@ -125,6 +130,9 @@ struct Shared {
     engine_stats: RwLock<Arc<EngineStats>>,
     /// Kept so a reload builds its engine with the same key.
     pseudonymizer: Pseudonymizer,
+    /// Names customers on leaderboards who did not opt in (a site-local
+    /// key of its own, so board names never match uplink pseudonyms).
+    board_names: Pseudonymizer,
     notify: Arc<Notify>,
 }
 
@@ -157,6 +165,9 @@ impl Store {
         let pseudonymizer = Pseudonymizer::from_config(site).map_err(EngineError::from)?;
         let engine = Engine::new(rules, pseudonymizer.clone())?;
         let engine_stats = engine.stats();
+        let board_key = crate::engine::pseudonym::load_or_create_key(&dir.join(BOARD_KEY_FILE))
+            .map_err(EngineError::from)?;
+        let board_names = Pseudonymizer::keyed(&board_key);
 
         let flags = env::sync_flags(site.store.sync);
         let env = env::open_env(dir, site.store.map_size, flags).map_err(|e| open_error(dir, e))?;
@@ -209,6 +220,7 @@ impl Store {
                 stats,
                 engine_stats: RwLock::new(engine_stats),
                 pseudonymizer,
+                board_names,
                 notify,
             }),
         };
@@ -349,6 +361,39 @@ impl StoreHandle {
             .unwrap_or_else(|p| p.into_inner());
         *slot = stats;
         Ok(())
+    }
+
+    /// A customer's lifetime points and badges (empty when unknown).
+    pub async fn rewards(&self, customer: &str) -> Result<boards::Rewards, StoreError> {
+        let customer = customer.to_string();
+        self.read(move |dbs, txn, _| boards::rewards_of(dbs, txn, &customer))
+            .await
+    }
+
+    /// A leaderboard with privacy applied; see [`boards`].
+    pub async fn leaderboard(
+        &self,
+        query: boards::BoardQuery,
+    ) -> Result<boards::Board, StoreError> {
+        self.read(move |dbs, txn, names| boards::board(dbs, txn, names, &query))
+            .await
+    }
+
+    /// Runs `f` in a read transaction on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&env::Dbs, &heed::RoTxn, &Pseudonymizer) -> Result<T, rewards::RewardError>
+            + Send
+            + 'static,
+    ) -> Result<T, StoreError> {
+        let env = self.env()?;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            f(&shared.dbs, &txn, &shared.board_names).map_err(|e| StoreError::Read(e.to_string()))
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
     }
 
     /// Outbox size, age and sequence numbers as committed now.

@@ -26,6 +26,7 @@ use super::keys::KeyBuf;
 use super::meta::{self, Meta};
 use super::outbox::{self, Outbox};
 use super::ratelimit::LogLimiter;
+use super::rewards::{self, RewardDbs, RewardError};
 use super::stats::StoreStats;
 use super::{dlq, Clock, StoreError};
 use crate::engine::{ApplyError, Emitted, Engine, StateDb};
@@ -133,6 +134,15 @@ impl From<CustomerError> for GroupError {
     fn from(e: CustomerError) -> Self {
         match e {
             CustomerError::Lmdb(e) => e.into(),
+            other => GroupError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<RewardError> for GroupError {
+    fn from(e: RewardError) -> Self {
+        match e {
+            RewardError::Lmdb(e) => e.into(),
             other => GroupError::Failed(other.to_string()),
         }
     }
@@ -459,6 +469,7 @@ impl Writer {
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
+                    rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
                     tally.erasures += 1;
                     self.emitted.push(Emitted {
@@ -467,6 +478,13 @@ impl Writer {
                             customer: self.engine.pseudonymizer().pseudonym(&customer),
                         }),
                     });
+                }
+            }
+            if let Some(customer) = event.subject.as_deref() {
+                for e in &self.emitted {
+                    if let RecordBody::AchievementAwarded(award) = &e.body {
+                        rewards::credit(self.reward_dbs(), txn, customer, award, e.at_ms)?;
+                    }
                 }
             }
             let records = self.emitted.len();
@@ -481,6 +499,14 @@ impl Writer {
             });
         }
         Ok(Ok(outcomes))
+    }
+
+    fn reward_dbs(&self) -> RewardDbs {
+        RewardDbs {
+            ledgers: self.dbs.ledgers,
+            scores: self.dbs.scores,
+            ranking: self.dbs.ranking,
+        }
     }
 
     /// Publishes a committed transaction's effects and fills its answers.

@@ -20,6 +20,7 @@ use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use crate::ingest::gate::{self, IntakeGate};
 use crate::ingest::{self, EventSink, IngestStats};
 use crate::instance::{InstanceLock, LockError};
+use crate::publish::{self, PublisherSettings, PublisherState};
 use crate::reload::Reloader;
 use crate::store::{Store, StoreHandle, WriterThread};
 use crate::uplink::{self, OutboxBatch, OutboxSource, UplinkError, UplinkSettings, UplinkState};
@@ -64,6 +65,9 @@ pub struct Daemon {
     http_task: Option<JoinHandle<()>>,
     stop_uplink: CancellationToken,
     uplink_task: Option<JoinHandle<()>>,
+    /// Publishes queued MQTT messages (with `[ingest.mqtt]`).
+    stop_publisher: CancellationToken,
+    publisher_task: Option<JoinHandle<()>>,
     reloader: Arc<Reloader>,
     /// Released last, when everything else has stopped.
     _lock: InstanceLock,
@@ -95,11 +99,13 @@ impl Daemon {
         let stop_uplink = CancellationToken::new();
         let reloader = Arc::new(Reloader::new(config.clone(), rules.clone(), store.clone()));
         let sink = StoreSink(store.clone());
+        let publisher_state = Arc::new(PublisherState::default());
         let observed = Arc::new(Observed::new(
             &config,
             store.clone(),
             ingest_stats.clone(),
             uplink_state.clone(),
+            publisher_state.clone(),
         ));
         // Bound before anything starts, so a taken port fails the start
         // cleanly; served once every stage is up.
@@ -178,6 +184,17 @@ impl Daemon {
             None
         };
 
+        let stop_publisher = CancellationToken::new();
+        let publisher_task = config.ingest.mqtt.as_ref().map(|mqtt| {
+            let stop = stop_publisher.clone();
+            tokio::spawn(publish::run(
+                PublisherSettings::from_config(mqtt),
+                store.clone(),
+                publisher_state.clone(),
+                async move { stop.cancelled().await },
+            ))
+        });
+
         let uplink_task = match &config.uplink {
             Some(up) => {
                 let settings = UplinkSettings::from_config(&config.site.id, up)
@@ -227,6 +244,8 @@ impl Daemon {
             http_task,
             stop_uplink,
             uplink_task,
+            stop_publisher,
+            publisher_task,
             reloader,
             _lock: lock,
             observed,
@@ -295,8 +314,29 @@ impl Daemon {
                 "HTTP requests still unanswered after {IN_FLIGHT_LIMIT:?}; stopping anyway (their clients got no 202 and will resend)"
             );
         }
+        // One grace period for everything still leaving the site.
+        let deadline = tokio::time::Instant::now() + drain;
+        if let Some(task) = self.publisher_task.take() {
+            loop {
+                match self.store.pending_publications().await {
+                    Ok(n) if n > 0 && tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(n) => {
+                        if n > 0 {
+                            info!(messages = n, "MQTT publications left for the next start");
+                        }
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.stop_publisher.cancel();
+            if let Err(e) = task.await {
+                warn!(error = %e, "publisher task ended abnormally");
+            }
+        }
         if let Some(task) = self.uplink_task.take() {
-            let deadline = tokio::time::Instant::now() + drain;
             let stats = self.store.stats();
             let waiting = stats.outbox_records();
             if waiting > 0 {
@@ -343,6 +383,7 @@ impl Drop for Daemon {
         self.stop_mqtt.cancel();
         self.stop_http.cancel();
         self.stop_uplink.cancel();
+        self.stop_publisher.cancel();
         self.stop_admin.cancel();
     }
 }

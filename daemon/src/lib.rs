@@ -17,6 +17,7 @@ pub mod fan_api;
 pub mod ingest;
 pub mod instance;
 pub mod notify;
+pub mod publish;
 pub mod reload;
 mod reload_client;
 pub mod service;

@@ -307,6 +307,34 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         store.outbox_full_refusals(),
     );
 
+    // Actions out (MQTT publications).
+    let publisher = &observed.publisher;
+    x.gauge(
+        "touchline_publisher_connected",
+        "1 while the publisher holds a broker connection (0 without [ingest.mqtt]).",
+        bool_value(publisher.connected()),
+    );
+    x.counter(
+        "touchline_publications_queued_total",
+        "MQTT messages (progress, offers) queued in commits.",
+        store.publications_queued(),
+    );
+    x.counter(
+        "touchline_publications_acked_total",
+        "Queued MQTT messages the broker acknowledged (then deleted).",
+        store.publications_acked(),
+    );
+    x.counter(
+        "touchline_publisher_sent_total",
+        "PUBLISH packets sent (republications after a reconnect included).",
+        publisher.published(),
+    );
+    x.counter(
+        "touchline_publisher_reconnects_total",
+        "Publisher connection attempts after the first.",
+        publisher.reconnects(),
+    );
+
     // Uplink.
     let up = &observed.uplink;
     x.gauge(

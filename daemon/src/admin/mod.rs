@@ -28,6 +28,7 @@ use edge_config::SiteConfig;
 use serde::Serialize;
 
 use crate::ingest::{IngestSnapshot, IngestStats};
+use crate::publish::PublisherState;
 use crate::reload::{ReloadError, Reloader};
 use crate::store::{OutboxSummary, StoreHandle, StoreStats};
 use crate::uplink::UplinkState;
@@ -55,6 +56,7 @@ pub struct Observed {
     store: StoreHandle,
     ingest: Arc<IngestStats>,
     uplink: Arc<UplinkState>,
+    publisher: Arc<PublisherState>,
     uplink_configured: bool,
     mqtt_configured: bool,
     http_configured: bool,
@@ -108,6 +110,7 @@ impl Observed {
         store: StoreHandle,
         ingest: Arc<IngestStats>,
         uplink: Arc<UplinkState>,
+        publisher: Arc<PublisherState>,
     ) -> Observed {
         Observed {
             site: config.site.id.clone(),
@@ -116,6 +119,7 @@ impl Observed {
             store,
             ingest,
             uplink,
+            publisher,
             uplink_configured: config.uplink.is_some(),
             mqtt_configured: config.ingest.mqtt.is_some(),
             http_configured: config.ingest.http.is_some(),

@@ -13,7 +13,7 @@ use std::future::Future;
 
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 
-mod backoff;
+pub(crate) mod backoff;
 pub mod gate;
 pub mod http;
 pub mod mqtt;

@@ -16,9 +16,9 @@ use crate::event::DeadLetter;
 /// to a thread, so they can run on tokio's blocking pool.
 pub(crate) type LmdbEnv = heed::Env<WithoutTls>;
 
-/// Named databases we create (6) plus room for the ones later features add
-/// (profiles, …) without a migration of the env.
-const MAX_DBS: u32 = 16;
+/// Named databases we create plus room for the ones later features add
+/// without a migration of the env (LMDB fixes the count at open).
+const MAX_DBS: u32 = 32;
 
 /// Map sizes are rounded up to this, a multiple of every page size LMDB
 /// runs with on our targets (4 KiB, 16 KiB, 64 KiB).
@@ -34,6 +34,7 @@ pub(crate) const DB_PROFILES: &str = "profiles";
 pub(crate) const DB_LEDGERS: &str = "ledgers";
 pub(crate) const DB_SCORES: &str = "scores";
 pub(crate) const DB_RANKING: &str = "ranking";
+pub(crate) const DB_PUBLICATIONS: &str = "publications";
 
 /// How each commit reaches the disk; see [`SyncMode`] for the faults each
 /// mode survives.
@@ -109,6 +110,9 @@ pub(crate) struct Dbs {
     pub ledgers: Database<Bytes, Bytes>,
     pub scores: Database<Bytes, Bytes>,
     pub ranking: Database<Bytes, Unit>,
+    /// `publications`: number (BE) → versioned postcard MQTT message
+    /// waiting for its PUBACK (see `publications.rs`).
+    pub publications: Database<BeU64, Bytes>,
 }
 
 impl Dbs {
@@ -125,6 +129,7 @@ impl Dbs {
             ledgers: env.create_database(txn, Some(DB_LEDGERS))?,
             scores: env.create_database(txn, Some(DB_SCORES))?,
             ranking: env.create_database(txn, Some(DB_RANKING))?,
+            publications: env.create_database(txn, Some(DB_PUBLICATIONS))?,
         })
     }
 }

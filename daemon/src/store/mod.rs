@@ -22,6 +22,7 @@ mod env;
 pub(crate) mod keys;
 mod meta;
 mod outbox;
+pub mod publications;
 pub(crate) mod ratelimit;
 pub mod rewards;
 mod stats;
@@ -134,6 +135,7 @@ struct Shared {
     /// key of its own, so board names never match uplink pseudonyms).
     board_names: Pseudonymizer,
     notify: Arc<Notify>,
+    published: Arc<Notify>,
 }
 
 /// The async face of the store. Clone freely; all clones talk to the same
@@ -188,7 +190,13 @@ impl Store {
             when_full: site.outbox.when_full,
             dlq_max: site.ingest.validation.dlq_max,
             map_size: site.store.map_size,
+            feedback_prefix: site
+                .ingest
+                .mqtt
+                .as_ref()
+                .map(|_| format!("touchline/{}/customers", site.site.id)),
         };
+        let published = Arc::new(Notify::new());
         let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));
         let event_permit_cap = settings
             .commit_max_events
@@ -201,6 +209,7 @@ impl Store {
             clock,
             stats.clone(),
             notify.clone(),
+            published.clone(),
         );
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_env = shared_env.clone();
@@ -222,6 +231,7 @@ impl Store {
                 pseudonymizer,
                 board_names,
                 notify,
+                published,
             }),
         };
         Ok((handle, WriterThread(thread)))
@@ -394,6 +404,49 @@ impl StoreHandle {
         })
         .await
         .map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    /// Up to `max` queued MQTT publications numbered above `after`.
+    pub async fn read_publications(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, publications::Publication)>, StoreError> {
+        let env = self.env()?;
+        let db = self.shared.dbs.publications;
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            publications::read(db, &txn, after, max).map_err(read_error)
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    /// Publications waiting for the broker now.
+    pub async fn pending_publications(&self) -> Result<u64, StoreError> {
+        let env = self.env()?;
+        let db = self.shared.dbs.publications;
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            publications::len(db, &txn).map_err(read_error)
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+    }
+
+    /// Deletes every publication up to `through` (the broker acked them).
+    pub async fn ack_publications(&self, through: u64) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::AckPublished { through, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Notified after commits that queued publications.
+    pub fn publications_changed(&self) -> Arc<Notify> {
+        self.shared.published.clone()
     }
 
     /// Outbox size, age and sequence numbers as committed now.

@@ -51,6 +51,8 @@ pub struct StoreStats {
     pub(crate) dead_letters_dropped: AtomicU64,
     pub(crate) dedup_expired: AtomicU64,
     pub(crate) events_not_tracked: AtomicU64,
+    pub(crate) publications_queued: AtomicU64,
+    pub(crate) publications_acked: AtomicU64,
     pub(crate) erasures: AtomicU64,
     pub(crate) dead_letters_erased: AtomicU64,
 }
@@ -120,6 +122,10 @@ getters! {
     /// Events of customers whose `consent.gamification` is false: committed
     /// (deduplicated) but applied to no rule.
     events_not_tracked,
+    /// MQTT publications (progress, offers) queued in commits.
+    publications_queued,
+    /// MQTT publications the broker acknowledged (then deleted).
+    publications_acked,
     /// Customers erased (`customer.erased`).
     erasures,
     /// Dead-letter samples deleted because they mentioned an erased customer.
@@ -151,6 +157,8 @@ impl Default for StoreStats {
             dead_letters_dropped: AtomicU64::new(0),
             dedup_expired: AtomicU64::new(0),
             events_not_tracked: AtomicU64::new(0),
+            publications_queued: AtomicU64::new(0),
+            publications_acked: AtomicU64::new(0),
             erasures: AtomicU64::new(0),
             dead_letters_erased: AtomicU64::new(0),
         }

@@ -25,6 +25,7 @@ use super::env::{is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
 use super::outbox::{self, Outbox};
+use super::publications::{self, Publication};
 use super::ratelimit::LogLimiter;
 use super::rewards::{self, RewardDbs, RewardError};
 use super::stats::StoreStats;
@@ -63,6 +64,11 @@ pub(crate) enum Command {
         _permit: OwnedSemaphorePermit,
     },
     Ack {
+        through: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    /// The broker acknowledged every publication up to `through`.
+    AckPublished {
         through: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
@@ -108,6 +114,9 @@ struct Tally {
     swept: u64,
     /// Events of customers without gamification consent.
     not_tracked: u64,
+    /// MQTT publications queued and acknowledged.
+    publications: u64,
+    published: u64,
     erasures: u64,
     dead_letters_erased: u64,
     /// From the transaction's start to its durable commit.
@@ -168,6 +177,9 @@ pub(crate) struct Settings {
     pub when_full: WhenFull,
     pub dlq_max: usize,
     pub map_size: usize,
+    /// `touchline/<site>/customers` when progress feedback is published
+    /// (an MQTT broker is configured); `None` publishes nothing.
+    pub feedback_prefix: Option<String>,
 }
 
 pub(crate) struct Writer {
@@ -180,11 +192,14 @@ pub(crate) struct Writer {
     clock: Clock,
     stats: Arc<StoreStats>,
     notify: Arc<Notify>,
+    /// Woken after commits that queued publications.
+    published_notify: Arc<Notify>,
     dedup: Dedup,
     outbox: Outbox,
     /// Awards of the event being applied, reused between events.
     emitted: Vec<Emitted>,
     key: KeyBuf,
+    publications: publications::Queue,
     map_full_log: LogLimiter,
     drop_log: LogLimiter,
     refuse_log: LogLimiter,
@@ -206,6 +221,7 @@ impl Writer {
         clock: Clock,
         stats: Arc<StoreStats>,
         notify: Arc<Notify>,
+        published_notify: Arc<Notify>,
     ) -> Writer {
         let Opened { env, dbs, meta } = opened;
         Writer {
@@ -217,10 +233,12 @@ impl Writer {
             clock,
             stats,
             notify,
+            published_notify,
             dedup: Dedup::default(),
             outbox: Outbox::default(),
             emitted: Vec::new(),
             key: KeyBuf::default(),
+            publications: publications::Queue::default(),
             map_full_log: LogLimiter::new(LOG_INTERVAL),
             drop_log: LogLimiter::new(LOG_INTERVAL),
             refuse_log: LogLimiter::new(LOG_INTERVAL),
@@ -306,7 +324,9 @@ impl Writer {
                 let acks: Vec<usize> = all
                     .iter()
                     .copied()
-                    .filter(|&i| matches!(group[i], Command::Ack { .. }))
+                    .filter(|&i| {
+                        matches!(group[i], Command::Ack { .. } | Command::AckPublished { .. })
+                    })
                     .collect();
                 if !acks.is_empty() {
                     match self.apply(group, &acks, now_ms) {
@@ -341,10 +361,11 @@ impl Writer {
                 (Command::Submit { reply, .. }, _) => {
                     let _ = reply.send(Err(SubmitError::Storage("not applied".into())));
                 }
-                (Command::Ack { reply, .. }, Some(Answer::Ack(result))) => {
+                (Command::Ack { reply, .. }, Some(Answer::Ack(result)))
+                | (Command::AckPublished { reply, .. }, Some(Answer::Ack(result))) => {
                     let _ = reply.send(result);
                 }
-                (Command::Ack { reply, .. }, _) => {
+                (Command::Ack { reply, .. }, _) | (Command::AckPublished { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
                 (Command::Shutdown { reply }, _) | (Command::ReplaceEngine { reply, .. }, _) => {
@@ -388,6 +409,11 @@ impl Writer {
                 }
                 Command::Ack { through, .. } => {
                     tally.acked += outbox::ack(&self.dbs, &mut txn, &mut meta, *through)?;
+                    Answer::Ack(Ok(()))
+                }
+                Command::AckPublished { through, .. } => {
+                    tally.published +=
+                        publications::ack(self.dbs.publications, &mut txn, *through)?;
                     Answer::Ack(Ok(()))
                 }
                 Command::Shutdown { .. } | Command::ReplaceEngine { .. } => Answer::Done,
@@ -484,6 +510,13 @@ impl Writer {
                 for e in &self.emitted {
                     if let RecordBody::AchievementAwarded(award) = &e.body {
                         rewards::credit(self.reward_dbs(), txn, customer, award, e.at_ms)?;
+                        if let Some(prefix) = &self.settings.feedback_prefix {
+                            let publication =
+                                tier_reached(prefix, &self.settings.site, customer, award);
+                            self.publications
+                                .push(self.dbs.publications, txn, publication)?;
+                            tally.publications += 1;
+                        }
                     }
                 }
             }
@@ -528,6 +561,11 @@ impl Writer {
         StoreStats::add(&st.dead_letters_stored, tally.dead_letters);
         StoreStats::add(&st.dedup_expired, tally.swept);
         StoreStats::add(&st.events_not_tracked, tally.not_tracked);
+        StoreStats::add(&st.publications_queued, tally.publications);
+        StoreStats::add(&st.publications_acked, tally.published);
+        if tally.publications > 0 {
+            self.published_notify.notify_one();
+        }
         StoreStats::add(&st.erasures, tally.erasures);
         StoreStats::add(&st.dead_letters_erased, tally.dead_letters_erased);
         StoreStats::add(&st.commits, 1);
@@ -572,7 +610,10 @@ impl Writer {
                 Command::DeadLetters { samples, .. } => {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
                 }
-                Command::Ack { .. } | Command::Shutdown { .. } | Command::ReplaceEngine { .. } => {}
+                Command::Ack { .. }
+                | Command::AckPublished { .. }
+                | Command::Shutdown { .. }
+                | Command::ReplaceEngine { .. } => {}
             }
         }
         StoreStats::add(&self.stats.map_full_events, events);
@@ -605,7 +646,9 @@ impl Writer {
                     GroupError::MapFull => SubmitError::StoreFull,
                     GroupError::Failed(_) => SubmitError::Storage(msg.clone()),
                 }))),
-                Command::Ack { .. } => Some(Answer::Ack(Err(StoreError::Write(msg.clone())))),
+                Command::Ack { .. } | Command::AckPublished { .. } => {
+                    Some(Answer::Ack(Err(StoreError::Write(msg.clone()))))
+                }
                 Command::DeadLetters { samples, .. } => {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
                     Some(Answer::Done)
@@ -657,4 +700,36 @@ pub(crate) fn publish_meta(st: &StoreStats, meta: &Meta) {
     StoreStats::set(&st.outbox_bytes, meta.outbox_bytes);
     StoreStats::set(&st.next_seq, meta.next_seq);
     StoreStats::set(&st.dropped_through, meta.dropped_through);
+}
+
+/// The progress message for a reached tier. `id` names the award (rule,
+/// version, window instance, tier, customer), which is awarded once, so
+/// it is the app's key for dropping a redelivered copy.
+fn tier_reached(
+    prefix: &str,
+    site: &str,
+    customer: &str,
+    award: &touchline_proto::AchievementAwarded,
+) -> Publication {
+    let points: serde_json::Map<String, serde_json::Value> = award
+        .points
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::from(*v)))
+        .collect();
+    let payload = serde_json::json!({
+        "id": format!("{site}:{}@{}:{}:{}:{customer}", award.achievement, award.version, award.window, award.tier),
+        "kind": "tier_reached",
+        "customer": customer,
+        "achievement": award.achievement,
+        "version": award.version,
+        "window": award.window,
+        "tier": award.tier,
+        "badge": award.badge,
+        "points": points,
+        "value": award.value,
+    });
+    Publication {
+        topic: format!("{prefix}/{}/progress", publications::topic_level(customer)),
+        payload: payload.to_string().into_bytes(),
+    }
 }

@@ -1,0 +1,134 @@
+//! Live feedback to the venue app: every tier reached is published on
+//! `touchline/<site>/customers/<id>/progress` through a real Mosquitto,
+//! at least once, including awards made while the broker was down.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use touchline_tests::mosquitto::Mosquitto;
+use touchline_tests::{free_port, wait_for_port, wait_until};
+
+/// A venue-app stand-in: subscribes to every customer's progress topic and
+/// keeps what arrives (reconnecting while the broker restarts).
+fn subscribe(port: u16) -> Arc<Mutex<Vec<(String, Value)>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        let mut opts = MqttOptions::new("e2e-app", "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        // A persistent session: QoS 1 messages published while this
+        // subscriber is away are queued by the broker.
+        opts.set_clean_session(false);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        let topic = format!("touchline/{SITE}/customers/+/progress");
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    out.lock().unwrap().push((p.topic.clone(), v));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    seen
+}
+
+/// (customer, tier) → number of messages received for it.
+fn tiers(seen: &Mutex<Vec<(String, Value)>>) -> BTreeMap<(String, u64), usize> {
+    let mut out = BTreeMap::new();
+    for (topic, v) in seen.lock().unwrap().iter() {
+        let customer = v["customer"].as_str().unwrap_or_default().to_string();
+        assert_eq!(
+            topic,
+            &format!("touchline/{SITE}/customers/{customer}/progress")
+        );
+        assert_eq!(v["kind"], "tier_reached");
+        *out.entry((customer, v["tier"].as_u64().unwrap_or(0)))
+            .or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tier_reached_is_published_even_across_a_broker_outage() {
+    let mut broker = Mosquitto::start().expect("mosquitto");
+    let dir = tempfile::tempdir().unwrap();
+    let http_port = free_port().unwrap();
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(http_port),
+            mqtt_port: Some(broker.port),
+            ..Default::default()
+        },
+    );
+    let seen = subscribe(broker.port);
+    let mut daemon = touchline_tests::process::ChildProcess::spawn(
+        &touchline_bin(),
+        &["run", "--config", config.to_str().unwrap()],
+        &dir.path().join("touchline.log"),
+    )
+    .unwrap();
+    wait_for_port(http_port, Duration::from_secs(20)).unwrap();
+    let url = format!("http://127.0.0.1:{http_port}/v1/events");
+    let client = reqwest::Client::new();
+
+    // First half with the broker up.
+    let events = workload(600, 20);
+    let (first, second) = events.split_at(300);
+    post_all(&client, &url, first, 50, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let expected_first = expected_awards(first);
+    assert!(
+        wait_until(Duration::from_secs(30), || tiers(&seen).len()
+            >= expected_first.len()),
+        "progress messages missing: got {}, want {}\n{}",
+        tiers(&seen).len(),
+        expected_first.len(),
+        daemon.log_text()
+    );
+
+    // Second half while the broker is down: the awards commit, their
+    // messages wait in the store and leave once it is back.
+    broker.stop();
+    post_all(&client, &url, second, 50, Duration::from_secs(30))
+        .await
+        .unwrap();
+    broker.restart().expect("broker restarts");
+    let expected = expected_awards(&events);
+    assert!(
+        wait_until(Duration::from_secs(60), || tiers(&seen).len()
+            >= expected.len()),
+        "progress messages missing after the outage: got {}, want {}\n{}",
+        tiers(&seen).len(),
+        expected.len(),
+        daemon.log_text()
+    );
+    let got = tiers(&seen);
+    assert_eq!(
+        got.keys().collect::<BTreeSet<_>>(),
+        expected.keys().collect::<BTreeSet<_>>(),
+        "exactly the awarded tiers"
+    );
+    // Ids name the award, so an app can drop redelivered copies.
+    let ids: BTreeSet<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, v)| v["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(ids.len(), expected.len());
+    assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
+}

@@ -16,6 +16,7 @@ pub mod event;
 pub mod fan_api;
 pub mod ingest;
 pub mod instance;
+pub mod nba;
 pub mod notify;
 pub mod publish;
 pub mod reload;

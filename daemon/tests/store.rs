@@ -123,6 +123,7 @@ fn open_with_clock(
 ) -> (StoreHandle, WriterThread) {
     let options = StoreOptions {
         clock: Some(Arc::new(move || clock.load(Ordering::SeqCst))),
+        ..Default::default()
     };
     Store::open_with(cfg, rules, options).expect("store opens")
 }
@@ -816,6 +817,69 @@ async fn rewards_and_leaderboards_respect_opt_in_and_erasure() {
     assert_eq!(board.top[0].rank, 1);
     assert_eq!(board.participants, Some(3));
     assert!(h.rewards("a").await.unwrap().points.is_empty());
+    close(h, w).await;
+}
+
+/// Polls the outbox until `pred` holds for its records (bounded).
+async fn wait_for_records(h: &StoreHandle, pred: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = all_records(h).await;
+        if pred(&records) || tokio::time::Instant::now() > until {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rule_stats(records: &[Record]) -> Vec<touchline_proto::RuleStats> {
+    records
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::RuleStats(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_stats_report_each_interval_once_and_flush_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0])]);
+    let clock = Arc::new(AtomicI64::new(T0));
+    let c = clock.clone();
+    let options = StoreOptions {
+        clock: Some(Arc::new(move || c.load(Ordering::SeqCst))),
+        rule_stats_interval: Some(Duration::from_secs(60)),
+    };
+    let (h, w) = Store::open_with(&cfg, &rules, options).unwrap();
+    h.submit((0..3).map(|i| cheer(&format!("c{i}"), "fan-1")).collect())
+        .await
+        .unwrap();
+    assert!(rule_stats(&all_records(&h).await).is_empty(), "not due yet");
+
+    clock.fetch_add(61_000, Ordering::SeqCst);
+    let records = wait_for_records(&h, |r| !rule_stats(r).is_empty()).await;
+    let stats = rule_stats(&records);
+    assert_eq!(stats.len(), 1);
+    assert_eq!((stats[0].matched, stats[0].awards), (3, 1));
+    assert_eq!((stats[0].from_ms, stats[0].to_ms), (T0, T0 + 61_000));
+
+    // A quiet interval reports nothing.
+    clock.fetch_add(61_000, Ordering::SeqCst);
+    h.submit(vec![cheer("c9", "fan-2")]).await.unwrap();
+    // One more event under version 1, then a reload flushes it at once.
+    let mut v2 = rules.clone();
+    v2.achievements[0].version = 2;
+    h.replace_rules(&v2).await.unwrap();
+    let records = wait_for_records(&h, |r| rule_stats(r).len() >= 2).await;
+    let stats = rule_stats(&records);
+    assert_eq!(stats.len(), 2, "{stats:?}");
+    assert_eq!(
+        (stats[1].version, stats[1].matched, stats[1].awards),
+        (1, 1, 0)
+    );
     close(h, w).await;
 }
 

@@ -25,6 +25,7 @@ mod outbox;
 pub mod publications;
 pub(crate) mod ratelimit;
 pub mod rewards;
+mod rule_stats;
 mod stats;
 mod writer;
 
@@ -98,6 +99,8 @@ pub enum StoreError {
 pub struct StoreOptions {
     /// Replaces the system clock (default: wall clock).
     pub clock: Option<Clock>,
+    /// How often `RuleStats` records are queued (default one minute).
+    pub rule_stats_interval: Option<std::time::Duration>,
 }
 
 /// Key file of the leaderboard pseudonyms, in the data directory.
@@ -195,6 +198,9 @@ impl Store {
                 .mqtt
                 .as_ref()
                 .map(|_| format!("touchline/{}/customers", site.site.id)),
+            rule_stats_interval: options
+                .rule_stats_interval
+                .unwrap_or(rule_stats::DEFAULT_INTERVAL),
         };
         let published = Arc::new(Notify::new());
         let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));

@@ -28,6 +28,7 @@ use super::outbox::{self, Outbox};
 use super::publications::{self, Publication};
 use super::ratelimit::LogLimiter;
 use super::rewards::{self, RewardDbs, RewardError};
+use super::rule_stats;
 use super::stats::StoreStats;
 use super::{dlq, Clock, StoreError};
 use crate::engine::{ApplyError, Emitted, Engine, StateDb};
@@ -180,6 +181,8 @@ pub(crate) struct Settings {
     /// `touchline/<site>/customers` when progress feedback is published
     /// (an MQTT broker is configured); `None` publishes nothing.
     pub feedback_prefix: Option<String>,
+    /// How often `RuleStats` records are queued.
+    pub rule_stats_interval: Duration,
 }
 
 pub(crate) struct Writer {
@@ -200,6 +203,7 @@ pub(crate) struct Writer {
     emitted: Vec<Emitted>,
     key: KeyBuf,
     publications: publications::Queue,
+    rule_stats: rule_stats::Reporter,
     map_full_log: LogLimiter,
     drop_log: LogLimiter,
     refuse_log: LogLimiter,
@@ -224,6 +228,7 @@ impl Writer {
         published_notify: Arc<Notify>,
     ) -> Writer {
         let Opened { env, dbs, meta } = opened;
+        let rule_stats = rule_stats::Reporter::new(settings.rule_stats_interval, clock());
         Writer {
             env,
             dbs,
@@ -239,6 +244,7 @@ impl Writer {
             emitted: Vec::new(),
             key: KeyBuf::default(),
             publications: publications::Queue::default(),
+            rule_stats,
             map_full_log: LogLimiter::new(LOG_INTERVAL),
             drop_log: LogLimiter::new(LOG_INTERVAL),
             refuse_log: LogLimiter::new(LOG_INTERVAL),
@@ -259,6 +265,7 @@ impl Writer {
             // heartbeat stays fresh while idle and goes stale only when a
             // commit hangs.
             self.stats.beat();
+            self.report_rule_stats(false);
             let first = match swap.take() {
                 Some(cmd) => cmd,
                 None => match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
@@ -271,7 +278,10 @@ impl Writer {
                 },
             };
             if let Command::ReplaceEngine { engine, reply } = first {
+                // The old rules' last counts go out under their versions.
+                self.report_rule_stats(true);
                 self.engine = *engine;
+                self.rule_stats.forget_counters();
                 let _ = reply.send(());
                 continue;
             }
@@ -665,6 +675,54 @@ impl Writer {
     }
 
     /// Sweeps expired dedup keys while no work arrives.
+    /// Appends the `RuleStats` records of the interval when it is over
+    /// (or now, with `force`) in a transaction of their own.
+    fn report_rule_stats(&mut self, force: bool) {
+        let now_ms = (self.clock)();
+        if !force && !self.rule_stats.due(now_ms) {
+            return;
+        }
+        let report = self.rule_stats.collect(&self.engine.stats(), now_ms);
+        if report.records.is_empty() {
+            self.rule_stats.reported(report);
+            return;
+        }
+        let site = self.settings.site.clone();
+        let result = (|| -> heed::Result<Meta> {
+            let env = self.env.clone();
+            let mut txn = env.write_txn()?;
+            let mut meta = self.meta;
+            for body in &report.records {
+                self.outbox.append(
+                    &self.dbs,
+                    &mut txn,
+                    &mut meta,
+                    &site,
+                    report.to_ms,
+                    body.clone(),
+                )?;
+            }
+            meta::save(self.dbs.meta, &mut txn, &meta)?;
+            txn.commit()?;
+            Ok(meta)
+        })();
+        match result {
+            Ok(meta) => {
+                StoreStats::add(&self.stats.records_appended, report.records.len() as u64);
+                StoreStats::add(&self.stats.commits, 1);
+                self.meta = meta;
+                publish_meta(&self.stats, &self.meta);
+                self.notify.notify_one();
+                self.rule_stats.reported(report);
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.error_log.check() {
+                    warn!(error = %e, suppressed, "cannot queue rule statistics; the counts go out with the next report");
+                }
+            }
+        }
+    }
+
     fn idle_sweep(&mut self) {
         let now_ms = (self.clock)();
         let retention = self.settings.dedup_retention_ms;

@@ -144,3 +144,72 @@ async fn import_and_forget_with_the_daemon_running_and_stopped() {
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
     central.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_removes_the_customer_from_the_postgres_sink() {
+    if std::env::var("TOUCHLINE_SKIP_PG").as_deref() == Ok("1") {
+        eprintln!("skipped: TOUCHLINE_SKIP_PG=1");
+        return;
+    }
+    let pg = touchline_tests::postgres::Postgres::start().expect("PostgreSQL");
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let sink = std::sync::Arc::new(
+        touchline_central::PostgresSink::connect(&pg.url())
+            .await
+            .expect("sink"),
+    );
+    let central =
+        Central::start_with(&certs, sink, dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(0),
+            central: Some(central.addr),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let client = reqwest::Client::new();
+    let events: Vec<_> = (0..6).map(|n| cheer(n, 1 + (n % 2) as u32, 3)).collect();
+    post_all(&client, &url, &events, 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let erase = serde_json::json!({
+        "specversion": "1.0", "id": "erase-1", "source": "e2e/crm",
+        "type": "customer.erased", "subject": "fan-1"
+    });
+    post_all(&client, &url, &[erase], 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let (db, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let count = |kind: &'static str, customer: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM touchline_records WHERE kind = $1 AND customer = $2",
+                &[&kind, &customer],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count("customer_erased", "fan-1").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no erasure record arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count("achievement_awarded", "fan-1").await, 0, "erased");
+    assert_eq!(count("achievement_awarded", "fan-2").await, 1, "untouched");
+    daemon.shutdown(Duration::from_secs(5)).await;
+    central.stop().await;
+}

@@ -3,12 +3,14 @@
 //!
 //! A batch is one transaction: the site's row is locked, new records are
 //! inserted with `ON CONFLICT DO NOTHING`, the mark advances, and only the
-//! commit makes the acknowledgement true. A lost connection makes the sink
-//! unavailable (the site retries) until it reconnects.
+//! commit makes the acknowledgement true. A `customer_erased` record
+//! deletes the site's earlier rows of that customer in the same
+//! transaction. A lost connection makes the sink unavailable (the site
+//! retries) until it reconnects.
 
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
-use touchline_proto::Record;
+use touchline_proto::{Record, RecordBody};
 use tracing::{info, warn};
 
 use crate::sink::{check_site, plan, Sink, SinkError};
@@ -131,6 +133,25 @@ async fn write_batch(
             &[&site, &seqs, &kinds, &ats, &customers, &bodies],
         )
         .await?;
+        // An erasure removes what the site sent earlier about the
+        // customer; the erasure record itself stays as the proof.
+        let (erased, erased_at): (Vec<String>, Vec<i64>) = records
+            .iter()
+            .filter_map(|r| match &r.body {
+                RecordBody::CustomerErased(e) => Some((e.customer.clone(), r.seq as i64)),
+                _ => None,
+            })
+            .unzip();
+        if !erased.is_empty() {
+            tx.execute(
+                "DELETE FROM touchline_records r
+                 USING UNNEST($2::text[], $3::bigint[]) AS e(c, s)
+                 WHERE r.site = $1 AND r.customer = e.c AND r.seq < e.s
+                   AND r.kind <> 'customer_erased'",
+                &[&site, &erased, &erased_at],
+            )
+            .await?;
+        }
     }
     tx.execute(
         "UPDATE touchline_sites SET last_durable = $2 WHERE site = $1",

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::model::{Outbox, Store, SyncMode, Validation, WhenFull};
+use crate::model::{Outbox, Store, SyncMode, TimeZone, Validation, WhenFull};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -75,8 +75,34 @@ pub const OUTBOX_MAX_BYTES: u64 = GIB;
 /// `outbox.when_full`.
 pub const OUTBOX_WHEN_FULL: WhenFull = WhenFull::Block;
 
+/// `site.timezone`.
+pub const TIMEZONE: TimeZone = TimeZone::UTC;
+
 /// `[achievement] version`.
 pub const RULE_VERSION: u32 = 1;
+/// `[achievement] lateness`.
+pub const RULE_LATENESS: Duration = Duration::from_secs(30);
+/// Largest `[achievement] lateness`: beyond this an instance would stay
+/// open longer than events are accepted at all (`ingest.validation.max_age`
+/// defaults to the same).
+pub const RULE_LATENESS_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// `[achievement] min_contribution` of `group` and `venue` scopes.
+pub const MIN_CONTRIBUTION: f64 = 1.0;
+/// `[achievement] allow_gaps` of a `streak`.
+pub const STREAK_ALLOW_GAPS: u32 = 0;
+/// Largest `allow_gaps`: the engine remembers the last 64 instances of a
+/// streak, so a gap must fit well inside them.
+pub const STREAK_MAX_GAPS: u32 = 16;
+/// Most `steps` of a `sequence`.
+pub const SEQUENCE_MAX_STEPS: usize = 16;
+/// Largest `n` of `limits.max_per_customer` and
+/// `referral.max_per_referrer`: the engine keeps one timestamp per
+/// counted event within the span, per customer and rule.
+pub const RATE_MAX_COUNT: u32 = 1000;
+/// Shortest `rolling:` and `tumbling:` window.
+pub const WINDOW_MIN: Duration = Duration::from_secs(1);
+/// Longest voucher `template`, in bytes.
+pub const VOUCHER_TEMPLATE_MAX: usize = 256;
 
 impl Default for Validation {
     fn default() -> Validation {

@@ -23,6 +23,7 @@ mod reader;
 mod rule_files;
 mod rules;
 mod site;
+mod timezone;
 mod units;
 
 pub use diagnostic::{ConfigErrors, Diagnostic};

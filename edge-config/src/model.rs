@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::timezone::TimeZone;
+
 /// A whole site configuration file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SiteConfig {
@@ -51,6 +53,10 @@ pub struct Site {
     /// and loads the matches in sorted order. `*` matches neither `/` nor
     /// a leading `.`; `**` matches folders recursively.
     pub rules: Vec<String>,
+    /// `timezone`: the IANA time zone (`"Europe/London"`) whose local
+    /// dates bound `day` windows and `every = "day"` streaks; default
+    /// `UTC`.
+    pub timezone: TimeZone,
 }
 
 /// `[ingest]` and its subsections.
@@ -220,6 +226,13 @@ pub struct RuleBundle {
     pub achievements: Vec<AchievementRule>,
     /// `[[offer]]`s, in file order.
     pub offers: Vec<Offer>,
+    /// `[[voucher_pool]]`s of every rule file, in load order.
+    pub voucher_pools: Vec<VoucherPool>,
+    /// The site's `site.timezone`, copied by [`crate::load_rules`] so the
+    /// engine evaluates `day` windows with the bundle it was given (a
+    /// reload picks up a changed zone together with the rules). UTC when
+    /// the bundle was built without a site config.
+    pub timezone: TimeZone,
     /// The files the bundle was read from, in load order.
     pub files: Vec<PathBuf>,
 }
@@ -231,20 +244,45 @@ pub struct AchievementRule {
     pub id: String,
     /// `name`: required, non-empty.
     pub name: String,
-    /// `version`: default 1, at least 1.
+    /// `version`: default 1, at least 1. Progress is kept per version: a
+    /// new version starts from nothing.
     pub version: u32,
     /// `on`: event types (exact CloudEvents `type`s), at least one; each
-    /// non-empty, without whitespace, listed once.
+    /// non-empty, without whitespace, listed once. Required for every
+    /// measure except `sequence`, which takes its types from its steps and
+    /// refuses `on` (empty here). [`AchievementRule::event_types`] lists
+    /// the types a rule looks at whatever its measure.
     pub on: Vec<String>,
-    /// `when`: CEL predicate; optional (absent: every event of the `on`
-    /// types matches). Non-empty, at most 16 KiB; it was compiled once at
-    /// load without error.
+    /// `when`: CEL predicate over `event` (its attributes `id`, `source`,
+    /// `type`, `subject`, `time`), `data` and `profile` (the customer's
+    /// profile, an empty map when there is none); optional (absent: every
+    /// event of the `on` types matches). Non-empty, at most 16 KiB,
+    /// compiled once at load without error. Refused with `sequence`, whose
+    /// steps carry their own.
     pub when: Option<String>,
-    /// `measure`: required.
+    /// `measure`: required; its kind brings its own keys (see [`Measure`]).
     pub measure: Measure,
     /// `window`: required.
     pub window: Window,
-    /// `tiers`: at least one, `at` strictly ascending and positive.
+    /// `lateness`: how long after a window instance ends (by the site's
+    /// event-time watermark) events for it are still counted; later ones
+    /// are counted as late and ignored. Default 30 s
+    /// ([`crate::defaults::RULE_LATENESS`]); zero allowed; at most 7 days.
+    pub lateness: Duration,
+    /// `scope`: whose progress the events build; default `customer`.
+    pub scope: Scope,
+    /// `limits`: anti-cheat limits; default none.
+    pub limits: Limits,
+    /// `sources`: an allow-list of CloudEvents `source`s whose events
+    /// count; events from any other source are counted as limited and
+    /// ignored. A trailing `*` matches any suffix (`"beacon/*"`); `*`
+    /// elsewhere is an error. Default `None`: every source counts. When
+    /// written, at least one entry, each non-empty and listed once.
+    pub sources: Option<Vec<String>>,
+    /// `referral`: credit someone other than the subject; default none.
+    pub referral: Option<Referral>,
+    /// `tiers`: at least one; `at` strictly ascending (strictly
+    /// descending for `min`) and positive.
     pub tiers: Vec<Tier>,
     /// Where the rule was defined, for messages: the rule file (absolute)
     /// and the 1-based line of its `[[achievement]]` header.
@@ -252,31 +290,249 @@ pub struct AchievementRule {
     pub line: usize,
 }
 
-/// `measure`
+impl AchievementRule {
+    /// Every event type the rule looks at: `on`, or for a `sequence` the
+    /// types of all its steps (each once, in step order).
+    pub fn event_types(&self) -> Vec<&str> {
+        let mut types: Vec<&str> = self.on.iter().map(String::as_str).collect();
+        if let Measure::Sequence { steps, .. } = &self.measure {
+            for step in steps {
+                for kind in &step.on {
+                    if !types.contains(&kind.as_str()) {
+                        types.push(kind);
+                    }
+                }
+            }
+        }
+        types
+    }
+}
+
+/// `measure`, with the keys each kind brings. CEL expressions below see
+/// the same variables as `when`, compile once at load, and when one fails
+/// at run time (or yields the wrong type) the event is counted as a
+/// predicate error and changes nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Measure {
     /// `count`: each matching event adds 1.
     Count,
+    /// `sum`: each matching event adds `value` (required), a CEL
+    /// expression yielding a number.
+    Sum { value: String },
+    /// `distinct`: the number of different results of `key` (required), a
+    /// CEL expression yielding a string, number or bool (`data.zone`).
+    /// Counted up to the rule's highest tier.
+    Distinct { key: String },
+    /// `max`: the largest `value` (required, CEL number) seen.
+    Max { value: String },
+    /// `min`: the smallest `value` (required, CEL number) seen; a tier is
+    /// reached when the value is at or below its `at`, so tiers go from
+    /// the easiest (largest `at`) down.
+    Min { value: String },
+    /// `streak`: the number of consecutive instances of `every` (required)
+    /// in which at least one matching event fell. `allow_gaps` (default
+    /// 0, at most [`crate::defaults::STREAK_MAX_GAPS`]): up to this many
+    /// instances in a row may be missed without breaking the streak (they
+    /// do not add to it). Needs `window = "lifetime"`.
+    Streak { every: Every, allow_gaps: u32 },
+    /// `sequence`: `steps` (required, 1 to
+    /// [`crate::defaults::SEQUENCE_MAX_STEPS`]) completed in order within
+    /// one window instance; the value is the number of completed runs.
+    /// `within` (optional, greater than zero): the last step must come at
+    /// most this long after the first, else the run starts over.
+    Sequence {
+        steps: Vec<Step>,
+        within: Option<Duration>,
+    },
 }
 
-/// `window`
+impl Measure {
+    /// The name written in `measure`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Measure::Count => "count",
+            Measure::Sum { .. } => "sum",
+            Measure::Distinct { .. } => "distinct",
+            Measure::Max { .. } => "max",
+            Measure::Min { .. } => "min",
+            Measure::Streak { .. } => "streak",
+            Measure::Sequence { .. } => "sequence",
+        }
+    }
+
+    /// True when the measure's value is a number of things (events,
+    /// keys, instances, runs), so tiers are whole numbers.
+    pub fn counts(&self) -> bool {
+        matches!(
+            self,
+            Measure::Count
+                | Measure::Distinct { .. }
+                | Measure::Streak { .. }
+                | Measure::Sequence { .. }
+        )
+    }
+}
+
+/// The instances a `streak` is counted over (`every`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Every {
+    /// `period`: the venue's periods (matches, concerts), in the order
+    /// they started.
+    Period,
+    /// `day`: local days in the site's time zone.
+    Day,
+}
+
+/// One of a `sequence`'s `steps`.
 #[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// `on`: event types, at least one; same rules as the rule's `on`.
+    pub on: Vec<String>,
+    /// `when`: optional CEL predicate, same variables as the rule's.
+    pub when: Option<String>,
+}
+
+/// `window`: over which span of event time progress accumulates. Tiers
+/// can be earned again in each new instance; awards name the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
-    /// `lifetime`: one window instance forever, named `"lifetime"`.
+    /// `lifetime`: one instance forever, named `lifetime`.
     Lifetime,
+    /// `period`: the venue period (a match, a concert) opened and closed
+    /// by `venue.period.started` / `venue.period.ended` events carrying
+    /// `data.period`; instances are named `period:<id>`. Events outside
+    /// every period do not count.
+    Period,
+    /// `day`: local days in the site's time zone, named `YYYY-MM-DD`.
+    Day,
+    /// `rolling:<duration>`: the value is what the last `duration` of
+    /// event time holds (kept in buckets of 1/60 of the duration). An
+    /// instance runs from an event that finds the window empty until the
+    /// window empties again, and is named `rolling:<start>` (RFC 3339).
+    /// Only with `count` and `sum`.
+    Rolling(Duration),
+    /// `tumbling:<duration>`: consecutive fixed spans aligned to the Unix
+    /// epoch, named `<start>/<duration>` (start in RFC 3339).
+    Tumbling(Duration),
+}
+
+impl Window {
+    /// True when the window has instances that close (everything but
+    /// `lifetime`), so late events can exist.
+    pub fn closes(&self) -> bool {
+        !matches!(self, Window::Lifetime)
+    }
+}
+
+/// `scope`: whose progress the events build.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// `customer` (default): each customer's own events.
+    Customer,
+    /// `group`: the events of every customer for whom `group_by`
+    /// (required; a CEL expression, usually over `profile`, yielding a
+    /// string or number) gives the same result build one shared value.
+    /// When it reaches a tier, each member whose own contribution reached
+    /// `min_contribution` is awarded. Only with `count`, `sum` and
+    /// `distinct`.
+    Group {
+        group_by: String,
+        min_contribution: f64,
+    },
+    /// `venue`: like `group` with one group, everyone at the site.
+    Venue { min_contribution: f64 },
+}
+
+impl Scope {
+    /// `min_contribution` of a shared scope: default 1
+    /// ([`crate::defaults::MIN_CONTRIBUTION`]), greater than 0. A
+    /// member's contribution is their own events' share: the number of
+    /// their events that counted, or for `sum` the sum of their values.
+    pub fn min_contribution(&self) -> Option<f64> {
+        match self {
+            Scope::Customer => None,
+            Scope::Group {
+                min_contribution, ..
+            }
+            | Scope::Venue { min_contribution } => Some(*min_contribution),
+        }
+    }
+}
+
+/// `limits = { max_value, max_per_customer }`
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Limits {
+    /// `max_value`: an event whose `value` is above this does not count
+    /// and is counted as limited. Only with `sum`, `max` and `min`;
+    /// finite and greater than 0. Default `None`: no bound.
+    pub max_value: Option<f64>,
+    /// `max_per_customer`: at most this many counting events per customer
+    /// within a rolling span, written `"<n>/<duration>"` (`"20/1h"`);
+    /// further ones are counted as limited. `n` from 1 to
+    /// [`crate::defaults::RATE_MAX_COUNT`]. Default `None`: no cap.
+    pub max_per_customer: Option<Rate>,
+}
+
+/// `referral = { credit, max_per_referrer }`: the event credits someone
+/// else, e.g. the friend who shared an offer, never the subject itself
+/// (a self-referral is counted as limited). Only with `scope = "customer"`
+/// and the measures `count` and `sum`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Referral {
+    /// `credit`: required; CEL expression yielding the credited
+    /// customer's id as a string (`data.referrer`).
+    pub credit: String,
+    /// `max_per_referrer`: at most this many credits per referrer within
+    /// a rolling span (`"5/1d"`); further ones are counted as limited.
+    /// `n` from 1 to [`crate::defaults::RATE_MAX_COUNT`]. Default `None`.
+    pub max_per_referrer: Option<Rate>,
 }
 
 /// One entry of `tiers`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tier {
     /// `at`: the measure value that reaches this tier; an integer or a
-    /// float, greater than 0, a whole number for `count`.
+    /// float, greater than 0, a whole number for the measures that count
+    /// (`count`, `distinct`, `streak`, `sequence`).
     pub at: f64,
     /// `badge`: optional, non-empty.
     pub badge: Option<String>,
     /// `points`: category → integer amount (BTreeMap for a stable order);
     /// default none. Categories follow the id rule `[A-Za-z0-9._-]{1,64}`.
     pub points: BTreeMap<String, i64>,
+    /// `voucher`: optional; a voucher handed out with the tier.
+    pub voucher: Option<Voucher>,
+}
+
+/// Where a tier's voucher comes from: `voucher = { pool = "<id>" }` or
+/// `voucher = { template = "<text>" }` (exactly one of the two).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Voucher {
+    /// A code taken from the `[[voucher_pool]]` with this id (defined in
+    /// any rule file of the bundle; [`crate::load_rules`] checks it
+    /// exists). A pool running dry is a counted condition, not an error.
+    Pool(String),
+    /// A code made from a template: `{customer}` (the customer id),
+    /// `{rule}` (the rule id), `{tier}` (1-based tier) and `{n}` (a number
+    /// unique per rule and tier) are replaced; `{{` and `}}` stand for
+    /// braces. Non-empty, at most 256 bytes, no other placeholders.
+    Template(String),
+}
+
+/// `[[voucher_pool]]` in a rule file: a list of prepared voucher codes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoucherPool {
+    /// `id`: required, unique in the bundle, `[A-Za-z0-9._-]{1,64}`.
+    pub id: String,
+    /// `codes`: required; a text file with one code per line (blank lines
+    /// and lines starting with `#` are skipped), relative to the rule
+    /// file's folder; stored absolute. [`crate::load_rules`] checks it is
+    /// a readable file with at least one code.
+    pub codes: PathBuf,
+    /// Where the pool was defined: the rule file (absolute) and the
+    /// 1-based line of its `[[voucher_pool]]` header.
+    pub file: PathBuf,
+    pub line: usize,
 }
 
 // ---------------------------------------------------------------------

@@ -694,8 +694,8 @@ fn read_points_table(
     Ok(points)
 }
 
-/// `"<n>/<window>"`, e.g. `"1/10m"`.
-struct RateKind;
+/// `"<n>/<window>"`, e.g. `"1/10m"`; achievement limits use it too.
+pub(crate) struct RateKind;
 
 impl Kind for RateKind {
     type Out = Rate;
@@ -714,12 +714,7 @@ fn parse_rate(s: &str) -> Result<Rate, String> {
     let count = match count.trim().parse::<u32>() {
         Ok(0) => return Err(format!("`{s}`: the count must be at least 1")),
         Ok(n) => n,
-        Err(_) => {
-            return Err(format!(
-                "`{s}`: `{}` is not a whole number of offers",
-                count.trim()
-            ))
-        }
+        Err(_) => return Err(format!("`{s}`: `{}` is not a whole number", count.trim())),
     };
     let per = units::parse_duration(per.trim()).map_err(|e| format!("`{s}`: {e}"))?;
     if per.is_zero() {

@@ -107,6 +107,11 @@ impl<'t, 'i> Table<'t, 'i> {
         self.span.clone()
     }
 
+    /// The dotted path of the table itself.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
+    }
+
     /// The dotted path of `key` in this table.
     pub(crate) fn field(&self, key: &str) -> String {
         if self.path.is_empty() {

@@ -16,7 +16,7 @@ use crate::diagnostic::{ConfigErrors, Diagnostic, Source};
 use crate::model::{RuleBundle, SiteConfig};
 use crate::offers::{parse_offers_located, LocatedOffer};
 use crate::paths;
-use crate::rules::parse_rules_located;
+use crate::rules::{parse_rules_located, LocatedPool, PoolRef};
 
 /// Loads every rule file `site.rules` names and checks that rule ids are
 /// unique across them.
@@ -50,6 +50,9 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
     // Offer id → where it was first defined.
     let mut seen_offers: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    // Voucher pool id → where it was first defined.
+    let mut seen_pools: HashMap<String, (PathBuf, usize)> = HashMap::new();
+    let mut pool_refs: Vec<(PathBuf, PoolRef)> = Vec::new();
     for file in &files {
         let text = match paths::read_text(file) {
             Ok(text) => text,
@@ -65,10 +68,16 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
             }
             continue;
         }
-        let parsed = parse_rules_located(&text, file);
-        match parsed {
-            Ok(rules) => {
-                for located in rules {
+        match parse_rules_located(&text, file) {
+            Ok(parsed) => {
+                add_pools(
+                    &mut bundle,
+                    &mut seen_pools,
+                    &mut errors,
+                    file,
+                    parsed.pools,
+                );
+                for located in parsed.rules {
                     let rule = located.rule;
                     if let Some((first_file, first_line)) = seen.get(&rule.id) {
                         errors.push(Diagnostic {
@@ -85,16 +94,34 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
                         continue;
                     }
                     seen.insert(rule.id.clone(), (file.clone(), rule.line));
+                    pool_refs.extend(located.pool_refs.into_iter().map(|r| (file.clone(), r)));
                     bundle.achievements.push(rule);
                 }
             }
             Err(e) => errors.extend(e.0),
         }
     }
+    // Pools may be defined in any file of the bundle, so references are
+    // checked once every file is read.
+    for (file, r) in pool_refs {
+        if !seen_pools.contains_key(&r.pool) {
+            errors.push(Diagnostic {
+                file: paths::shown(&file),
+                line: r.line,
+                column: r.column,
+                field: r.field,
+                message: format!(
+                    "no [[voucher_pool]] with id `{}` in the rule files of this site",
+                    r.pool
+                ),
+            });
+        }
+    }
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
     bundle.files = files;
+    bundle.timezone = site.site.timezone;
     Ok(bundle)
 }
 
@@ -145,6 +172,64 @@ fn add_offers(
         seen.insert(offer.id.clone(), (file.to_path_buf(), offer.line));
         bundle.offers.push(offer);
     }
+}
+
+/// Adds one file's voucher pools, refusing ids another file already used
+/// and codes files that cannot serve a single code.
+fn add_pools(
+    bundle: &mut RuleBundle,
+    seen: &mut HashMap<String, (PathBuf, usize)>,
+    errors: &mut Vec<Diagnostic>,
+    file: &Path,
+    pools: Vec<LocatedPool>,
+) {
+    for located in pools {
+        let pool = located.pool;
+        if let Some((first_file, first_line)) = seen.get(&pool.id) {
+            errors.push(Diagnostic {
+                file: paths::shown(file),
+                line: located.id_line,
+                column: located.id_column,
+                field: format!("voucher_pool[{}].id", located.index),
+                message: format!(
+                    "duplicate voucher pool id `{}`: already defined at {}:{first_line}",
+                    pool.id,
+                    paths::shown(first_file).display()
+                ),
+            });
+            continue;
+        }
+        if let Err(message) = check_codes(&pool.codes) {
+            errors.push(Diagnostic {
+                file: paths::shown(file),
+                line: located.codes_line,
+                column: located.codes_column,
+                field: format!("voucher_pool[{}].codes", located.index),
+                message,
+            });
+        }
+        seen.insert(pool.id.clone(), (file.to_path_buf(), pool.line));
+        bundle.voucher_pools.push(pool);
+    }
+}
+
+/// A codes file must be readable text with at least one code, so a typo
+/// in its path shows at `touchline check`, not as a pool that is dry from
+/// the first award.
+fn check_codes(path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the codes file {}: {e}", path.display()))?;
+    let has_code = text
+        .lines()
+        .map(str::trim)
+        .any(|l| !l.is_empty() && !l.starts_with('#'));
+    if !has_code {
+        return Err(format!(
+            "the codes file {} holds no code (one per line; blank lines and `#` comments are skipped)",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The files `pattern` matches, sorted. `*` does not cross `/` and does

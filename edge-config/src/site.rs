@@ -17,8 +17,8 @@ use toml::de::DeTable;
 use crate::defaults;
 use crate::diagnostic::{ConfigErrors, Diags, Invalid, Source};
 use crate::model::{
-    Admin, Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, Uplink, Validation,
-    WhenFull,
+    Admin, Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, TimeZone, Uplink,
+    Validation, WhenFull,
 };
 use crate::offers;
 use crate::paths;
@@ -186,6 +186,11 @@ fn read_site(d: &mut Diags<'_, '_>, mut t: Table<'_, '_>, base: &Path) -> Result
     let id = t.req::<Id>(d, "id");
     let data_dir = t.req::<NonEmpty>(d, "data_dir");
     let rules = t.or::<StrList>(d, "rules", Vec::new());
+    let timezone = t.opt::<String>(d, "timezone").and_then(|zone| match zone {
+        None => Ok(defaults::TIMEZONE),
+        Some(zone) => TimeZone::parse(&zone.value)
+            .map_err(|e| d.error(t.span_of(&zone), &t.field("timezone"), e)),
+    });
     let mut rules_ok = true;
     if let Ok(rules) = &rules {
         for (i, pattern) in rules.value.iter().enumerate() {
@@ -213,6 +218,7 @@ fn read_site(d: &mut Diags<'_, '_>, mut t: Table<'_, '_>, base: &Path) -> Result
         id: id?.value,
         data_dir: paths::resolve(base, Path::new(&data_dir?.value)),
         rules: rules.value.into_iter().map(|s| s.value).collect(),
+        timezone: timezone?,
     })
 }
 

@@ -39,9 +39,39 @@ fn example_site_config_and_rules_load() {
         .iter()
         .map(|f| f.canonicalize().unwrap())
         .collect();
-    assert_eq!(files, [example("rules/cheer.toml").canonicalize().unwrap()]);
+    assert_eq!(
+        files,
+        [
+            example("rules/cheer.toml").canonicalize().unwrap(),
+            example("rules/stadium.toml").canonicalize().unwrap()
+        ]
+    );
     let ids: Vec<&str> = rules.achievements.iter().map(|r| r.id.as_str()).collect();
-    assert_eq!(ids, ["cheer-leader", "check-in"]);
+    assert_eq!(
+        ids,
+        [
+            "cheer-leader",
+            "check-in",
+            "explorer",
+            "early-bird",
+            "loyal",
+            "section-roar",
+            "big-spender",
+            "recruiter",
+            "roar-burst",
+            "daily-fan"
+        ]
+    );
+    // The stadium file shows every measure the engine keeps.
+    let measures: Vec<&str> = rules.achievements[2..]
+        .iter()
+        .map(|r| r.measure.name())
+        .collect();
+    assert_eq!(
+        measures,
+        ["distinct", "sequence", "streak", "count", "sum", "count", "count", "streak"]
+    );
+    assert_eq!(rules.voucher_pools.len(), 1);
     let cheer = &rules.achievements[0];
     assert_eq!(cheer.on, ["fan.cheer"]);
     assert_eq!(cheer.when.as_deref(), Some("data.intensity >= 2"));

@@ -150,7 +150,7 @@ fn errors_from_every_file_are_collected() {
     let site = Site::new();
     site.write("conf/rules/a.toml", &rule("a b"));
     site.write("conf/rules/b.toml", "[[achievement]]\nid = ");
-    site.write("conf/rules/c.toml", &rule("c").replace("count", "sum"));
+    site.write("conf/rules/c.toml", &rule("c").replace("count", "average"));
     let err = site
         .load(&["rules/*.toml", "missing.toml"])
         .expect_err("broken files");

@@ -4,7 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use edge_config::{parse_rules, AchievementRule, ConfigErrors, Diagnostic, Measure, Tier, Window};
+use std::time::Duration;
+
+use edge_config::{
+    parse_rules, AchievementRule, ConfigErrors, Diagnostic, Limits, Measure, Scope, Tier, Window,
+};
 
 const PATH: &str = "/srv/rules/cheer.toml";
 
@@ -83,16 +87,23 @@ fn the_seed_rule_parses() {
             when: Some("data.intensity >= 2".to_owned()),
             measure: Measure::Count,
             window: Window::Lifetime,
+            lateness: Duration::from_secs(30),
+            scope: Scope::Customer,
+            limits: Limits::default(),
+            sources: None,
+            referral: None,
             tiers: vec![
                 Tier {
                     at: 10.0,
                     badge: Some("cheer-bronze".to_owned()),
                     points: BTreeMap::from([("xp".to_owned(), 50)]),
+                    voucher: None,
                 },
                 Tier {
                     at: 50.0,
                     badge: Some("cheer-silver".to_owned()),
                     points: BTreeMap::from([("xp".to_owned(), 200)]),
+                    voucher: None,
                 },
             ],
             file: Path::new(PATH).to_path_buf(),
@@ -224,10 +235,10 @@ fn rule_field_checks() {
 #[test]
 fn unknown_measures_and_windows_list_the_known_ones() {
     let d = expect_only_error(
-        &RULE.replace("measure = \"count\"", "measure = \"sum\""),
+        &RULE.replace("measure = \"count\"", "measure = \"avg\""),
         5,
         "achievement[0].measure",
-        "unknown measure `sum`; supported: `count`",
+        "unknown measure `avg`; supported: `count`, `sum`, `distinct`, `max`, `min`, `streak`, `sequence`",
     );
     assert_eq!(d.column, 11);
     expect_only_error(
@@ -354,10 +365,10 @@ fn tier_checks() {
 #[test]
 fn unknown_keys_and_shapes() {
     expect_only_error(
-        &format!("{RULE}scope = \"section\"\n"),
+        &format!("{RULE}weight = 2\n"),
         8,
-        "achievement[0].scope",
-        "unknown key `scope` in [achievement[0]]",
+        "achievement[0].weight",
+        "unknown key `weight` in [achievement[0]]",
     );
     expect_only_error(
         &format!("[[offer]]\nid = \"x\"\n{RULE}"),

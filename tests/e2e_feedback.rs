@@ -1,4 +1,5 @@
-//! Live feedback to the venue app: every tier reached is published on
+//! Live feedback to the venue app: every tier reached, and every crossing
+//! of 25/50/75 % of the next tier, is published on
 //! `touchline/<site>/customers/<id>/progress` through a real Mosquitto,
 //! at least once, including awards made while the broker was down.
 
@@ -53,6 +54,9 @@ fn tiers(seen: &Mutex<Vec<(String, Value)>>) -> BTreeMap<(String, u64), usize> {
             topic,
             &format!("touchline/{SITE}/customers/{customer}/progress")
         );
+        if v["kind"] == "progress" {
+            continue;
+        }
         assert_eq!(v["kind"], "tier_reached");
         *out.entry((customer, v["tier"].as_u64().unwrap_or(0)))
             .or_default() += 1;
@@ -127,8 +131,32 @@ async fn every_tier_reached_is_published_even_across_a_broker_outage() {
         .lock()
         .unwrap()
         .iter()
+        .filter(|(_, v)| v["kind"] == "tier_reached")
         .map(|(_, v)| v["id"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(ids.len(), expected.len());
+    // Progress notes: every fan who reached tier 2 (10 cheers) passed 75 %
+    // of it (7.5) on the way, with no tier reached by that event.
+    let notes: BTreeSet<(String, u64, u64)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v["kind"] == "progress")
+        .map(|(_, v)| {
+            (
+                v["customer"].as_str().unwrap_or_default().to_string(),
+                v["percent"].as_u64().unwrap_or(0),
+                v["next_at"].as_f64().unwrap_or(0.0) as u64,
+            )
+        })
+        .collect();
+    for (customer, tier) in expected.keys() {
+        if *tier == 2 {
+            assert!(
+                notes.contains(&(customer.clone(), 75, TIERS[1])),
+                "{customer}: no 75 % note for tier 2 in {notes:?}"
+            );
+        }
+    }
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
 }

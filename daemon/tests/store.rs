@@ -31,6 +31,7 @@ fn site(dir: &Path) -> SiteConfig {
             id: "arena-test".into(),
             data_dir: dir.join("data"),
             rules: vec![],
+            timezone: Default::default(),
         },
         ingest: Ingest {
             mqtt: None,
@@ -72,6 +73,11 @@ fn rule(id: &str, on: &str, when: Option<&str>, tiers: &[f64]) -> AchievementRul
         when: when.map(Into::into),
         measure: Measure::Count,
         window: Window::Lifetime,
+        lateness: Duration::from_secs(30),
+        scope: edge_config::Scope::Customer,
+        limits: Default::default(),
+        sources: None,
+        referral: None,
         tiers: tiers
             .iter()
             .enumerate()
@@ -82,6 +88,7 @@ fn rule(id: &str, on: &str, when: Option<&str>, tiers: &[f64]) -> AchievementRul
                     ("xp".to_string(), 10 * (i as i64 + 1)),
                     ("coins".to_string(), 1),
                 ]),
+                voucher: None,
             })
             .collect(),
         file: PathBuf::from("rules/test.toml"),
@@ -93,6 +100,8 @@ fn bundle(rules: Vec<AchievementRule>) -> RuleBundle {
     RuleBundle {
         achievements: rules,
         offers: Vec::new(),
+        voucher_pools: Vec::new(),
+        timezone: Default::default(),
         files: vec![PathBuf::from("rules/test.toml")],
     }
 }

@@ -329,12 +329,9 @@ fn read_achievement(
         Err(Invalid) => Err(Invalid),
     };
 
-    let window = window.map(|w| {
-        if let Some(kind) = kind_known {
-            ok &= check_window(d, &t, &w, kind);
-        }
-        w
-    });
+    if let (Ok(w), Some(kind)) = (&window, kind_known) {
+        ok &= check_window(d, &t, w, kind);
+    }
     if let Ok(lateness) = &lateness {
         if lateness.value > defaults::RULE_LATENESS_MAX {
             d.error(

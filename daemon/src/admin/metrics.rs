@@ -380,10 +380,10 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         .iter()
         .map(|r| (r, r.version().to_string()))
         .collect();
-    let per_rule: [(&str, &str, RuleCounter); 3] = [
+    let per_rule: [(&str, &str, RuleCounter); 5] = [
         (
             "touchline_rule_matches_total",
-            "Events that met the rule (type and `when`) and updated its state.",
+            "Events that met the rule (type and `when`).",
             |r| r.matched(),
         ),
         (
@@ -393,10 +393,35 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         ),
         (
             "touchline_rule_predicate_errors_total",
-            "Evaluations of the rule's `when` that failed at run time (counted as no match).",
+            "Evaluations of the rule's expressions that failed at run time (the event did not count).",
             |r| r.predicate_errors(),
         ),
+        (
+            "touchline_rule_late_total",
+            "Matching events whose window instance had closed (watermark past its end plus the lateness).",
+            |r| r.late(),
+        ),
+        (
+            "touchline_rule_limited_total",
+            "Matching events refused by the rule's sources, limits or referral rules.",
+            |r| r.limited(),
+        ),
     ];
+    x.counter(
+        "touchline_vouchers_dry_total",
+        "Tiers awarded without their voucher because the pool had no code left.",
+        engine.vouchers_dry(),
+    );
+    x.counter(
+        "touchline_period_summaries_total",
+        "PeriodSummary records produced at period ends.",
+        engine.period_summaries(),
+    );
+    x.counter(
+        "touchline_period_events_invalid_total",
+        "venue.period.* events without a usable data.period (ignored).",
+        engine.period_events_invalid(),
+    );
     for (name, help, value) in per_rule {
         x.family(name, Kind::Counter, help);
         for (rule, version) in &rules {

@@ -3,18 +3,28 @@
 //! It runs inside the store's writer, within the write transaction that
 //! holds the event's dedup key, so an event's state change and the award
 //! records it causes commit (or roll back) together with it. That is what
-//! makes every (customer, achievement, tier) award happen exactly once.
+//! makes every (customer, rule@version, window instance, tier) award happen
+//! exactly once.
 //!
 //! Per event the work is: look the event type up in an index (events meet
-//! only the rules that name their type), evaluate the compiled `when`
-//! predicates in one shared CEL scope, then for each matching rule read,
-//! update and write one state record. The measure and window specifics sit
-//! in [`measure`] and [`window`], so new kinds extend those two files.
+//! only the rules that name their type), build one CEL scope, and for each
+//! rule run the same gauntlet in the same order — `when`, `sources`, the
+//! window instance and its lateness against the site's watermark, the
+//! rule's expression (`value`, `key`), the referral, the rate limits — and
+//! then read, update and write one state record. Each step that refuses an
+//! event counts it (matched, late, limited, predicate errors) per rule.
+//! Measures live in [`measure`], windows in [`window`], shared goals in
+//! [`shared`], periods and their summaries in [`periods`].
 
+pub mod limits;
 pub mod measure;
+pub mod periods;
 mod predicate;
+pub mod progress;
 pub mod pseudonym;
+mod shared;
 pub mod state;
+pub mod vouchers;
 pub mod window;
 
 use std::collections::HashMap;
@@ -23,33 +33,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use edge_config::{AchievementRule, RuleBundle};
+use edge_config::{AchievementRule, Measure, RuleBundle, Scope, TimeZone, Voucher, Window};
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
+use serde_json::{Map, Value};
 use touchline_proto::{AchievementAwarded, RecordBody};
 use tracing::warn;
 
 use crate::event::Event;
 use crate::store::keys::KeyBuf;
 use crate::store::ratelimit::LogLimiter;
-use measure::MeasureState;
-use predicate::{Needs, Predicate};
+use measure::{Input, MeasureState};
+use predicate::{EvalError, Expr, Needs, Predicate};
 pub use pseudonym::{PseudonymError, Pseudonymizer};
-use state::RuleState;
+use state::{RuleState, StoredState};
+use vouchers::{Handed, Pools};
+use window::{Periods, Placement};
 
-/// Stack for compiling predicates: the CEL parser recurses per nesting
+/// Stack for compiling expressions: the CEL parser recurses per nesting
 /// level, and a rule file may nest deeply.
 const COMPILE_STACK: usize = 64 * 1024 * 1024;
 
-/// How often a failing predicate or a state mismatch is logged per rule.
+/// How often a failing expression or a state mismatch is logged per rule.
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Progress feedback points, in percent of the next tier.
+const QUARTERS: [u8; 3] = [75, 50, 25];
 
 /// Why rules could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{}:{line}: rule `{rule}`: `when` does not compile: {message}", file.display())]
+    #[error("{}:{line}: rule `{rule}`: `{field}` does not compile: {message}", file.display())]
     Compile {
         rule: String,
+        field: &'static str,
         file: PathBuf,
         line: usize,
         message: String,
@@ -58,6 +75,8 @@ pub enum EngineError {
     CompilerThread(String),
     #[error(transparent)]
     Pseudonym(#[from] PseudonymError),
+    #[error(transparent)]
+    Vouchers(#[from] vouchers::PoolError),
 }
 
 /// Why applying an event failed; the writer rolls the transaction back.
@@ -65,16 +84,21 @@ pub enum EngineError {
 pub enum ApplyError {
     #[error(transparent)]
     Lmdb(#[from] heed::Error),
-    #[error("rule state of `{rule}` for a customer is unreadable: {source}")]
+    #[error("rule state of `{rule}` is unreadable: {source}")]
     Corrupt {
         rule: String,
         source: postcard::Error,
     },
+    #[error("{0}")]
+    Customer(String),
 }
 
-/// The rule-state database, opened by the store.
+/// The databases the engine reads and writes, opened by the store.
 #[derive(Clone, Copy)]
-pub struct StateDb(pub(crate) Database<Bytes, Bytes>);
+pub struct EngineDbs {
+    pub(crate) state: Database<Bytes, Bytes>,
+    pub(crate) profiles: Database<Bytes, Bytes>,
+}
 
 /// A record the engine wants in the outbox; the store gives it a sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +106,31 @@ pub struct Emitted {
     /// Event time of the event that caused it (ms since the epoch).
     pub at_ms: i64,
     pub body: RecordBody,
+    /// For awards: the credited customer's own id (the record carries the
+    /// pseudonym), whose ledger the store credits.
+    pub customer: Option<String>,
+    /// For awards: the voucher code handed out with the tier.
+    pub voucher: Option<String>,
+}
+
+/// A fan's progress crossed a quarter of the next tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressNote {
+    pub customer: String,
+    pub rule: String,
+    pub version: u32,
+    pub window: String,
+    pub value: f64,
+    pub next_at: f64,
+    /// 25, 50 or 75.
+    pub percent: u8,
+}
+
+/// What applying events produced, drained by the writer per event.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub records: Vec<Emitted>,
+    pub progress: Vec<ProgressNote>,
 }
 
 /// Per-rule counters, readable from any thread.
@@ -92,6 +141,8 @@ pub struct RuleStats {
     matched: AtomicU64,
     predicate_errors: AtomicU64,
     awards: AtomicU64,
+    late: AtomicU64,
+    limited: AtomicU64,
 }
 
 impl RuleStats {
@@ -102,13 +153,13 @@ impl RuleStats {
     pub fn version(&self) -> u32 {
         self.version
     }
-    /// Events that met the rule (type and `when`) and updated its state.
-    /// Counted when evaluated; a rolled-back commit is not subtracted.
+    /// Events that met the rule (type and `when`). Counted when
+    /// evaluated; a rolled-back commit is not subtracted.
     pub fn matched(&self) -> u64 {
         self.matched.load(Ordering::Relaxed)
     }
-    /// Evaluations whose `when` failed at runtime or was not a bool; each
-    /// counted as not matching.
+    /// Evaluations of the rule's expressions that failed at runtime or
+    /// yielded the wrong type; each event counted as not matching.
     pub fn predicate_errors(&self) -> u64 {
         self.predicate_errors.load(Ordering::Relaxed)
     }
@@ -116,12 +167,26 @@ impl RuleStats {
     pub fn awards(&self) -> u64 {
         self.awards.load(Ordering::Relaxed)
     }
+    /// Matching events whose window instance had closed (watermark past
+    /// its end plus the rule's lateness).
+    pub fn late(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
+    }
+    /// Matching events refused by `sources`, `limits` or the referral
+    /// rules.
+    pub fn limited(&self) -> u64 {
+        self.limited.load(Ordering::Relaxed)
+    }
 }
 
-/// Counters of every rule, in bundle order.
+/// Counters of every rule, in bundle order, and of the site's periods and
+/// vouchers.
 #[derive(Debug, Default)]
 pub struct EngineStats {
     rules: Vec<RuleStats>,
+    vouchers_dry: AtomicU64,
+    period_events_invalid: AtomicU64,
+    period_summaries: AtomicU64,
 }
 
 impl EngineStats {
@@ -135,74 +200,173 @@ impl EngineStats {
     pub fn predicate_errors(&self) -> u64 {
         self.rules.iter().map(RuleStats::predicate_errors).sum()
     }
+    /// Tiers awarded without their voucher because the pool was empty.
+    pub fn vouchers_dry(&self) -> u64 {
+        self.vouchers_dry.load(Ordering::Relaxed)
+    }
+    /// `venue.period.*` events without a usable `data.period`.
+    pub fn period_events_invalid(&self) -> u64 {
+        self.period_events_invalid.load(Ordering::Relaxed)
+    }
+    /// `PeriodSummary` records produced.
+    pub fn period_summaries(&self) -> u64 {
+        self.period_summaries.load(Ordering::Relaxed)
+    }
 }
 
-struct CompiledTier {
-    at: f64,
+pub(crate) struct CompiledTier {
+    pub at: f64,
     badge: Option<String>,
     /// Sorted by category (the rule's BTreeMap order).
     points: Vec<(String, i64)>,
+    voucher: Option<Voucher>,
 }
 
-struct CompiledRule {
-    rule: AchievementRule,
-    predicate: Option<Predicate>,
-    tiers: Vec<CompiledTier>,
-    error_log: LogLimiter,
-    mismatch_log: LogLimiter,
+/// A sequence step: the types it takes and its optional `when`.
+struct CompiledStep {
+    on: Vec<String>,
+    when: Option<Predicate>,
 }
 
-/// The rules an event type meets, and the variables their predicates read.
+pub(crate) struct CompiledRule {
+    pub rule: AchievementRule,
+    when: Option<Predicate>,
+    /// `value` (sum, max, min) or `key` (distinct).
+    expr: Option<Expr>,
+    group_by: Option<Expr>,
+    credit: Option<Expr>,
+    steps: Vec<CompiledStep>,
+    pub tiers: Vec<CompiledTier>,
+    /// The most `distinct` keys worth keeping: the highest tier.
+    cap: usize,
+    lateness_ms: i64,
+}
+
+impl CompiledRule {
+    /// True when tiers count down (`min`): a tier is reached at or below.
+    pub fn descending(&self) -> bool {
+        matches!(self.rule.measure, Measure::Min { .. })
+    }
+
+    pub fn reached(&self, tier: usize, value: f64) -> bool {
+        self.tiers.get(tier).is_some_and(|t| {
+            if self.descending() {
+                value <= t.at
+            } else {
+                value >= t.at
+            }
+        })
+    }
+
+    fn rolling_span(&self) -> Option<i64> {
+        match self.rule.window {
+            Window::Rolling(span) => Some(window::duration_ms(span)),
+            _ => None,
+        }
+    }
+}
+
+/// The rules an event type meets, and the variables their expressions read.
 struct TypeEntry {
     rules: Vec<usize>,
     needs: Needs,
+}
+
+/// Site-wide engine state, cached between commits (see [`Engine::begin`]).
+#[derive(Debug, Clone, Default)]
+struct Globals {
+    watermark: i64,
+    periods: Periods,
+    watermark_dirty: bool,
+    periods_dirty: bool,
 }
 
 /// Loaded rules plus what evaluation reuses between events.
 pub struct Engine {
     root: cel::Context<'static, 'static>,
     rules: Vec<CompiledRule>,
+    logs: Vec<RuleLogs>,
     by_type: HashMap<String, TypeEntry>,
     pseudonymizer: Pseudonymizer,
+    pools: Pools,
+    timezone: TimeZone,
     stats: Arc<EngineStats>,
+    /// Globals as of the last commit, and as changed by the open one.
+    committed: Option<Globals>,
+    working: Option<Globals>,
     key: KeyBuf,
     value: Vec<u8>,
 }
 
+/// Everything but the rules, borrowed while one rule is applied.
+pub(crate) struct Work<'a> {
+    pub dbs: EngineDbs,
+    pub key: &'a mut KeyBuf,
+    pub value: &'a mut Vec<u8>,
+    pub pseudonymizer: &'a Pseudonymizer,
+    pub pools: &'a Pools,
+    pub periods: &'a Periods,
+    pub stats: &'a EngineStats,
+}
+
 impl Engine {
-    /// Compiles every rule's `when` once (on a thread with a deep stack)
-    /// and indexes rules by event type.
+    /// Compiles every rule's expressions once (on a thread with a deep
+    /// stack), reads the voucher pools and indexes rules by event type.
     pub fn new(bundle: &RuleBundle, pseudonymizer: Pseudonymizer) -> Result<Engine, EngineError> {
-        let predicates = compile_all(&bundle.achievements)?;
+        let compiled = compile_all(&bundle.achievements)?;
+        let pools = Pools::load(&bundle.voucher_pools)?;
         let mut rules = Vec::with_capacity(bundle.achievements.len());
         let mut by_type: HashMap<String, TypeEntry> = HashMap::new();
-        for (idx, (rule, predicate)) in bundle.achievements.iter().zip(predicates).enumerate() {
-            let needs = predicate.as_ref().map(|p| p.needs).unwrap_or_default();
-            for kind in &rule.on {
-                let entry = by_type.entry(kind.clone()).or_insert_with(|| TypeEntry {
-                    rules: Vec::new(),
-                    needs: Needs::default(),
-                });
+        for (idx, (rule, exprs)) in bundle.achievements.iter().zip(compiled).enumerate() {
+            let needs = exprs.needs();
+            for kind in rule.event_types() {
+                let entry = by_type
+                    .entry(kind.to_string())
+                    .or_insert_with(|| TypeEntry {
+                        rules: Vec::new(),
+                        needs: Needs::default(),
+                    });
                 if !entry.rules.contains(&idx) {
                     entry.rules.push(idx);
                     entry.needs = entry.needs.union(needs);
                 }
             }
-            let tiers = rule
+            let tiers: Vec<CompiledTier> = rule
                 .tiers
                 .iter()
                 .map(|t| CompiledTier {
                     at: t.at,
                     badge: t.badge.clone(),
                     points: t.points.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    voucher: t.voucher.clone(),
                 })
                 .collect();
+            let cap = tiers
+                .iter()
+                .map(|t| t.at.ceil() as usize)
+                .max()
+                .unwrap_or(0);
+            let steps = match &rule.measure {
+                Measure::Sequence { steps, .. } => steps
+                    .iter()
+                    .zip(exprs.steps)
+                    .map(|(s, when)| CompiledStep {
+                        on: s.on.clone(),
+                        when,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             rules.push(CompiledRule {
                 rule: rule.clone(),
-                predicate,
+                when: exprs.when,
+                expr: exprs.expr,
+                group_by: exprs.group_by,
+                credit: exprs.credit,
+                steps,
                 tiers,
-                error_log: LogLimiter::new(LOG_INTERVAL),
-                mismatch_log: LogLimiter::new(LOG_INTERVAL),
+                cap,
+                lateness_ms: i64::try_from(rule.lateness.as_millis()).unwrap_or(i64::MAX),
             });
         }
         let stats = Arc::new(EngineStats {
@@ -215,15 +379,23 @@ impl Engine {
                     matched: AtomicU64::new(0),
                     predicate_errors: AtomicU64::new(0),
                     awards: AtomicU64::new(0),
+                    late: AtomicU64::new(0),
+                    limited: AtomicU64::new(0),
                 })
                 .collect(),
+            ..EngineStats::default()
         });
         Ok(Engine {
             root: predicate::root(),
+            logs: rules.iter().map(|_| RuleLogs::new()).collect(),
             rules,
             by_type,
             pseudonymizer,
+            pools,
+            timezone: bundle.timezone,
             stats,
+            committed: None,
+            working: None,
             key: KeyBuf::default(),
             value: Vec::new(),
         })
@@ -237,70 +409,168 @@ impl Engine {
         &self.pseudonymizer
     }
 
+    /// Starts a transaction: site-wide state is taken from the last
+    /// commit, so a transaction that rolls back leaves no trace in it.
+    pub fn begin(&mut self) {
+        self.working = self.committed.clone();
+    }
+
+    /// Writes the site-wide state the transaction changed; call right
+    /// before committing it.
+    pub fn flush(&mut self, txn: &mut RwTxn, dbs: EngineDbs) -> Result<(), ApplyError> {
+        let Some(g) = &mut self.working else {
+            return Ok(());
+        };
+        if g.watermark_dirty {
+            periods::save_watermark(txn, dbs.state, &mut self.key, g.watermark)?;
+            g.watermark_dirty = false;
+        }
+        if g.periods_dirty {
+            periods::save_periods(txn, dbs.state, &mut self.key, &g.periods)?;
+            g.periods_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The transaction committed: its site-wide state is now the base.
+    pub fn committed(&mut self) {
+        if let Some(g) = self.working.take() {
+            self.committed = Some(g);
+        }
+    }
+
+    /// Deletes the index entries that name `customer` (shared goals,
+    /// period activity). The customer's own records go with the rest of
+    /// their key space, which the caller deletes.
+    pub fn erase(
+        &mut self,
+        txn: &mut RwTxn,
+        dbs: EngineDbs,
+        customer: &str,
+    ) -> Result<(), ApplyError> {
+        let prefix = self.key.start(customer).finish(usize::MAX).to_vec();
+        let mut doomed = Vec::new();
+        for entry in dbs.state.prefix_iter(txn, &prefix)? {
+            let (_, v) = entry?;
+            match state::decode(v) {
+                Ok(StoredState::Member(m)) => doomed.push(m.index),
+                Ok(StoredState::Activity(a)) => doomed.push(a.index),
+                _ => {}
+            }
+        }
+        for key in doomed {
+            dbs.state.delete(txn, &key)?;
+        }
+        Ok(())
+    }
+
     /// Applies one new (non-duplicate) event inside the writer's
-    /// transaction: updates the state of every rule it matches and pushes
-    /// one [`Emitted`] award per tier reached onto `out`.
+    /// transaction: advances the watermark, handles period events, updates
+    /// the state of every rule the event counts for, and pushes the awards
+    /// and progress notes it causes onto `out`.
     ///
-    /// Events without a subject are venue-wide and change no customer
-    /// state.
+    /// `profile` is the subject's profile (tracked customers only: the
+    /// caller skips customers without consent).
     pub fn apply(
         &mut self,
         txn: &mut RwTxn,
-        db: StateDb,
+        dbs: EngineDbs,
         event: &Event,
-        out: &mut Vec<Emitted>,
+        profile: Option<&Map<String, Value>>,
+        now_ms: i64,
+        out: &mut Output,
     ) -> Result<(), ApplyError> {
+        if self.working.is_none() {
+            self.working = Some(match self.committed.clone() {
+                Some(g) => g,
+                None => periods::load_globals(txn, dbs.state, &mut self.key)?,
+            });
+        }
         let Engine {
             root,
             rules,
+            logs,
             by_type,
             pseudonymizer,
+            pools,
+            timezone,
             stats,
+            working,
             key,
             value,
+            ..
         } = self;
+        let Some(globals) = working.as_mut() else {
+            return Ok(());
+        };
+        // Lateness is judged against the watermark before this event.
+        let watermark = globals.watermark;
+        let capped = event.time_ms.min(now_ms);
+        if capped > globals.watermark {
+            globals.watermark = capped;
+            globals.watermark_dirty = true;
+        }
+        let Some(customer) = event.subject.as_deref() else {
+            // Summaries read no periods: an empty registry stands in while
+            // the real one is being changed.
+            let none = Periods::default();
+            let mut work = Work {
+                dbs,
+                key,
+                value,
+                pseudonymizer,
+                pools,
+                periods: &none,
+                stats,
+            };
+            if periods::venue_event(&mut work, txn, rules, globals, event, out)? {
+                globals.periods_dirty = true;
+            }
+            return Ok(());
+        };
+        let mut work = Work {
+            dbs,
+            key,
+            value,
+            pseudonymizer,
+            pools,
+            periods: &globals.periods,
+            stats,
+        };
+        periods::mark_active(&mut work, txn, customer, event.time_ms)?;
         let Some(entry) = by_type.get(event.kind.as_str()) else {
             return Ok(());
         };
-        let Some(customer) = event.subject.as_deref() else {
-            return Ok(());
-        };
-        let mut scope = None;
+        let scope = predicate::scope(root, event, profile, entry.needs);
         for &idx in &entry.rules {
-            let compiled = &mut rules[idx];
+            let compiled = &rules[idx];
+            let logs = &mut logs[idx];
             let counters = &stats.rules[idx];
-            if let Some(pred) = &compiled.predicate {
-                let scope = scope.get_or_insert_with(|| predicate::scope(root, event, entry.needs));
-                match pred.eval(scope) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        counters.predicate_errors.fetch_add(1, Ordering::Relaxed);
-                        if let Some(suppressed) = compiled.error_log.check() {
-                            warn!(
-                                rule = %compiled.rule.id,
-                                event = %event.id,
-                                error = %e,
-                                suppressed,
-                                "`when` failed; counted as not matching"
-                            );
-                        }
-                        continue;
-                    }
-                }
-            }
-            counters.matched.fetch_add(1, Ordering::Relaxed);
-            let awards = update(
-                compiled,
-                txn,
-                db,
-                key,
-                value,
-                customer,
+            let ctx = Ctx {
                 event,
-                pseudonymizer,
-                out,
-            )?;
+                customer,
+                watermark,
+                timezone: *timezone,
+                scope: &scope,
+                counters,
+            };
+            let awards = match apply_rule(compiled, logs, &ctx, &mut work, txn, out) {
+                Ok(n) => n,
+                Err(RuleError::Eval(e)) => {
+                    counters.predicate_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = logs.error.check() {
+                        warn!(
+                            rule = %compiled.rule.id,
+                            event = %event.id,
+                            error = %e,
+                            suppressed,
+                            "rule expression failed; the event does not count for this rule"
+                        );
+                    }
+                    0
+                }
+                Err(RuleError::Apply(e)) => return Err(e),
+            };
             if awards > 0 {
                 counters.awards.fetch_add(awards, Ordering::Relaxed);
             }
@@ -309,91 +579,515 @@ impl Engine {
     }
 }
 
-/// Reads, updates and writes one rule's state; emits the tiers reached.
-#[allow(clippy::too_many_arguments)]
-fn update(
-    compiled: &mut CompiledRule,
-    txn: &mut RwTxn,
-    db: StateDb,
-    key: &mut KeyBuf,
-    value: &mut Vec<u8>,
-    customer: &str,
-    event: &Event,
-    pseudonymizer: &Pseudonymizer,
-    out: &mut Vec<Emitted>,
-) -> Result<u64, ApplyError> {
-    let rule = &compiled.rule;
-    let window = window::instance(&rule.window, event.time_ms);
-    let key = state::key(key, customer, &rule.id, rule.version, &window);
-    let mut state = match db.0.get(txn, key)? {
-        Some(bytes) => state::decode(bytes).map_err(|source| ApplyError::Corrupt {
-            rule: rule.id.clone(),
-            source,
-        })?,
-        None => RuleState::new(MeasureState::initial(&rule.measure), event.time_ms),
-    };
-    if !state.measure.fits(&rule.measure) {
-        // Same id and version, different measure: the rule was edited
-        // without a version bump. Restart the measure; awarded tiers stay
-        // awarded.
-        if let Some(suppressed) = compiled.mismatch_log.check() {
-            warn!(rule = %rule.id, suppressed, "stored state does not fit the rule's measure; bump `version` when changing a rule");
-        }
-        state.measure = MeasureState::initial(&rule.measure);
+/// The event's context while one rule is applied.
+pub(crate) struct Ctx<'a, 's> {
+    pub event: &'a Event,
+    pub customer: &'a str,
+    pub watermark: i64,
+    pub timezone: TimeZone,
+    pub scope: &'a cel::Context<'s, 'a>,
+    pub counters: &'a RuleStats,
+}
+
+pub(crate) enum RuleError {
+    /// An expression failed on this event: counted, the event skipped.
+    Eval(EvalError),
+    Apply(ApplyError),
+}
+
+impl From<heed::Error> for RuleError {
+    fn from(e: heed::Error) -> Self {
+        RuleError::Apply(ApplyError::Lmdb(e))
     }
-    let Some(current) = state.measure.observe(&rule.measure, event) else {
+}
+
+impl From<ApplyError> for RuleError {
+    fn from(e: ApplyError) -> Self {
+        RuleError::Apply(e)
+    }
+}
+
+impl From<EvalError> for RuleError {
+    fn from(e: EvalError) -> Self {
+        RuleError::Eval(e)
+    }
+}
+
+/// Per-rule log limiters, kept apart from the compiled rule so a rule
+/// can be read while its logs are written.
+pub(crate) struct RuleLogs {
+    error: LogLimiter,
+    mismatch: LogLimiter,
+    dry: LogLimiter,
+}
+
+impl RuleLogs {
+    fn new() -> RuleLogs {
+        RuleLogs {
+            error: LogLimiter::new(LOG_INTERVAL),
+            mismatch: LogLimiter::new(LOG_INTERVAL),
+            dry: LogLimiter::new(LOG_INTERVAL),
+        }
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Runs one rule's gauntlet for the event; returns the awards made.
+fn apply_rule(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    ctx: &Ctx<'_, '_>,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+) -> Result<u64, RuleError> {
+    let rule = &c.rule;
+    let event = ctx.event;
+    let sequence = matches!(rule.measure, Measure::Sequence { .. });
+    if !sequence {
+        if let Some(when) = &c.when {
+            if !when.eval(ctx.scope)? {
+                return Ok(0);
+            }
+        }
+        count(&ctx.counters.matched);
+    }
+    if !limits::source_allowed(rule.sources.as_deref(), &event.source) {
+        count(&ctx.counters.limited);
+        return Ok(0);
+    }
+    let Some(place) = window::place(&rule.window, ctx.timezone, work.periods, event.time_ms) else {
+        // A `period` rule's event outside every period.
         return Ok(0);
     };
-    state.updated_ms = event.time_ms;
-    let mut awarded = 0u64;
-    while let Some(tier) = compiled.tiers.get(state.tiers_awarded as usize) {
-        if current < tier.at {
-            break;
+    if place.late(ctx.watermark, c.lateness_ms) {
+        count(&ctx.counters.late);
+        return Ok(0);
+    }
+    let input = match (&rule.measure, &c.expr) {
+        (Measure::Sum { .. } | Measure::Max { .. } | Measure::Min { .. }, Some(expr)) => {
+            let v = expr.number(ctx.scope)?;
+            if rule.limits.max_value.is_some_and(|max| v > max) {
+                count(&ctx.counters.limited);
+                return Ok(0);
+            }
+            Input::Number(v)
         }
+        (Measure::Distinct { .. }, Some(expr)) => Input::Key(expr.key(ctx.scope)?),
+        _ => Input::Unit,
+    };
+    // A streak counts instances of `every`, whatever its (lifetime) window.
+    let ordinal = match measure::every(&rule.measure) {
+        Some(edge_config::Every::Day) => window::day(ctx.timezone, event.time_ms).ordinal,
+        Some(edge_config::Every::Period) => match work.periods.at(event.time_ms) {
+            Some(p) => p.ordinal,
+            None => return Ok(0),
+        },
+        None => place.ordinal,
+    };
+    let target = match (&rule.referral, &c.credit) {
+        (Some(_), Some(credit)) => {
+            let credited = credit.key(ctx.scope)?;
+            if credited.is_empty()
+                || credited == ctx.customer
+                || credited.len() > crate::store::customers::MAX_CUSTOMER_LEN
+            {
+                count(&ctx.counters.limited);
+                return Ok(0);
+            }
+            // The credited customer must be tracked too.
+            let profile =
+                crate::store::customers::load(work.dbs.profiles, txn, work.key, &credited)
+                    .map_err(|e| ApplyError::Customer(e.to_string()))?;
+            if profile
+                .as_ref()
+                .is_some_and(|p| !crate::store::customers::consents(p, "gamification"))
+            {
+                return Ok(0);
+            }
+            credited
+        }
+        _ => ctx.customer.to_string(),
+    };
+    let mut admitted = Vec::with_capacity(2);
+    let rates = [
+        (rule.limits.max_per_customer.as_ref(), ctx.customer, "rate"),
+        (
+            rule.referral
+                .as_ref()
+                .and_then(|r| r.max_per_referrer.as_ref()),
+            target.as_str(),
+            "referral",
+        ),
+    ];
+    for (rate, who, what) in rates {
+        let Some(rate) = rate else { continue };
+        let key = state::rate_key(work.key, who, &rule.id, rule.version, what).to_vec();
+        match limits::check(txn, work.dbs.state, key, rate, event.time_ms)? {
+            Some(a) => admitted.push(a),
+            None => {
+                count(&ctx.counters.limited);
+                return Ok(0);
+            }
+        }
+    }
+    for a in admitted {
+        limits::record(txn, work.dbs.state, work.value, a)?;
+    }
+    let input = Step {
+        input,
+        ordinal,
+        place: &place,
+    };
+    match rule.scope {
+        Scope::Customer => update_customer(c, logs, ctx, work, txn, out, &target, input),
+        Scope::Group { .. } | Scope::Venue { .. } => {
+            shared::update(c, logs, ctx, work, txn, out, input)
+        }
+    }
+}
+
+/// What the gauntlet established for the update.
+pub(crate) struct Step<'p> {
+    pub input: Input,
+    pub ordinal: i64,
+    pub place: &'p Placement,
+}
+
+/// Whether the event satisfies sequence step `i` (its type and `when`).
+fn step_matches(c: &CompiledRule, i: usize, ctx: &Ctx<'_, '_>) -> Result<bool, EvalError> {
+    let Some(step) = c.steps.get(i) else {
+        return Ok(false);
+    };
+    if !step.on.contains(&ctx.event.kind) {
+        return Ok(false);
+    }
+    match &step.when {
+        Some(when) => when.eval(ctx.scope),
+        None => Ok(true),
+    }
+}
+
+/// Reads a rule state record, or a fresh one. A record of another kind
+/// (or another measure: a rule edited without a version bump) restarts
+/// the measure; awarded tiers stay awarded.
+pub(crate) fn read_state(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    txn: &RwTxn,
+    db: Database<Bytes, Bytes>,
+    key: &[u8],
+    time_ms: i64,
+) -> Result<RuleState, ApplyError> {
+    let rolling = c.rolling_span().is_some() && matches!(c.rule.scope, Scope::Customer);
+    let mut state = match db.get(txn, key)? {
+        Some(bytes) => match state::decode(bytes) {
+            Ok(StoredState::V1(s)) => s,
+            Ok(_) => RuleState::new(MeasureState::initial(&c.rule.measure, rolling), time_ms),
+            Err(source) => {
+                return Err(ApplyError::Corrupt {
+                    rule: c.rule.id.clone(),
+                    source,
+                })
+            }
+        },
+        None => RuleState::new(MeasureState::initial(&c.rule.measure, rolling), time_ms),
+    };
+    if !state.measure.fits(&c.rule.measure, rolling) {
+        if let Some(suppressed) = logs.mismatch.check() {
+            warn!(rule = %c.rule.id, suppressed, "stored state does not fit the rule's measure; bump `version` when changing a rule");
+        }
+        state.measure = MeasureState::initial(&c.rule.measure, rolling);
+    }
+    Ok(state)
+}
+
+pub(crate) fn write_state(
+    txn: &mut RwTxn,
+    db: Database<Bytes, Bytes>,
+    buf: &mut Vec<u8>,
+    key: &[u8],
+    state: StoredState,
+) -> Result<(), ApplyError> {
+    state::encode(&state, buf).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
+    db.put(txn, key, buf)?;
+    Ok(())
+}
+
+/// A customer-scope update: the target's own state in the instance.
+#[allow(clippy::too_many_arguments)]
+fn update_customer(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    ctx: &Ctx<'_, '_>,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+    target: &str,
+    step: Step<'_>,
+) -> Result<u64, RuleError> {
+    let rule = &c.rule;
+    let time_ms = ctx.event.time_ms;
+    let key = state::key(work.key, target, &rule.id, rule.version, &step.place.name).to_vec();
+    let mut state = read_state(c, logs, txn, work.dbs.state, &key, time_ms)?;
+    let before = if state.measure.is_empty() {
+        0.0
+    } else {
+        state.measure.value()
+    };
+    let (value, window) = if let Some(span) = c.rolling_span() {
+        let amount = match step.input {
+            Input::Number(v) => v,
+            _ => 1.0,
+        };
+        let Some((value, fresh)) =
+            measure::observe_rolling(&mut state.measure, amount, time_ms, span)
+        else {
+            // Older than what the window still holds.
+            count(&ctx.counters.late);
+            return Ok(0);
+        };
+        if fresh {
+            state.tiers_awarded = 0;
+            state.first_ms = time_ms;
+        }
+        let start = match &state.measure {
+            MeasureState::Rolling { start_ms, .. } => *start_ms,
+            _ => time_ms,
+        };
+        (value, window::rolling_name(start))
+    } else {
+        let input = if let MeasureState::Sequence { next, .. } = &state.measure {
+            let next = *next as usize;
+            let first = step_matches(c, 0, ctx)?;
+            let fits = if next > 0 {
+                step_matches(c, next, ctx)?
+            } else {
+                first
+            };
+            if !first && !fits {
+                return Ok(0);
+            }
+            count(&ctx.counters.matched);
+            Input::Steps { first, next: fits }
+        } else {
+            step.input
+        };
+        let Some(value) =
+            state
+                .measure
+                .observe(&rule.measure, &input, time_ms, step.ordinal, c.cap)
+        else {
+            return Ok(0);
+        };
+        (value, step.place.name.clone())
+    };
+    state.updated_ms = time_ms;
+    let mut awarded = 0u64;
+    while c.reached(state.tiers_awarded as usize, value) {
+        award(
+            c,
+            logs,
+            work,
+            txn,
+            out,
+            target,
+            state.tiers_awarded as usize,
+            &window,
+            value,
+            time_ms,
+        )?;
         state.tiers_awarded += 1;
         awarded += 1;
-        out.push(Emitted {
-            at_ms: event.time_ms,
-            body: RecordBody::AchievementAwarded(AchievementAwarded {
-                customer: pseudonymizer.pseudonym(customer),
-                achievement: rule.id.clone(),
-                version: rule.version,
-                tier: state.tiers_awarded,
-                badge: tier.badge.clone(),
-                points: tier.points.clone(),
-                window: window.clone().into_owned(),
-                value: current,
-            }),
-        });
     }
-    state::encode(state, value).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-    db.0.put(txn, key, value)?;
+    if awarded == 0 {
+        if let Some(note) = progress_note(c, target, &window, before, value, state.tiers_awarded) {
+            out.progress.push(note);
+        }
+    }
+    write_state(
+        txn,
+        work.dbs.state,
+        work.value,
+        &key,
+        StoredState::V1(state),
+    )?;
     Ok(awarded)
 }
 
-/// Compiles every `when` on a thread with a deep stack.
-fn compile_all(rules: &[AchievementRule]) -> Result<Vec<Option<Predicate>>, EngineError> {
-    let compile = || -> Result<Vec<Option<Predicate>>, EngineError> {
-        rules
-            .iter()
-            .map(|rule| {
-                rule.when
-                    .as_deref()
-                    .map(|src| {
-                        Predicate::compile(src).map_err(|message| EngineError::Compile {
-                            rule: rule.id.clone(),
-                            file: rule.file.clone(),
-                            line: rule.line,
-                            message,
-                        })
-                    })
-                    .transpose()
-            })
-            .collect()
+/// Awards tier `tier` (0-based) of `c` to `customer`: hands out its
+/// voucher, notes it in the customer's period activity and emits the
+/// record.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn award(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+    customer: &str,
+    tier: usize,
+    window: &str,
+    value: f64,
+    at_ms: i64,
+) -> Result<(), ApplyError> {
+    let Some(t) = c.tiers.get(tier) else {
+        return Ok(());
     };
-    if rules.iter().all(|r| r.when.is_none()) {
-        return Ok(rules.iter().map(|_| None).collect());
+    let number = u32::try_from(tier + 1).unwrap_or(u32::MAX);
+    let rule = &c.rule;
+    let voucher = match &t.voucher {
+        Some(v) => match work.pools.hand_out(
+            txn,
+            work.dbs.state,
+            work.key,
+            v,
+            customer,
+            &rule.id,
+            rule.version,
+            number,
+        )? {
+            Handed::Code(code) => Some(code),
+            Handed::Dry => {
+                count(&work.stats.vouchers_dry);
+                if let Some(suppressed) = logs.dry.check() {
+                    warn!(rule = %rule.id, tier = number, suppressed, "voucher pool is empty: tier awarded without a voucher; add codes to the pool file and reload");
+                }
+                None
+            }
+        },
+        None => None,
+    };
+    periods::credit_activity(work, txn, customer, at_ms, &t.points, t.badge.as_deref())?;
+    out.records.push(Emitted {
+        at_ms,
+        body: RecordBody::AchievementAwarded(AchievementAwarded {
+            customer: work.pseudonymizer.pseudonym(customer),
+            achievement: rule.id.clone(),
+            version: rule.version,
+            tier: number,
+            badge: t.badge.clone(),
+            points: t.points.clone(),
+            window: window.to_string(),
+            value,
+        }),
+        customer: Some(customer.to_string()),
+        voucher,
+    });
+    Ok(())
+}
+
+/// A note when the value crossed 25, 50 or 75 % of the next tier (the
+/// highest mark crossed; `min` rules count down and get none).
+fn progress_note(
+    c: &CompiledRule,
+    customer: &str,
+    window: &str,
+    before: f64,
+    after: f64,
+    awarded: u32,
+) -> Option<ProgressNote> {
+    if c.descending() {
+        return None;
     }
+    let next = c.tiers.get(awarded as usize)?;
+    let percent = QUARTERS.into_iter().find(|q| {
+        let mark = next.at * f64::from(*q) / 100.0;
+        before < mark && after >= mark
+    })?;
+    Some(ProgressNote {
+        customer: customer.to_string(),
+        rule: c.rule.id.clone(),
+        version: c.rule.version,
+        window: window.to_string(),
+        value: after,
+        next_at: next.at,
+        percent,
+    })
+}
+
+/// Every expression of one rule, compiled.
+#[derive(Default)]
+struct RuleExprs {
+    when: Option<Predicate>,
+    expr: Option<Expr>,
+    group_by: Option<Expr>,
+    credit: Option<Expr>,
+    steps: Vec<Option<Predicate>>,
+}
+
+impl RuleExprs {
+    fn needs(&self) -> Needs {
+        let mut needs = Needs::default();
+        for n in [
+            self.when.as_ref().map(|p| p.needs),
+            self.expr.as_ref().map(|e| e.needs),
+            self.group_by.as_ref().map(|e| e.needs),
+            self.credit.as_ref().map(|e| e.needs),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.steps.iter().flatten().map(|p| p.needs))
+        {
+            needs = needs.union(n);
+        }
+        needs
+    }
+}
+
+fn compile_rule(rule: &AchievementRule) -> Result<RuleExprs, EngineError> {
+    let fail = |field: &'static str| {
+        move |message: String| EngineError::Compile {
+            rule: rule.id.clone(),
+            field,
+            file: rule.file.clone(),
+            line: rule.line,
+            message,
+        }
+    };
+    let mut out = RuleExprs {
+        when: rule
+            .when
+            .as_deref()
+            .map(|s| Predicate::compile(s).map_err(fail("when")))
+            .transpose()?,
+        ..RuleExprs::default()
+    };
+    match &rule.measure {
+        Measure::Sum { value } | Measure::Max { value } | Measure::Min { value } => {
+            out.expr = Some(Expr::compile(value).map_err(fail("value"))?);
+        }
+        Measure::Distinct { key } => {
+            out.expr = Some(Expr::compile(key).map_err(fail("key"))?);
+        }
+        Measure::Sequence { steps, .. } => {
+            for step in steps {
+                out.steps.push(
+                    step.when
+                        .as_deref()
+                        .map(|s| Predicate::compile(s).map_err(fail("steps.when")))
+                        .transpose()?,
+                );
+            }
+        }
+        Measure::Count | Measure::Streak { .. } => {}
+    }
+    if let Scope::Group { group_by, .. } = &rule.scope {
+        out.group_by = Some(Expr::compile(group_by).map_err(fail("group_by"))?);
+    }
+    if let Some(referral) = &rule.referral {
+        out.credit = Some(Expr::compile(&referral.credit).map_err(fail("referral.credit"))?);
+    }
+    Ok(out)
+}
+
+/// Compiles every rule's expressions on a thread with a deep stack.
+fn compile_all(rules: &[AchievementRule]) -> Result<Vec<RuleExprs>, EngineError> {
+    let compile =
+        || -> Result<Vec<RuleExprs>, EngineError> { rules.iter().map(compile_rule).collect() };
     std::thread::scope(|s| {
         let handle = std::thread::Builder::new()
             .name("rule-compiler".into())

@@ -1,4 +1,5 @@
-//! CEL `when` predicates: compiled once at load, evaluated per event.
+//! CEL expressions of rules (`when`, `value`, `key`, `group_by`,
+//! `credit`): compiled once at load, evaluated per event.
 //!
 //! Building a CEL root context registers every built-in function (tens of
 //! microseconds), so the engine builds one at load and evaluates in a cheap
@@ -44,6 +45,13 @@ pub(crate) struct Predicate {
     pub needs: Needs,
 }
 
+/// A compiled expression yielding a value (`value`, `key`, `group_by`,
+/// `credit`).
+pub(crate) struct Expr {
+    program: Program,
+    pub needs: Needs,
+}
+
 /// Why a predicate did not yield `true` or `false`.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EvalError {
@@ -53,6 +61,62 @@ pub(crate) enum EvalError {
     NotBool(String),
     #[error("evaluation panicked")]
     Panicked,
+    #[error("returned {0}, not a number")]
+    NotNumber(String),
+    #[error("returned {0}, not a string, number or bool")]
+    NotKey(String),
+}
+
+fn needs_of(program: &Program) -> Needs {
+    let refs = program.references();
+    Needs {
+        data: refs.has_variable("data"),
+        event: refs.has_variable("event"),
+        profile: refs.has_variable("profile"),
+    }
+}
+
+fn run(program: &Program, scope: &Context<'_, '_>) -> Result<Value, EvalError> {
+    // The interpreter is third-party code running on input we do not
+    // control; a panic in it must not take the writer thread down.
+    catch_unwind(AssertUnwindSafe(|| program.execute(scope)))
+        .map_err(|_| EvalError::Panicked)?
+        .map_err(|e| EvalError::Execution(e.to_string()))
+}
+
+impl Expr {
+    /// Compiles `source` (on a thread with a deep stack, like predicates).
+    pub(crate) fn compile(source: &str) -> Result<Expr, String> {
+        let program = Program::compile(source).map_err(|e| e.to_string())?;
+        let needs = needs_of(&program);
+        Ok(Expr { program, needs })
+    }
+
+    /// The result as a finite number (`int`, `uint` or `double`).
+    pub(crate) fn number(&self, scope: &Context<'_, '_>) -> Result<f64, EvalError> {
+        match run(&self.program, scope)? {
+            Value::Int(i) => Ok(i as f64),
+            Value::UInt(u) => Ok(u as f64),
+            Value::Float(f) if f.is_finite() => Ok(f),
+            other => Err(EvalError::NotNumber(format!("{other:?}"))),
+        }
+    }
+
+    /// The result as a key: strings as they are, numbers and bools in
+    /// their canonical text (`1` and `1.0` are the same key).
+    pub(crate) fn key(&self, scope: &Context<'_, '_>) -> Result<String, EvalError> {
+        match run(&self.program, scope)? {
+            Value::String(s) => Ok(s.as_str().to_string()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::UInt(u) => Ok(u.to_string()),
+            Value::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                Ok((f as i64).to_string())
+            }
+            Value::Float(f) if f.is_finite() => Ok(f.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(EvalError::NotKey(format!("{other:?}"))),
+        }
+    }
 }
 
 impl Predicate {
@@ -60,25 +124,15 @@ impl Predicate {
     /// run this on a thread that has one.
     pub(crate) fn compile(source: &str) -> Result<Predicate, String> {
         let program = Program::compile(source).map_err(|e| e.to_string())?;
-        let refs = program.references();
-        let needs = Needs {
-            data: refs.has_variable("data"),
-            event: refs.has_variable("event"),
-            profile: refs.has_variable("profile"),
-        };
+        let needs = needs_of(&program);
         Ok(Predicate { program, needs })
     }
 
     /// Evaluates against a scope built by [`scope`].
     pub(crate) fn eval(&self, scope: &Context<'_, '_>) -> Result<bool, EvalError> {
-        // The interpreter is third-party code running on input we do not
-        // control; a panic in it must not take the writer thread down.
-        let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(scope)))
-            .map_err(|_| EvalError::Panicked)?;
-        match result {
-            Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(EvalError::NotBool(format!("{other:?}"))),
-            Err(e) => Err(EvalError::Execution(e.to_string())),
+        match run(&self.program, scope)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(EvalError::NotBool(format!("{other:?}"))),
         }
     }
 }
@@ -89,10 +143,12 @@ pub(crate) fn root() -> Context<'static, 'static> {
 }
 
 /// A child scope of `root` holding the variables in `needs`, borrowing
-/// from `event`.
+/// from `event` and the customer's `profile` (an empty map when there is
+/// none, so `has(profile.x)` is well-defined).
 pub(crate) fn scope<'r, 'e>(
     root: &'r Context<'static, 'static>,
     event: &'e Event,
+    profile: Option<&'e serde_json::Map<String, serde_json::Value>>,
     needs: Needs,
 ) -> Context<'r, 'e> {
     // A context is covariant in the lifetime of the data it borrows, so the
@@ -106,9 +162,11 @@ pub(crate) fn scope<'r, 'e>(
         scope.add_variable_as_val("event", event_map(event));
     }
     if needs.profile {
-        // Profiles come later; an empty map keeps `has(profile.x)` and
-        // `profile.x` (an error, so no match) well-defined meanwhile.
-        scope.add_variable_as_val("profile", Box::new(CelMap::default()));
+        let profile: Box<dyn Val + 'e> = match profile {
+            Some(fields) => object(fields),
+            None => Box::new(CelMap::default()),
+        };
+        scope.add_variable_as_val("profile", profile);
     }
     scope
 }
@@ -164,14 +222,16 @@ pub(crate) fn json(value: &serde_json::Value) -> Box<dyn Val + '_> {
         }
         J::String(s) => Box::new(CelString::from(s.as_str())),
         J::Array(items) => Box::new(CelList::from(items.iter().map(json).collect::<Vec<_>>())),
-        J::Object(fields) => {
-            let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
-                .iter()
-                .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))
-                .collect();
-            Box::new(CelMap::from(map))
-        }
+        J::Object(fields) => object(fields),
     }
+}
+
+fn object(fields: &serde_json::Map<String, serde_json::Value>) -> Box<dyn Val + '_> {
+    let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
+        .iter()
+        .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))
+        .collect();
+    Box::new(CelMap::from(map))
 }
 
 #[cfg(test)]
@@ -194,8 +254,42 @@ mod tests {
         let root = root();
         let p = Predicate::compile(src).unwrap();
         let ev = event(data);
-        let scope = scope(&root, &ev, p.needs);
+        let scope = scope(&root, &ev, None, p.needs);
         p.eval(&scope)
+    }
+
+    #[test]
+    fn profile_and_value_expressions() {
+        let root = root();
+        let ev = event(json!({"amount": 12.5, "zone": 3}));
+        let profile = json!({"section": "101", "team": "A"});
+        let profile = profile.as_object();
+        let p = Predicate::compile("profile.team == 'A'").unwrap();
+        assert!(p.needs.profile);
+        let sc = scope(
+            &root,
+            &ev,
+            profile,
+            Needs {
+                data: true,
+                event: false,
+                profile: true,
+            },
+        );
+        assert!(p.eval(&sc).unwrap());
+        assert_eq!(
+            Expr::compile("data.amount").unwrap().number(&sc).unwrap(),
+            12.5
+        );
+        assert_eq!(Expr::compile("data.zone").unwrap().key(&sc).unwrap(), "3");
+        assert_eq!(
+            Expr::compile("profile.section").unwrap().key(&sc).unwrap(),
+            "101"
+        );
+        assert!(matches!(
+            Expr::compile("profile.team").unwrap().number(&sc),
+            Err(EvalError::NotNumber(_))
+        ));
     }
 
     #[test]

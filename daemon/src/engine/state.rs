@@ -1,31 +1,66 @@
-//! Persisted per-(customer, rule, version, window instance) state.
+//! Persisted engine state and its keys.
 //!
-//! The value is postcard wrapped in a top-level version enum, so a later
-//! format is a new variant and old records still decode. The key starts
-//! with the customer so one customer's state is contiguous (profiles later
-//! read it with a prefix scan).
+//! Values are postcard wrapped in a top-level enum whose variants are only
+//! ever appended, so old records still decode. Keys come in two spaces:
+//!
+//! - customer keys start with the customer (`len16 ‖ id`), so one prefix
+//!   scan finds everything kept about a customer (erasure relies on it):
+//!   rule state per (rule, version, window instance), rate-limit history,
+//!   group membership and period activity;
+//! - site keys start with an empty customer (`0x0000`; subjects are never
+//!   empty): the watermark, the period registry, voucher counters, shared
+//!   (group and venue) rule state and the indexes that list a group's
+//!   members and a period's active customers.
+//!
+//! Index keys that name a customer are also stored in the customer's own
+//! record ([`MemberState::index`], [`Activity::index`]) so erasing the
+//! customer can delete them without scanning the site space.
 
 use serde::{Deserialize, Serialize};
 
 use super::measure::MeasureState;
+use super::window::Periods;
 use crate::store::keys::KeyBuf;
 
 /// Natural keys longer than this are hashed (LMDB limit: 511 bytes).
 const MAX_STATE_KEY: usize = 400;
+/// Index keys must stay natural (they are scanned by prefix): their parts
+/// are bounded (customer 256, rule 64, window and group below) so they fit.
+const MAX_INDEX_KEY: usize = 511;
+/// Group names longer than this are kept as a hash in keys.
+pub const MAX_GROUP_NAME: usize = 100;
 
-/// Versioned envelope; the discriminant is the format version.
+/// Versioned envelope of customer-space and shared rule records.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum StoredState {
     V1(RuleState),
+    /// Event times of the latest counting events (a rate limit's history),
+    /// oldest first.
+    Rate(Vec<i64>),
+    /// A customer's part in a shared goal.
+    Member(MemberState),
+    /// What a customer earned during a period (for its summary).
+    Activity(Activity),
 }
 
-/// One rule's progress for one customer in one window instance.
+/// Envelope of site-wide singletons.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum StoredGlobal {
+    /// The highest event time accepted so far (capped at the wall clock).
+    Watermark(i64),
+    Periods(Periods),
+    /// A counter: voucher codes handed out from a pool, or template
+    /// numbers used by a (rule, tier).
+    Counter(u64),
+}
+
+/// One rule's progress for one customer (or group) in one window instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuleState {
     pub measure: MeasureState,
-    /// Tiers awarded so far. Tiers are strictly ascending, so the awarded
+    /// Tiers awarded so far. Tiers are strictly ordered, so the awarded
     /// ones are always a prefix and a count says which: each tier is
-    /// awarded exactly once.
+    /// awarded exactly once per window instance.
     pub tiers_awarded: u32,
     /// Event time of the first and latest events that changed the state.
     pub first_ms: i64,
@@ -43,8 +78,30 @@ impl RuleState {
     }
 }
 
-/// Builds the key `len16(customer) ‖ customer ‖ len8(rule) ‖ rule ‖
-/// version(BE u32) ‖ window instance`.
+/// A member's share of a group or venue goal in one window instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberState {
+    /// The member's own contribution (events, or the sum of their values).
+    pub share: f64,
+    /// The goal's tiers awarded to this member.
+    pub tiers_awarded: u32,
+    /// The group (empty for `venue`).
+    pub group: String,
+    /// The key of this member's entry in the goal's member index.
+    pub index: Vec<u8>,
+}
+
+/// A customer's rewards within one period.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    pub points: Vec<(String, i64)>,
+    pub badges: Vec<String>,
+    /// The key of this customer's entry in the period's activity index.
+    pub index: Vec<u8>,
+}
+
+/// The key of a customer's rule state:
+/// `len16(customer) ‖ customer ‖ len8(rule) ‖ rule ‖ version ‖ window`.
 pub(crate) fn key<'b>(
     buf: &'b mut KeyBuf,
     customer: &str,
@@ -59,20 +116,100 @@ pub(crate) fn key<'b>(
         .finish(MAX_STATE_KEY)
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<RuleState, postcard::Error> {
-    match postcard::from_bytes::<StoredState>(bytes)? {
-        StoredState::V1(state) => Ok(state),
-    }
+/// The key of a customer's rate history for a rule (`what`: `rate` or
+/// `referral`). Window names never start with a NUL, so these keys do not
+/// meet state keys.
+pub(crate) fn rate_key<'b>(
+    buf: &'b mut KeyBuf,
+    customer: &str,
+    rule: &str,
+    version: u32,
+    what: &str,
+) -> &'b [u8] {
+    buf.start(customer)
+        .short(rule)
+        .u32(version)
+        .rest("\0")
+        .rest(what)
+        .finish(MAX_STATE_KEY)
 }
 
-/// Encodes into `buf` (cleared first) and hands the state back.
-pub(crate) fn encode(state: RuleState, buf: &mut Vec<u8>) -> Result<RuleState, postcard::Error> {
+/// The key of a customer's activity record in a period.
+pub(crate) fn activity_key<'b>(buf: &'b mut KeyBuf, customer: &str, period: &str) -> &'b [u8] {
+    buf.start(customer)
+        .short("")
+        .rest(period)
+        .finish(MAX_STATE_KEY)
+}
+
+/// A site-wide singleton's key.
+pub(crate) fn global_key<'b>(buf: &'b mut KeyBuf, name: &str) -> &'b [u8] {
+    buf.start("").short("").rest(name).finish(MAX_STATE_KEY)
+}
+
+/// A period's activity index: prefix, and one customer's entry.
+pub(crate) fn activity_index_prefix(period: &str) -> Vec<u8> {
+    let mut buf = KeyBuf::default();
+    buf.start("")
+        .short("")
+        .rest("active\0")
+        .rest(period)
+        .rest("\0")
+        .finish(MAX_INDEX_KEY)
+        .to_vec()
+}
+
+/// The shared state key of a group goal.
+pub(crate) fn group_key<'b>(
+    buf: &'b mut KeyBuf,
+    rule: &str,
+    version: u32,
+    window: &str,
+    group: &str,
+) -> &'b [u8] {
+    buf.start("")
+        .short(rule)
+        .u32(version)
+        .rest("g\0")
+        .rest(window)
+        .rest("\0")
+        .rest(group)
+        .finish(MAX_STATE_KEY)
+}
+
+/// The prefix of a group goal's member index.
+pub(crate) fn member_index_prefix(rule: &str, version: u32, window: &str, group: &str) -> Vec<u8> {
+    let mut buf = KeyBuf::default();
+    buf.start("")
+        .short(rule)
+        .u32(version)
+        .rest("m\0")
+        .rest(window)
+        .rest("\0")
+        .rest(group)
+        .rest("\0")
+        .finish(MAX_INDEX_KEY)
+        .to_vec()
+}
+
+pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
+    postcard::from_bytes::<StoredState>(bytes)
+}
+
+/// Encodes into `buf` (cleared first).
+pub(crate) fn encode(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     buf.clear();
-    let stored = StoredState::V1(state);
-    let out = postcard::to_extend(&stored, std::mem::take(buf))?;
+    let out = postcard::to_extend(state, std::mem::take(buf))?;
     *buf = out;
-    let StoredState::V1(state) = stored;
-    Ok(state)
+    Ok(())
+}
+
+pub(crate) fn decode_global(bytes: &[u8]) -> Result<StoredGlobal, postcard::Error> {
+    postcard::from_bytes::<StoredGlobal>(bytes)
+}
+
+pub(crate) fn encode_global(value: &StoredGlobal) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(value)
 }
 
 #[cfg(test)]
@@ -82,11 +219,15 @@ mod tests {
     #[test]
     fn round_trip_and_key_layout() {
         let mut buf = Vec::new();
-        let state = RuleState::new(MeasureState::Count(3), 1000);
-        let state = encode(state, &mut buf).unwrap();
-        assert_eq!(decode(&buf).unwrap(), state);
-        // Version byte first.
+        let state = StoredState::V1(RuleState::new(MeasureState::Count(3), 1000));
+        encode(&state, &mut buf).unwrap();
+        // Version byte first: records written before the other variants
+        // existed still decode.
         assert_eq!(buf[0], 0);
+        match decode(&buf).unwrap() {
+            StoredState::V1(s) => assert_eq!(s.measure, MeasureState::Count(3)),
+            other => panic!("{other:?}"),
+        }
 
         let mut kb = KeyBuf::default();
         let k = key(&mut kb, "c1", "r", 2, "lifetime").to_vec();
@@ -97,5 +238,13 @@ mod tests {
 
         let long = "c".repeat(1000);
         assert_eq!(key(&mut kb, &long, "r", 1, "lifetime").len(), 33);
+
+        // Site keys never share a prefix with a customer's keys.
+        let site = global_key(&mut kb, "watermark").to_vec();
+        assert!(site.starts_with(b"\x00\x00"));
+        assert!(!k.starts_with(b"\x00\x00"));
+        // A member index entry extends the group's prefix.
+        let prefix = member_index_prefix("r", 1, "period:m1", "101");
+        assert!(prefix.starts_with(b"\x00\x00\x01r"));
     }
 }

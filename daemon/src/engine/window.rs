@@ -1,19 +1,265 @@
-//! Windows: which instance of a rule's state an event belongs to.
+//! Windows: which instance of a rule's state an event belongs to, and when
+//! that instance closes.
 //!
-//! The instance name is part of the state key and of every award, so a
-//! `day` window later yields e.g. `"2025-06-01"` and a fresh count per day
-//! with no change elsewhere; `lifetime` has exactly one instance.
+//! The instance name is part of the state key and of every award, so each
+//! instance keeps its own progress and its tiers can be earned again in the
+//! next one. Windows are event-time: an instance closes when the site's
+//! watermark passes its end plus the rule's lateness ([`Placement::late`]).
+//! Periods (matches, concerts) are not computed from the clock but opened
+//! and closed by venue events; [`Periods`] is their registry.
 
-use std::borrow::Cow;
-
-use edge_config::Window;
+use edge_config::{TimeZone, Window};
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 /// Instance name of a `lifetime` window.
 pub const LIFETIME: &str = "lifetime";
 
-/// The window instance an event at `time_ms` falls into.
-pub fn instance(window: &Window, _time_ms: i64) -> Cow<'static, str> {
+/// State key of a `rolling` window: one record per customer and rule; the
+/// instance the award names is kept in the state (`rolling:<start>`).
+pub const ROLLING_KEY: &str = "rolling";
+
+/// The longest period id kept; longer ones are refused (a counted bad
+/// event), so period names stay readable and keys bounded.
+pub const MAX_PERIOD_ID: usize = 128;
+
+/// Where an event falls for one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The instance's state key component (and the award's window name,
+    /// except for `rolling`, whose award names the run's start).
+    pub name: String,
+    /// The instance's position in its sequence (day number, period
+    /// ordinal, span number): what streaks count over.
+    pub ordinal: i64,
+    /// Event time at which the instance ends, `None` when it never does
+    /// (lifetime) or has not yet been closed (an open period).
+    pub end_ms: Option<i64>,
+}
+
+impl Placement {
+    /// True when the watermark has passed the instance's end by more than
+    /// `lateness_ms`: the event arrived too late to count.
+    pub fn late(&self, watermark_ms: i64, lateness_ms: i64) -> bool {
+        self.end_ms
+            .is_some_and(|end| watermark_ms > end.saturating_add(lateness_ms))
+    }
+}
+
+/// The instance of `window` an event at `time_ms` falls into, or `None`
+/// for a `period` window when no period covers the time.
+pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> Option<Placement> {
     match window {
-        Window::Lifetime => Cow::Borrowed(LIFETIME),
+        Window::Lifetime => Some(Placement {
+            name: LIFETIME.to_string(),
+            ordinal: 0,
+            end_ms: None,
+        }),
+        Window::Day => Some(day(tz, time_ms)),
+        Window::Period => periods.at(time_ms),
+        Window::Tumbling(span) => {
+            let span_ms = duration_ms(*span);
+            let n = time_ms.div_euclid(span_ms);
+            let start = n.saturating_mul(span_ms);
+            Some(Placement {
+                name: format!("{}/{}", rfc3339(start), duration_text(span_ms)),
+                ordinal: n,
+                end_ms: Some(start.saturating_add(span_ms)),
+            })
+        }
+        Window::Rolling(span) => Some(Placement {
+            name: ROLLING_KEY.to_string(),
+            ordinal: 0,
+            // The event leaves the window `span` after it happened.
+            end_ms: Some(time_ms.saturating_add(duration_ms(*span))),
+        }),
+    }
+}
+
+/// The local day (site time zone) of `time_ms`, named `YYYY-MM-DD`.
+pub fn day(tz: TimeZone, time_ms: i64) -> Placement {
+    let n = tz.day_of(time_ms);
+    Placement {
+        name: day_name(n),
+        ordinal: n,
+        end_ms: Some(tz.day_start_ms(n + 1)),
+    }
+}
+
+/// `YYYY-MM-DD` of day number `n` (days since 1970-01-01).
+pub fn day_name(n: i64) -> String {
+    let date = OffsetDateTime::UNIX_EPOCH + time::Duration::days(n);
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        u8::from(date.month()),
+        date.day()
+    )
+}
+
+/// The name of a rolling run that started at `start_ms`.
+pub fn rolling_name(start_ms: i64) -> String {
+    format!("rolling:{}", rfc3339(start_ms))
+}
+
+/// The name of period `id`'s instance.
+pub fn period_name(id: &str) -> String {
+    format!("period:{id}")
+}
+
+pub fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// A duration the way rule files write it, in its largest whole unit.
+fn duration_text(ms: i64) -> String {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+/// One venue period, as announced by `venue.period.started` / `.ended`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Period {
+    pub id: String,
+    pub start_ms: i64,
+    pub end_ms: Option<i64>,
+}
+
+/// Every period the site has seen, in the order they started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Periods {
+    pub list: Vec<Period>,
+}
+
+impl Periods {
+    /// The period covering `time_ms` (`start <= t < end`); when periods
+    /// overlap, the one that started last.
+    pub fn at(&self, time_ms: i64) -> Option<Placement> {
+        self.list
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, p)| p.start_ms <= time_ms && p.end_ms.is_none_or(|end| time_ms < end))
+            .map(|(i, p)| Placement {
+                name: period_name(&p.id),
+                ordinal: i as i64,
+                end_ms: p.end_ms,
+            })
+    }
+
+    /// Opens period `id` at `start_ms`. A period that is already known is
+    /// left as it is (a repeated start changes nothing). Returns whether
+    /// it was new.
+    pub fn open(&mut self, id: &str, start_ms: i64) -> bool {
+        if self.list.iter().any(|p| p.id == id) {
+            return false;
+        }
+        let at = self.list.partition_point(|p| p.start_ms <= start_ms);
+        self.list.insert(
+            at,
+            Period {
+                id: id.to_string(),
+                start_ms,
+                end_ms: None,
+            },
+        );
+        true
+    }
+
+    /// Closes period `id` at `end_ms`; a period never opened is opened and
+    /// closed at once (it covers nothing before its end was known).
+    /// Returns false when it was already closed.
+    pub fn close(&mut self, id: &str, end_ms: i64) -> bool {
+        match self.list.iter_mut().find(|p| p.id == id) {
+            Some(p) if p.end_ms.is_some() => false,
+            Some(p) => {
+                p.end_ms = Some(end_ms.max(p.start_ms));
+                true
+            }
+            None => {
+                self.open(id, end_ms);
+                self.close(id, end_ms)
+            }
+        }
+    }
+
+    /// The most recent period, open or not (what "current" means for
+    /// progress queries).
+    pub fn latest(&self) -> Option<&Period> {
+        self.list.last()
+    }
+
+    pub fn ordinal_of(&self, id: &str) -> Option<i64> {
+        self.list.iter().position(|p| p.id == id).map(|i| i as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const T: i64 = 1_750_000_000_000; // 2025-06-15T15:06:40Z
+
+    #[test]
+    fn calendar_windows() {
+        let periods = Periods::default();
+        let utc = TimeZone::UTC;
+        let d = place(&Window::Day, utc, &periods, T).unwrap();
+        assert_eq!(d.name, "2025-06-15");
+        assert_eq!(d.end_ms, Some(1_750_032_000_000));
+        let london = TimeZone::parse("Europe/London").unwrap();
+        // 23:30 UTC is already the next day in London (BST).
+        let late = place(&Window::Day, london, &periods, 1_750_030_200_000).unwrap();
+        assert_eq!(late.name, "2025-06-16");
+        let t = place(
+            &Window::Tumbling(Duration::from_secs(900)),
+            utc,
+            &periods,
+            T,
+        )
+        .unwrap();
+        assert_eq!(t.name, "2025-06-15T15:00:00Z/15m");
+        assert_eq!(t.end_ms, Some(1_750_000_500_000));
+        assert!(!t.late(1_750_000_500_000 + 30_000, 30_000));
+        assert!(t.late(1_750_000_500_000 + 30_001, 30_000));
+        assert!(place(&Window::Lifetime, utc, &periods, T)
+            .unwrap()
+            .end_ms
+            .is_none());
+    }
+
+    #[test]
+    fn periods_open_close_and_cover() {
+        let mut p = Periods::default();
+        assert!(p.at(T).is_none());
+        assert!(p.open("m1", T));
+        assert!(!p.open("m1", T + 5));
+        assert_eq!(p.at(T + 10).unwrap().name, "period:m1");
+        assert!(p.at(T - 1).is_none());
+        assert!(p.close("m1", T + 100));
+        assert!(!p.close("m1", T + 200));
+        assert!(p.at(T + 100).is_none());
+        assert_eq!(p.at(T + 99).unwrap().end_ms, Some(T + 100));
+        assert!(p.open("m2", T + 1000));
+        assert_eq!(p.at(T + 1001).unwrap().ordinal, 1);
+        assert_eq!(p.ordinal_of("m2"), Some(1));
     }
 }

@@ -178,6 +178,8 @@ pub struct Rewards {
     pub points: serde_json::Map<String, Value>,
     /// Badges in award order, with the RFC 3339 time of the award.
     pub badges: Vec<Value>,
+    /// Voucher codes in award order: code, achievement, tier, time.
+    pub vouchers: Vec<Value>,
 }
 
 pub(crate) fn rewards_of(dbs: &Dbs, txn: &RoTxn, customer: &str) -> Result<Rewards, RewardError> {
@@ -192,18 +194,30 @@ pub(crate) fn rewards_of(dbs: &Dbs, txn: &RoTxn, customer: &str) -> Result<Rewar
         badges: ledger
             .badges
             .into_iter()
-            .map(|(badge, at_ms)| {
-                let at =
-                    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-                        .ok()
-                        .and_then(|t| {
-                            t.format(&time::format_description::well_known::Rfc3339)
-                                .ok()
-                        });
-                serde_json::json!({ "badge": badge, "at": at })
+            .map(|(badge, at_ms)| serde_json::json!({ "badge": badge, "at": rfc3339(at_ms) }))
+            .collect(),
+        vouchers: ledger
+            .vouchers
+            .into_iter()
+            .map(|v| {
+                serde_json::json!({
+                    "code": v.code,
+                    "achievement": v.achievement,
+                    "tier": v.tier,
+                    "at": rfc3339(v.at_ms),
+                })
             })
             .collect(),
     })
+}
+
+fn rfc3339(at_ms: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
 }
 
 fn display_pseudonym(names: &Pseudonymizer, customer: &str) -> String {

@@ -132,6 +132,9 @@ struct Shared {
     stats: Arc<StoreStats>,
     /// Replaced with the engine on a rules reload.
     engine_stats: RwLock<Arc<EngineStats>>,
+    /// The active rules (progress queries), replaced on a reload.
+    rules: RwLock<Arc<RuleBundle>>,
+    clock: Clock,
     /// Kept so a reload builds its engine with the same key.
     pseudonymizer: Pseudonymizer,
     /// Names customers on leaderboards who did not opt in (a site-local
@@ -212,7 +215,7 @@ impl Store {
             Opened { env, dbs, meta },
             engine,
             settings,
-            clock,
+            clock.clone(),
             stats.clone(),
             notify.clone(),
             published.clone(),
@@ -234,6 +237,8 @@ impl Store {
                 dbs,
                 stats,
                 engine_stats: RwLock::new(engine_stats),
+                rules: RwLock::new(Arc::new(rules.clone())),
+                clock,
                 pseudonymizer,
                 board_names,
                 notify,
@@ -376,7 +381,30 @@ impl StoreHandle {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         *slot = stats;
+        drop(slot);
+        let mut slot = self.shared.rules.write().unwrap_or_else(|p| p.into_inner());
+        *slot = Arc::new(rules.clone());
         Ok(())
+    }
+
+    /// A customer's progress in every active rule, at the store's clock.
+    pub async fn progress(
+        &self,
+        customer: &str,
+    ) -> Result<Vec<crate::engine::progress::RuleView>, StoreError> {
+        let rules = self
+            .shared
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let customer = customer.to_string();
+        let now_ms = (self.shared.clock)();
+        self.read(move |dbs, txn, _| {
+            crate::engine::progress::query(&rules, txn, dbs.rule_state, &customer, now_ms)
+                .map_err(rewards::RewardError::from)
+        })
+        .await
     }
 
     /// A customer's lifetime points and badges (empty when unknown).

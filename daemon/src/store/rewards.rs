@@ -39,11 +39,31 @@ pub struct Ledger {
     pub points: Vec<(String, i64)>,
     /// Badges in award order, with the award's event time (ms).
     pub badges: Vec<(String, i64)>,
+    /// Voucher codes handed out with tiers, in award order.
+    pub vouchers: Vec<VoucherEntry>,
 }
 
+/// A voucher code and the award it came with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VoucherEntry {
+    pub code: String,
+    pub achievement: String,
+    pub tier: u32,
+    pub at_ms: i64,
+}
+
+/// The ledger as first stored, before vouchers.
+#[derive(Serialize, Deserialize)]
+struct LedgerV1 {
+    points: Vec<(String, i64)>,
+    badges: Vec<(String, i64)>,
+}
+
+/// Variants are only appended: older ledgers still decode.
 #[derive(Serialize, Deserialize)]
 enum StoredLedger {
-    V1(Ledger),
+    V1(LedgerV1),
+    V2(Ledger),
 }
 
 /// Credits one award to `customer`'s ledger and boards.
@@ -52,9 +72,10 @@ pub(crate) fn credit(
     txn: &mut RwTxn,
     customer: &str,
     award: &AchievementAwarded,
+    voucher: Option<&str>,
     at_ms: i64,
 ) -> Result<(), RewardError> {
-    if award.points.is_empty() && award.badge.is_none() {
+    if award.points.is_empty() && award.badge.is_none() && voucher.is_none() {
         return Ok(());
     }
     let key = customer_key(customer);
@@ -71,7 +92,15 @@ pub(crate) fn credit(
     if let Some(badge) = &award.badge {
         ledger.badges.push((badge.clone(), at_ms));
     }
-    let bytes = postcard::to_allocvec(&StoredLedger::V1(ledger))
+    if let Some(code) = voucher {
+        ledger.vouchers.push(VoucherEntry {
+            code: code.to_string(),
+            achievement: award.achievement.clone(),
+            tier: award.tier,
+            at_ms,
+        });
+    }
+    let bytes = postcard::to_allocvec(&StoredLedger::V2(ledger))
         .map_err(|e| RewardError::Corrupt(e.to_string()))?;
     dbs.ledgers.put(txn, &key, &bytes)?;
     Ok(())
@@ -269,7 +298,12 @@ fn read_ledger(
         return Ok(None);
     };
     match postcard::from_bytes::<StoredLedger>(bytes) {
-        Ok(StoredLedger::V1(l)) => Ok(Some(l)),
+        Ok(StoredLedger::V1(l)) => Ok(Some(Ledger {
+            points: l.points,
+            badges: l.badges,
+            vouchers: Vec::new(),
+        })),
+        Ok(StoredLedger::V2(l)) => Ok(Some(l)),
         Err(e) => Err(RewardError::Corrupt(e.to_string())),
     }
 }

@@ -23,6 +23,8 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
 struct Reported {
     matched: u64,
     awards: u64,
+    late: u64,
+    limited: u64,
 }
 
 /// What one interval produced, pending its commit.
@@ -66,6 +68,8 @@ impl Reporter {
             let now = Reported {
                 matched: rule.matched(),
                 awards: rule.awards(),
+                late: rule.late(),
+                limited: rule.limited(),
             };
             let before = self.last.get(&key).copied().unwrap_or_default();
             if now != before {
@@ -76,8 +80,8 @@ impl Reporter {
                     to_ms: now_ms,
                     matched: now.matched.saturating_sub(before.matched),
                     awards: now.awards.saturating_sub(before.awards),
-                    late: 0,
-                    limited: 0,
+                    late: now.late.saturating_sub(before.late),
+                    limited: now.limited.saturating_sub(before.limited),
                 }));
             }
             last.insert(key, now);

@@ -31,7 +31,7 @@ use super::rewards::{self, RewardDbs, RewardError};
 use super::rule_stats;
 use super::stats::StoreStats;
 use super::{dlq, Clock, StoreError};
-use crate::engine::{ApplyError, Emitted, Engine, StateDb};
+use crate::engine::{ApplyError, Emitted, Engine, EngineDbs, Output, ProgressNote};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use touchline_proto::{CustomerErased, RecordBody};
 
@@ -199,8 +199,9 @@ pub(crate) struct Writer {
     published_notify: Arc<Notify>,
     dedup: Dedup,
     outbox: Outbox,
-    /// Awards of the event being applied, reused between events.
-    emitted: Vec<Emitted>,
+    /// Awards and progress notes of the event being applied, reused
+    /// between events.
+    output: Output,
     key: KeyBuf,
     publications: publications::Queue,
     rule_stats: rule_stats::Reporter,
@@ -241,7 +242,7 @@ impl Writer {
             published_notify,
             dedup: Dedup::default(),
             outbox: Outbox::default(),
-            emitted: Vec::new(),
+            output: Output::default(),
             key: KeyBuf::default(),
             publications: publications::Queue::default(),
             rule_stats,
@@ -396,6 +397,7 @@ impl Writer {
         let started = Instant::now();
         let env = self.env.clone();
         let mut txn = env.write_txn()?;
+        self.engine.begin();
         let mut meta = self.meta;
         let mut tally = Tally::default();
         let mut answers = Vec::with_capacity(pick.len());
@@ -445,7 +447,9 @@ impl Writer {
         if meta != self.meta {
             meta::save(self.dbs.meta, &mut txn, &meta)?;
         }
+        self.engine.flush(&mut txn, self.engine_dbs())?;
         txn.commit()?;
+        self.engine.committed();
         tally.duration = started.elapsed();
         self.meta = meta;
         Ok((answers, tally))
@@ -489,18 +493,28 @@ impl Writer {
                 outcomes.push(EventOutcome::Duplicate);
                 continue;
             }
-            self.emitted.clear();
+            self.output.records.clear();
+            self.output.progress.clear();
             let customer_dbs = CustomerDbs {
                 profiles: self.dbs.profiles,
                 rule_state: self.dbs.rule_state,
             };
+            if event.kind == customers::ERASE_EVENT {
+                if let Some(customer) = event.subject.as_deref() {
+                    // Index entries naming the customer first: they are
+                    // found through the records erasure deletes.
+                    self.engine.erase(txn, self.engine_dbs(), customer)?;
+                }
+            }
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
-                Admission::Track(_profile) => {
+                Admission::Track(profile) => {
                     self.engine.apply(
                         txn,
-                        StateDb(self.dbs.rule_state),
+                        self.engine_dbs(),
                         event,
-                        &mut self.emitted,
+                        profile.as_ref(),
+                        now_ms,
+                        &mut self.output,
                     )?;
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
@@ -508,30 +522,53 @@ impl Writer {
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
                     tally.erasures += 1;
-                    self.emitted.push(Emitted {
+                    self.output.records.push(Emitted {
                         at_ms: event.time_ms,
                         body: RecordBody::CustomerErased(CustomerErased {
                             customer: self.engine.pseudonymizer().pseudonym(&customer),
                         }),
+                        customer: None,
+                        voucher: None,
                     });
                 }
             }
-            if let Some(customer) = event.subject.as_deref() {
-                for e in &self.emitted {
-                    if let RecordBody::AchievementAwarded(award) = &e.body {
-                        rewards::credit(self.reward_dbs(), txn, customer, award, e.at_ms)?;
-                        if let Some(prefix) = &self.settings.feedback_prefix {
-                            let publication =
-                                tier_reached(prefix, &self.settings.site, customer, award);
-                            self.publications
-                                .push(self.dbs.publications, txn, publication)?;
-                            tally.publications += 1;
-                        }
-                    }
+            for e in &self.output.records {
+                let (RecordBody::AchievementAwarded(award), Some(customer)) =
+                    (&e.body, &e.customer)
+                else {
+                    continue;
+                };
+                rewards::credit(
+                    self.reward_dbs(),
+                    txn,
+                    customer,
+                    award,
+                    e.voucher.as_deref(),
+                    e.at_ms,
+                )?;
+                if let Some(prefix) = &self.settings.feedback_prefix {
+                    let publication = tier_reached(
+                        prefix,
+                        &self.settings.site,
+                        customer,
+                        award,
+                        e.voucher.as_deref(),
+                    );
+                    self.publications
+                        .push(self.dbs.publications, txn, publication)?;
+                    tally.publications += 1;
                 }
             }
-            let records = self.emitted.len();
-            for e in self.emitted.drain(..) {
+            if let Some(prefix) = &self.settings.feedback_prefix {
+                for note in &self.output.progress {
+                    let publication = progress_crossed(prefix, &self.settings.site, note);
+                    self.publications
+                        .push(self.dbs.publications, txn, publication)?;
+                    tally.publications += 1;
+                }
+            }
+            let records = self.output.records.len();
+            for e in self.output.records.drain(..) {
                 self.outbox
                     .append(&self.dbs, txn, meta, &self.settings.site, e.at_ms, e.body)?;
             }
@@ -542,6 +579,13 @@ impl Writer {
             });
         }
         Ok(Ok(outcomes))
+    }
+
+    fn engine_dbs(&self) -> EngineDbs {
+        EngineDbs {
+            state: self.dbs.rule_state,
+            profiles: self.dbs.profiles,
+        }
     }
 
     fn reward_dbs(&self) -> RewardDbs {
@@ -768,6 +812,7 @@ fn tier_reached(
     site: &str,
     customer: &str,
     award: &touchline_proto::AchievementAwarded,
+    voucher: Option<&str>,
 ) -> Publication {
     let points: serde_json::Map<String, serde_json::Value> = award
         .points
@@ -784,10 +829,34 @@ fn tier_reached(
         "tier": award.tier,
         "badge": award.badge,
         "points": points,
+        "voucher": voucher,
         "value": award.value,
     });
     Publication {
         topic: format!("{prefix}/{}/progress", publications::topic_level(customer)),
+        payload: payload.to_string().into_bytes(),
+    }
+}
+
+/// The MQTT message telling a fan they are 25, 50 or 75 % of the way to
+/// their next tier.
+fn progress_crossed(prefix: &str, site: &str, note: &ProgressNote) -> Publication {
+    let payload = serde_json::json!({
+        "id": format!("{site}:{}@{}:{}:{}%{}:{}", note.rule, note.version, note.window, note.percent, note.next_at, note.customer),
+        "kind": "progress",
+        "customer": note.customer,
+        "achievement": note.rule,
+        "version": note.version,
+        "window": note.window,
+        "percent": note.percent,
+        "value": note.value,
+        "next_at": note.next_at,
+    });
+    Publication {
+        topic: format!(
+            "{prefix}/{}/progress",
+            publications::topic_level(&note.customer)
+        ),
         payload: payload.to_string().into_bytes(),
     }
 }

@@ -1,0 +1,293 @@
+//! Venue periods (matches, concerts) and the site's event-time watermark.
+//!
+//! `venue.period.started` / `venue.period.ended` events carrying
+//! `data.period` open and close periods; `period` windows and
+//! `every = "period"` streaks are placed by them. While a period runs, each
+//! tracked customer with an event in it gets an activity record (what they
+//! earned in the period) and an entry in the period's activity index; when
+//! the period ends, every active customer's `PeriodSummary` goes upstream
+//! in the same commit and the activity records are deleted.
+//!
+//! Summaries are made when the end event is applied: events of the period
+//! that arrive later (within the rules' lateness) still count for the
+//! rules, but are not in the summary.
+
+use heed::types::Bytes;
+use heed::{Database, RwTxn};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+use touchline_proto::{PeriodSummary, RecordBody, RuleProgress};
+use tracing::{info, warn};
+
+use super::state::{self, Activity, StoredGlobal, StoredState};
+use super::window::{self, Periods, MAX_PERIOD_ID};
+use super::{ApplyError, CompiledRule, Emitted, Globals, Output, Work};
+use crate::event::Event;
+use crate::store::keys::KeyBuf;
+use edge_config::{Scope, Window};
+
+/// Event types that open and close periods.
+pub const PERIOD_STARTED: &str = "venue.period.started";
+pub const PERIOD_ENDED: &str = "venue.period.ended";
+
+const WATERMARK: &str = "watermark";
+const PERIODS: &str = "periods";
+
+/// Reads the watermark and period registry (defaults when new).
+pub(super) fn load_globals(
+    txn: &RwTxn,
+    db: Database<Bytes, Bytes>,
+    key: &mut KeyBuf,
+) -> Result<Globals, ApplyError> {
+    let mut globals = Globals::default();
+    for (name, slot) in [(WATERMARK, 0u8), (PERIODS, 1u8)] {
+        let k = state::global_key(key, name).to_vec();
+        let Some(bytes) = db.get(txn, &k)? else {
+            continue;
+        };
+        match (state::decode_global(bytes), slot) {
+            (Ok(StoredGlobal::Watermark(w)), 0) => globals.watermark = w,
+            (Ok(StoredGlobal::Periods(p)), 1) => globals.periods = p,
+            (Ok(_), _) => {}
+            (Err(source), _) => {
+                return Err(ApplyError::Corrupt {
+                    rule: format!("(site {name})"),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(globals)
+}
+
+pub(super) fn save_watermark(
+    txn: &mut RwTxn,
+    db: Database<Bytes, Bytes>,
+    key: &mut KeyBuf,
+    watermark: i64,
+) -> Result<(), ApplyError> {
+    save(txn, db, key, WATERMARK, &StoredGlobal::Watermark(watermark))
+}
+
+pub(super) fn save_periods(
+    txn: &mut RwTxn,
+    db: Database<Bytes, Bytes>,
+    key: &mut KeyBuf,
+    periods: &Periods,
+) -> Result<(), ApplyError> {
+    save(
+        txn,
+        db,
+        key,
+        PERIODS,
+        &StoredGlobal::Periods(periods.clone()),
+    )
+}
+
+fn save(
+    txn: &mut RwTxn,
+    db: Database<Bytes, Bytes>,
+    key: &mut KeyBuf,
+    name: &str,
+    value: &StoredGlobal,
+) -> Result<(), ApplyError> {
+    let bytes = state::encode_global(value).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
+    db.put(txn, state::global_key(key, name), &bytes)?;
+    Ok(())
+}
+
+/// Handles a venue-wide event; returns true when the period registry
+/// changed.
+pub(super) fn venue_event(
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    rules: &[CompiledRule],
+    globals: &mut Globals,
+    event: &Event,
+    out: &mut Output,
+) -> Result<bool, ApplyError> {
+    let started = event.kind == PERIOD_STARTED;
+    if !started && event.kind != PERIOD_ENDED {
+        return Ok(false);
+    }
+    let id = match event.data.get("period") {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_PERIOD_ID => s.as_str(),
+        _ => {
+            work.stats
+                .period_events_invalid
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(event = %event.id, kind = %event.kind, "period event without a usable `data.period` (a non-empty string of at most {MAX_PERIOD_ID} bytes); ignored");
+            return Ok(false);
+        }
+    };
+    if started {
+        let new = globals.periods.open(id, event.time_ms);
+        if new {
+            info!(period = id, "period started");
+        }
+        return Ok(new);
+    }
+    if !globals.periods.close(id, event.time_ms) {
+        return Ok(false);
+    }
+    let summaries = summarize(work, txn, rules, id, event.time_ms, out)?;
+    work.stats
+        .period_summaries
+        .fetch_add(summaries, Ordering::Relaxed);
+    info!(period = id, summaries, "period ended");
+    Ok(true)
+}
+
+/// Notes that `customer` was active in the period covering `time_ms`.
+pub(super) fn mark_active(
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    customer: &str,
+    time_ms: i64,
+) -> Result<(), ApplyError> {
+    let Some(period) = period_at(work.periods, time_ms) else {
+        return Ok(());
+    };
+    let key = state::activity_key(work.key, customer, &period).to_vec();
+    if work.dbs.state.get(txn, &key)?.is_some() {
+        return Ok(());
+    }
+    let mut index = state::activity_index_prefix(&period);
+    index.extend_from_slice(customer.as_bytes());
+    work.dbs.state.put(txn, &index, &[])?;
+    let activity = Activity {
+        index,
+        ..Activity::default()
+    };
+    super::write_state(
+        txn,
+        work.dbs.state,
+        work.value,
+        &key,
+        StoredState::Activity(activity),
+    )
+}
+
+/// Adds an award's points and badge to the customer's activity in the
+/// period covering `at_ms` (if any).
+pub(super) fn credit_activity(
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    customer: &str,
+    at_ms: i64,
+    points: &[(String, i64)],
+    badge: Option<&str>,
+) -> Result<(), ApplyError> {
+    let Some(period) = period_at(work.periods, at_ms) else {
+        return Ok(());
+    };
+    if points.is_empty() && badge.is_none() {
+        return Ok(());
+    }
+    mark_active(work, txn, customer, at_ms)?;
+    let key = state::activity_key(work.key, customer, &period).to_vec();
+    let mut activity = match work.dbs.state.get(txn, &key)? {
+        Some(bytes) => match state::decode(bytes) {
+            Ok(StoredState::Activity(a)) => a,
+            _ => return Ok(()),
+        },
+        None => return Ok(()),
+    };
+    for (category, amount) in points {
+        match activity
+            .points
+            .binary_search_by(|(c, _)| c.as_str().cmp(category))
+        {
+            Ok(i) => activity.points[i].1 = activity.points[i].1.saturating_add(*amount),
+            Err(i) => activity.points.insert(i, (category.clone(), *amount)),
+        }
+    }
+    if let Some(badge) = badge {
+        activity.badges.push(badge.to_string());
+    }
+    super::write_state(
+        txn,
+        work.dbs.state,
+        work.value,
+        &key,
+        StoredState::Activity(activity),
+    )
+}
+
+fn period_at(periods: &Periods, time_ms: i64) -> Option<String> {
+    let placement = periods.at(time_ms)?;
+    placement.name.strip_prefix("period:").map(str::to_string)
+}
+
+/// Emits every active customer's summary of `period` and deletes the
+/// activity records.
+fn summarize(
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    rules: &[CompiledRule],
+    period: &str,
+    at_ms: i64,
+    out: &mut Output,
+) -> Result<u64, ApplyError> {
+    let db = work.dbs.state;
+    let prefix = state::activity_index_prefix(period);
+    let mut customers = Vec::new();
+    for entry in db.prefix_iter(txn, &prefix)? {
+        let (k, _) = entry?;
+        if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
+            customers.push(id.to_string());
+        }
+    }
+    let window = window::period_name(period);
+    let mut made = 0u64;
+    for customer in customers {
+        let key = state::activity_key(work.key, &customer, period).to_vec();
+        let activity = match db.get(txn, &key)? {
+            Some(bytes) => match state::decode(bytes) {
+                Ok(StoredState::Activity(a)) => a,
+                _ => Activity::default(),
+            },
+            None => Activity::default(),
+        };
+        let mut progress = Vec::new();
+        for c in rules {
+            let rule = &c.rule;
+            if rule.window != Window::Period || !matches!(rule.scope, Scope::Customer) {
+                continue;
+            }
+            let k = state::key(work.key, &customer, &rule.id, rule.version, &window).to_vec();
+            let Some(bytes) = db.get(txn, &k)? else {
+                continue;
+            };
+            let Ok(StoredState::V1(s)) = state::decode(bytes) else {
+                continue;
+            };
+            if let Some(next) = c.tiers.get(s.tiers_awarded as usize) {
+                progress.push(RuleProgress {
+                    rule: rule.id.clone(),
+                    version: rule.version,
+                    value: s.measure.value(),
+                    next_at: next.at,
+                });
+            }
+        }
+        out.records.push(Emitted {
+            at_ms,
+            body: RecordBody::PeriodSummary(PeriodSummary {
+                customer: work.pseudonymizer.pseudonym(&customer),
+                period: period.to_string(),
+                points: activity.points,
+                badges: activity.badges,
+                progress,
+            }),
+            customer: None,
+            voucher: None,
+        });
+        made += 1;
+        db.delete(txn, &key)?;
+        let mut index = prefix.clone();
+        index.extend_from_slice(customer.as_bytes());
+        db.delete(txn, &index)?;
+    }
+    Ok(made)
+}

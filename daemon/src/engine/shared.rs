@@ -1,0 +1,227 @@
+//! Shared goals: `scope = "group"` (one value per `group_by` result, e.g.
+//! a stand section) and `scope = "venue"` (one value for the whole site).
+//!
+//! The goal's value lives in the site key space, one record per (rule,
+//! version, window instance, group). Each member keeps their own share in
+//! their key space, plus an entry in the goal's member index, so that when
+//! the goal reaches a tier every member whose share reached
+//! `min_contribution` can be found and awarded. A member whose share
+//! reaches `min_contribution` after the goal reached a tier is awarded
+//! then, while the window instance is open. Either way each member gets
+//! each tier once per instance (the member record counts their tiers).
+//!
+//! A member whose group changes within an instance (a fan moving to
+//! another section) starts over in the new group; their awards from the
+//! old one stay.
+
+use heed::RwTxn;
+use sha2::{Digest, Sha256};
+
+use super::measure::Input;
+use super::state::{self, MemberState, StoredState};
+use super::{
+    award, read_state, write_state, ApplyError, CompiledRule, Ctx, Output, RuleError, RuleLogs,
+    Step, Work,
+};
+use edge_config::Scope;
+
+/// Applies a counting event to its shared goal; returns the awards made.
+pub(crate) fn update(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    ctx: &Ctx<'_, '_>,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+    step: Step<'_>,
+) -> Result<u64, RuleError> {
+    let rule = &c.rule;
+    let group = match (&rule.scope, &c.group_by) {
+        (Scope::Group { .. }, Some(expr)) => bounded(expr.key(ctx.scope)?),
+        _ => String::new(),
+    };
+    let min = rule.scope.min_contribution().unwrap_or(1.0);
+    let window = step.place.name.as_str();
+    let time_ms = ctx.event.time_ms;
+    let customer = ctx.customer;
+    let db = work.dbs.state;
+
+    let member_key = state::key(work.key, customer, &rule.id, rule.version, window).to_vec();
+    let mut member = read_member(c, txn, db, &member_key)?;
+    let mut joined = false;
+    let stale = member.as_ref().is_some_and(|m| m.group != group);
+    if stale {
+        if let Some(old) = &member {
+            db.delete(txn, &old.index)?;
+        }
+    }
+    if member.is_none() || stale {
+        let mut index = state::member_index_prefix(&rule.id, rule.version, window, &group);
+        index.extend_from_slice(customer.as_bytes());
+        member = Some(MemberState {
+            share: 0.0,
+            tiers_awarded: 0,
+            group: group.clone(),
+            index,
+        });
+        joined = true;
+    }
+    let Some(mut member) = member else {
+        return Ok(0);
+    };
+    member.share += match step.input {
+        Input::Number(v) => v,
+        _ => 1.0,
+    };
+    if joined {
+        db.put(txn, &member.index, &[])?;
+    }
+
+    let goal_key = state::group_key(work.key, &rule.id, rule.version, window, &group).to_vec();
+    let mut goal = read_state(c, logs, txn, db, &goal_key, time_ms)?;
+    let reached_before = goal.tiers_awarded;
+    if let Some(value) =
+        goal.measure
+            .observe(&rule.measure, &step.input, time_ms, step.ordinal, c.cap)
+    {
+        goal.updated_ms = time_ms;
+        while c.reached(goal.tiers_awarded as usize, value) {
+            goal.tiers_awarded += 1;
+        }
+        let reached = goal.tiers_awarded;
+        write_state(
+            txn,
+            db,
+            work.value,
+            &goal_key,
+            StoredState::V1(goal.clone()),
+        )?;
+        if reached > reached_before {
+            write_member(txn, work, &member_key, member)?;
+            return award_members(c, logs, work, txn, out, window, &group, &goal, min, time_ms);
+        }
+    }
+    let mut awarded = 0u64;
+    if member.share >= min {
+        while member.tiers_awarded < goal.tiers_awarded {
+            award(
+                c,
+                logs,
+                work,
+                txn,
+                out,
+                customer,
+                member.tiers_awarded as usize,
+                window,
+                goal.measure.value(),
+                time_ms,
+            )?;
+            member.tiers_awarded += 1;
+            awarded += 1;
+        }
+    }
+    write_member(txn, work, &member_key, member)?;
+    Ok(awarded)
+}
+
+/// The goal reached new tiers: every member with enough share gets them.
+#[allow(clippy::too_many_arguments)]
+fn award_members(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+    window: &str,
+    group: &str,
+    goal: &state::RuleState,
+    min: f64,
+    time_ms: i64,
+) -> Result<u64, RuleError> {
+    let rule = &c.rule;
+    let db = work.dbs.state;
+    let prefix = state::member_index_prefix(&rule.id, rule.version, window, group);
+    let mut members = Vec::new();
+    for entry in db.prefix_iter(txn, &prefix)? {
+        let (k, _) = entry?;
+        if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
+            members.push(id.to_string());
+        }
+    }
+    let value = goal.measure.value();
+    let mut awarded = 0u64;
+    for id in members {
+        let key = state::key(work.key, &id, &rule.id, rule.version, window).to_vec();
+        let Some(mut member) = read_member(c, txn, db, &key)? else {
+            continue;
+        };
+        if member.share < min || member.tiers_awarded >= goal.tiers_awarded {
+            continue;
+        }
+        while member.tiers_awarded < goal.tiers_awarded {
+            award(
+                c,
+                logs,
+                work,
+                txn,
+                out,
+                &id,
+                member.tiers_awarded as usize,
+                window,
+                value,
+                time_ms,
+            )?;
+            member.tiers_awarded += 1;
+            awarded += 1;
+        }
+        write_member(txn, work, &key, member)?;
+    }
+    Ok(awarded)
+}
+
+fn read_member(
+    c: &CompiledRule,
+    txn: &RwTxn,
+    db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+    key: &[u8],
+) -> Result<Option<MemberState>, ApplyError> {
+    match db.get(txn, key)? {
+        Some(bytes) => match state::decode(bytes) {
+            Ok(StoredState::Member(m)) => Ok(Some(m)),
+            // A customer-scope record under the same id and version: the
+            // rule's scope was edited without a version bump.
+            Ok(_) => Ok(None),
+            Err(source) => Err(ApplyError::Corrupt {
+                rule: c.rule.id.clone(),
+                source,
+            }),
+        },
+        None => Ok(None),
+    }
+}
+
+fn write_member(
+    txn: &mut RwTxn,
+    work: &mut Work<'_>,
+    key: &[u8],
+    member: MemberState,
+) -> Result<(), ApplyError> {
+    write_state(
+        txn,
+        work.dbs.state,
+        work.value,
+        key,
+        StoredState::Member(member),
+    )
+}
+
+/// Group names are free text from profiles; long ones are kept hashed so
+/// the member index keys stay within LMDB's limit.
+fn bounded(group: String) -> String {
+    if group.len() <= state::MAX_GROUP_NAME && !group.contains('\0') {
+        return group;
+    }
+    let digest = Sha256::digest(group.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("#{hex}")
+}

@@ -96,7 +96,7 @@ struct Ev {
 }
 
 fn team(customer: usize) -> &'static str {
-    if customer % 2 == 0 {
+    if customer.is_multiple_of(2) {
         "red"
     } else {
         "blue"

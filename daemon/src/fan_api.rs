@@ -1,4 +1,5 @@
-//! Queries the venue app makes about a fan: rewards and leaderboards.
+//! Queries the venue app makes about a fan: rewards, leaderboards and
+//! open offers (the pull channel of next best action).
 //!
 //! Read-only and served from LMDB read transactions on the blocking pool,
 //! so they never wait for the writer; they are mounted on the HTTP ingest
@@ -22,6 +23,7 @@ const DEFAULT_TOP: usize = 10;
 pub fn routes(store: StoreHandle) -> Router {
     Router::new()
         .route("/v1/customers/{id}/rewards", get(rewards))
+        .route("/v1/customers/{id}/offers", get(offers))
         .route("/v1/leaderboards/{category}", get(leaderboard))
         .with_state(store)
 }
@@ -32,6 +34,19 @@ async fn rewards(State(store): State<StoreHandle>, Path(customer): Path<String>)
     }
     match store.rewards(&customer).await {
         Ok(r) => Json(r).into_response(),
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+/// The customer's open offer instances, as the MQTT channel sends them.
+async fn offers(State(store): State<StoreHandle>, Path(customer): Path<String>) -> Response {
+    if let Err(e) = check_customer(&customer) {
+        return bad_request(e);
+    }
+    match store.open_offers(&customer).await {
+        Ok(list) => {
+            Json(serde_json::json!({ "customer": customer, "offers": list })).into_response()
+        }
         Err(e) => unavailable(e.to_string()),
     }
 }

@@ -441,3 +441,149 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
     central.stop().await;
 }
+
+/// Three offers expiring 2, 4 and 6 seconds after one moment each.
+const TIMED_OFFERS: &str = r#"
+[[offer]]
+id = "two"
+on = ["match.chance_missed"]
+consent = "marketing"
+value = 1
+expires_after = "2s"
+
+[[offer]]
+id = "four"
+on = ["match.corner"]
+consent = "marketing"
+value = 1
+expires_after = "4s"
+
+[[offer]]
+id = "six"
+on = ["match.card"]
+consent = "marketing"
+value = 1
+expires_after = "6s"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offer_timers_survive_kill_9_none_lost_none_expired_twice() {
+    use rand::{Rng, SeedableRng};
+
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central_dir = dir.path().join("central");
+    let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
+    let http_port = free_port().unwrap();
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(http_port),
+            central: Some(central.addr),
+            extra: "[nba]\ncontrol_share = 0\nmax_per_customer = \"10/1h\"\n".to_string(),
+            ..Default::default()
+        },
+    );
+    std::fs::write(dir.path().join("rules/offers.toml"), TIMED_OFFERS).unwrap();
+    let log = dir.path().join("touchline.log");
+    let cfg = config.to_string_lossy().to_string();
+    let spawn = || {
+        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &cfg], &log)
+            .expect("daemon process");
+        wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
+        child
+    };
+    let mut daemon = spawn();
+    let url = format!("http://127.0.0.1:{http_port}/v1/events");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+
+    const FANS: usize = 300;
+    let mut events: Vec<Value> = (0..FANS)
+        .map(|n| {
+            event(
+                &format!("profile-{n}"),
+                "customer.profile",
+                Some(&format!("fan-{n}")),
+                json!({ "consent": { "marketing": true } }),
+            )
+        })
+        .collect();
+    for kind in ["match.chance_missed", "match.corner", "match.card"] {
+        events.push(event(kind, kind, None, json!({})));
+    }
+    post_all(&client, &url, &events, 100, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let committed = std::time::Instant::now();
+
+    // Kill at random moments while the timers fall due, and once stay
+    // down past the last expiry so it happens on start.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7173);
+    while committed.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..600))).await;
+        daemon.kill9().expect("kill -9");
+        daemon = spawn();
+    }
+    daemon.kill9().expect("kill -9");
+    let down = wait(Duration::from_secs(10), move || {
+        committed.elapsed() > Duration::from_secs(7)
+    })
+    .await;
+    assert!(down);
+    let mut daemon = spawn();
+
+    let want = 3 * FANS;
+    let d = central_dir.clone();
+    assert!(
+        wait(Duration::from_secs(60), move || records_of(
+            &d,
+            "offer_outcome"
+        )
+        .len()
+            >= want)
+        .await,
+        "expiries at central: {} of {want}\n{}",
+        records_of(&central_dir, "offer_outcome").len(),
+        daemon.log_text()
+    );
+    let records = central_records(&central_dir);
+    assert_sequences_unique(&records);
+    let decisions = records_of(&central_dir, "offer_decision");
+    let decided: BTreeSet<String> = decisions
+        .iter()
+        .map(|r| r["instance"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(decisions.len(), want, "one decision per fan and offer");
+    assert_eq!(decided.len(), want);
+    let pairs: BTreeSet<(String, String)> = decisions
+        .iter()
+        .map(|r| {
+            (
+                r["customer"].as_str().unwrap().to_string(),
+                r["offer"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs.len(), want);
+    let outcomes = records_of(&central_dir, "offer_outcome");
+    assert!(outcomes.iter().all(|r| r["outcome"] == "expired"));
+    let expired: BTreeMap<String, usize> = outcomes.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r["instance"].as_str().unwrap().to_string())
+            .or_default() += 1;
+        m
+    });
+    assert!(
+        expired.values().all(|&n| n == 1),
+        "an instance expired twice"
+    );
+    assert_eq!(
+        expired.keys().cloned().collect::<BTreeSet<_>>(),
+        decided,
+        "every instance expired, none lost"
+    );
+    assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
+    central.stop().await;
+}

@@ -1,5 +1,5 @@
-//! Queries the venue app makes about a fan: rewards, progress and
-//! leaderboards.
+//! Queries the venue app makes about a fan: rewards, progress,
+//! leaderboards and open offers (the pull channel of next best action).
 //!
 //! Read-only and served from LMDB read transactions on the blocking pool,
 //! so they never wait for the writer; they are mounted on the HTTP ingest
@@ -24,6 +24,7 @@ pub fn routes(store: StoreHandle) -> Router {
     Router::new()
         .route("/v1/customers/{id}/rewards", get(rewards))
         .route("/v1/customers/{id}/progress", get(progress))
+        .route("/v1/customers/{id}/offers", get(offers))
         .route("/v1/leaderboards/{category}", get(leaderboard))
         .with_state(store)
 }
@@ -45,6 +46,19 @@ async fn progress(State(store): State<StoreHandle>, Path(customer): Path<String>
     match store.progress(&customer).await {
         Ok(rules) => {
             Json(serde_json::json!({ "customer": customer, "rules": rules })).into_response()
+        }
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+/// The customer's open offer instances, as the MQTT channel sends them.
+async fn offers(State(store): State<StoreHandle>, Path(customer): Path<String>) -> Response {
+    if let Err(e) = check_customer(&customer) {
+        return bad_request(e);
+    }
+    match store.open_offers(&customer).await {
+        Ok(list) => {
+            Json(serde_json::json!({ "customer": customer, "offers": list })).into_response()
         }
         Err(e) => unavailable(e.to_string()),
     }

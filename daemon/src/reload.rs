@@ -46,6 +46,10 @@ pub struct ReloadReport {
     /// Config sections that differ from the running ones and take effect
     /// only after a restart.
     pub restart_needed: Vec<String>,
+    /// Every active offer as `id@version`. What an unchanged offer version
+    /// learned carries over; a new version starts from the prior.
+    #[serde(default)]
+    pub offers: Vec<String>,
 }
 
 /// Owns the config path and the active rules; one reload at a time.
@@ -165,6 +169,11 @@ pub fn compare(
         new_versions: Vec::new(),
         changed_in_place: Vec::new(),
         restart_needed: Vec::new(),
+        offers: rules
+            .offers
+            .iter()
+            .map(|o| format!("{}@{}", o.id, o.version))
+            .collect(),
     };
     for rule in &rules.achievements {
         match find(old, &rule.id) {
@@ -183,7 +192,7 @@ pub fn compare(
             report.removed.push(rule.id.clone());
         }
     }
-    let sections: [(&'static str, bool); 5] = [
+    let sections: [(&'static str, bool); 6] = [
         ("site", running.site.data_dir != site.site.data_dir),
         ("ingest", running.ingest != site.ingest),
         ("store", running.store != site.store),
@@ -192,6 +201,7 @@ pub fn compare(
             running.uplink != site.uplink || running.outbox != site.outbox,
         ),
         ("admin", running.admin != site.admin),
+        ("nba", running.nba != site.nba),
     ];
     report.restart_needed = sections
         .into_iter()

@@ -314,6 +314,67 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         "1 while the publisher holds a broker connection (0 without [ingest.mqtt]).",
         bool_value(publisher.connected()),
     );
+    // Next best action.
+    let nba = observed.store.nba_stats();
+    x.counter(
+        "touchline_nba_decisions_total",
+        "Offers shown: instances created for treated customers.",
+        nba.decisions(),
+    );
+    x.counter(
+        "touchline_nba_control_total",
+        "Decisions for control-group customers: recorded, never shown.",
+        nba.control(),
+    );
+    x.family(
+        "touchline_nba_suppressed_total",
+        Kind::Counter,
+        "Offers the contact policy held back, by reason.",
+    );
+    for reason in crate::nba::policy::Suppression::ALL {
+        x.sample(
+            "touchline_nba_suppressed_total",
+            &[("reason", reason.name())],
+            nba.suppressed(reason) as f64,
+        );
+    }
+    x.family(
+        "touchline_nba_outcomes_total",
+        Kind::Counter,
+        "What became of offers: accepted, dismissed, clicked, shared, expired, converted.",
+    );
+    for outcome in crate::store::nba::OUTCOMES {
+        x.sample(
+            "touchline_nba_outcomes_total",
+            &[("outcome", outcome.as_str())],
+            nba.outcomes(outcome) as f64,
+        );
+    }
+    x.counter(
+        "touchline_nba_referrals_total",
+        "Friends who accepted a shared offer in time: the sharer was credited.",
+        nba.referrals(),
+    );
+    x.counter(
+        "touchline_nba_escalations_total",
+        "Open offers whose payload an escalation event changed.",
+        nba.escalations(),
+    );
+    x.counter(
+        "touchline_nba_bad_answers_total",
+        "offer.* events naming no open instance of their customer (ignored).",
+        nba.bad_answers(),
+    );
+    x.counter(
+        "touchline_nba_expression_errors_total",
+        "Offer expressions (audience, weight, segment, escalate.when, conversion.when) that failed; the offer was skipped.",
+        nba.expression_errors(),
+    );
+    x.counter(
+        "touchline_nba_fanout_customers_total",
+        "Customers decided for by venue-wide triggers.",
+        nba.fanout_customers(),
+    );
     x.counter(
         "touchline_publications_queued_total",
         "MQTT messages (progress, offers) queued in commits.",

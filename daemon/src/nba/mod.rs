@@ -24,8 +24,10 @@
 //! [`state`] gives every persisted type a versioned byte form.
 
 pub mod arbiter;
+pub mod catalog;
 pub mod control;
 pub mod escalation;
+pub mod expr;
 pub mod instance;
 pub mod learner;
 pub mod outcome;

@@ -16,9 +16,10 @@ use crate::event::DeadLetter;
 /// to a thread, so they can run on tokio's blocking pool.
 pub(crate) type LmdbEnv = heed::Env<WithoutTls>;
 
-/// Named databases we create plus room for the ones later features add
-/// without a migration of the env (LMDB fixes the count at open).
-const MAX_DBS: u32 = 32;
+/// Named databases we create (20 so far) plus room for the ones later
+/// features add without a migration of the env (LMDB fixes the count at
+/// open).
+const MAX_DBS: u32 = 48;
 
 /// Map sizes are rounded up to this, a multiple of every page size LMDB
 /// runs with on our targets (4 KiB, 16 KiB, 64 KiB).
@@ -113,6 +114,9 @@ pub(crate) struct Dbs {
     /// `publications`: number (BE) → versioned postcard MQTT message
     /// waiting for its PUBACK (see `publications.rs`).
     pub publications: Database<BeU64, Bytes>,
+    /// Next best action: learner, contact state, offer instances and
+    /// their timers, presence (see `nba.rs`).
+    pub nba: super::nba::NbaDbs,
 }
 
 impl Dbs {
@@ -130,6 +134,7 @@ impl Dbs {
             scores: env.create_database(txn, Some(DB_SCORES))?,
             ranking: env.create_database(txn, Some(DB_RANKING))?,
             publications: env.create_database(txn, Some(DB_PUBLICATIONS))?,
+            nba: super::nba::NbaDbs::create(env, txn)?,
         })
     }
 }

@@ -21,6 +21,7 @@ mod dlq;
 mod env;
 pub(crate) mod keys;
 mod meta;
+pub mod nba;
 mod outbox;
 pub mod publications;
 pub(crate) mod ratelimit;
@@ -84,6 +85,8 @@ pub enum StoreError {
     Format { path: PathBuf, detail: String },
     #[error("cannot load rules: {0}")]
     Engine(#[from] EngineError),
+    #[error("cannot load offers: {0}")]
+    Offers(#[from] crate::nba::catalog::CompileError),
     #[error("cannot start the store writer thread: {0}")]
     Thread(std::io::Error),
     #[error("store read failed: {0}")]
@@ -142,6 +145,10 @@ struct Shared {
     board_names: Pseudonymizer,
     notify: Arc<Notify>,
     published: Arc<Notify>,
+    /// Next best action: counters, and what a reload compiles offers with.
+    nba_stats: Arc<nba::NbaStats>,
+    nba_policy: edge_config::NbaPolicy,
+    site_id: String,
 }
 
 /// The async face of the store. Clone freely; all clones talk to the same
@@ -173,6 +180,7 @@ impl Store {
         let pseudonymizer = Pseudonymizer::from_config(site).map_err(EngineError::from)?;
         let engine = Engine::new(rules, pseudonymizer.clone())?;
         let engine_stats = engine.stats();
+        let catalog = crate::nba::catalog::Catalog::new(&rules.offers, &site.nba, &site.site.id)?;
         let board_key = crate::engine::pseudonym::load_or_create_key(&dir.join(BOARD_KEY_FILE))
             .map_err(EngineError::from)?;
         let board_names = Pseudonymizer::keyed(&board_key);
@@ -207,12 +215,39 @@ impl Store {
         };
         let published = Arc::new(Notify::new());
         let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));
+        let nba_stats = Arc::new(nba::NbaStats::default());
+        let nba = {
+            let write_err = |e: heed::Error| open_error(dir, e);
+            let mut txn = env.write_txn().map_err(write_err)?;
+            let nba = nba::Nba::open(
+                dbs.nba,
+                &mut txn,
+                catalog,
+                &site.site.id,
+                settings.feedback_prefix.clone(),
+                pseudonymizer.clone(),
+                nba_stats.clone(),
+                clock(),
+                &site.nba,
+            )
+            .map_err(|e| StoreError::Format {
+                path: dir.to_owned(),
+                detail: e.to_string(),
+            })?;
+            txn.commit().map_err(write_err)?;
+            nba
+        };
         let event_permit_cap = settings
             .commit_max_events
             .saturating_mul(QUEUED_COMMITS)
             .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let writer = Writer::new(
-            Opened { env, dbs, meta },
+            Opened {
+                env,
+                dbs,
+                meta,
+                nba,
+            },
             engine,
             settings,
             clock.clone(),
@@ -243,6 +278,9 @@ impl Store {
                 board_names,
                 notify,
                 published,
+                nba_stats,
+                nba_policy: site.nba.clone(),
+                site_id: site.site.id.clone(),
             }),
         };
         Ok((handle, WriterThread(thread)))
@@ -366,6 +404,24 @@ impl StoreHandle {
             .await
             .map_err(|e| StoreError::Write(format!("rule compilation aborted: {e}")))??;
         let stats = engine.stats();
+        let offers = rules.offers.clone();
+        let policy = self.shared.nba_policy.clone();
+        let site_id = self.shared.site_id.clone();
+        let catalog = tokio::task::spawn_blocking(move || {
+            crate::nba::catalog::Catalog::new(&offers, &policy, &site_id)
+        })
+        .await
+        .map_err(|e| StoreError::Write(format!("offer compilation aborted: {e}")))??;
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::ReplaceOffers {
+                catalog: Box::new(catalog),
+                policy: Box::new(self.shared.nba_policy.clone()),
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
@@ -405,6 +461,30 @@ impl StoreHandle {
                 .map_err(rewards::RewardError::from)
         })
         .await
+    }
+
+    /// Next-best-action counters (decisions, suppressions, outcomes).
+    pub fn nba_stats(&self) -> Arc<nba::NbaStats> {
+        self.shared.nba_stats.clone()
+    }
+
+    /// A customer's open offer instances (the app's pull channel), as the
+    /// JSON the MQTT channel carries, oldest first.
+    pub async fn open_offers(&self, customer: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let env = self.env()?;
+        let dbs = self.shared.dbs;
+        let customer = customer.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let txn = env.read_txn().map_err(read_error)?;
+            let open = nba::open_instances(&dbs.nba, &txn, &customer, wall_clock_ms())
+                .map_err(|e| StoreError::Read(e.to_string()))?;
+            Ok(open
+                .iter()
+                .map(|i| nba::instance_json(i, "offer"))
+                .collect())
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
     }
 
     /// A customer's lifetime points and badges (empty when unknown).

@@ -75,12 +75,50 @@ pub(crate) fn credit(
     voucher: Option<&str>,
     at_ms: i64,
 ) -> Result<(), RewardError> {
-    if award.points.is_empty() && award.badge.is_none() && voucher.is_none() {
+    let voucher = voucher.map(|code| VoucherEntry {
+        code: code.to_string(),
+        achievement: award.achievement.clone(),
+        tier: award.tier,
+        at_ms,
+    });
+    credit_ledger(
+        dbs,
+        txn,
+        customer,
+        &award.points,
+        award.badge.as_deref(),
+        voucher,
+        at_ms,
+    )
+}
+
+/// Credits points that are not an achievement's (an accepted offer's
+/// reward, a referral) to `customer`'s ledger and boards.
+pub(crate) fn credit_points(
+    dbs: RewardDbs,
+    txn: &mut RwTxn,
+    customer: &str,
+    points: &[(String, i64)],
+    at_ms: i64,
+) -> Result<(), RewardError> {
+    credit_ledger(dbs, txn, customer, points, None, None, at_ms)
+}
+
+fn credit_ledger(
+    dbs: RewardDbs,
+    txn: &mut RwTxn,
+    customer: &str,
+    points: &[(String, i64)],
+    badge: Option<&str>,
+    voucher: Option<VoucherEntry>,
+    at_ms: i64,
+) -> Result<(), RewardError> {
+    if points.is_empty() && badge.is_none() && voucher.is_none() {
         return Ok(());
     }
     let key = customer_key(customer);
     let mut ledger = read_ledger(dbs.ledgers, txn, &key)?.unwrap_or_default();
-    for (category, amount) in &award.points {
+    for (category, amount) in points {
         match ledger.points.binary_search_by(|(c, _)| c.cmp(category)) {
             Ok(i) => ledger.points[i].1 = ledger.points[i].1.saturating_add(*amount),
             Err(i) => ledger.points.insert(i, (category.clone(), *amount)),
@@ -89,16 +127,11 @@ pub(crate) fn credit(
             add_score(dbs, txn, category, &window, customer, *amount)?;
         }
     }
-    if let Some(badge) = &award.badge {
-        ledger.badges.push((badge.clone(), at_ms));
+    if let Some(badge) = badge {
+        ledger.badges.push((badge.to_owned(), at_ms));
     }
-    if let Some(code) = voucher {
-        ledger.vouchers.push(VoucherEntry {
-            code: code.to_string(),
-            achievement: award.achievement.clone(),
-            tier: award.tier,
-            at_ms,
-        });
+    if let Some(entry) = voucher {
+        ledger.vouchers.push(entry);
     }
     let bytes = postcard::to_allocvec(&StoredLedger::V2(ledger))
         .map_err(|e| RewardError::Corrupt(e.to_string()))?;

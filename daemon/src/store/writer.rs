@@ -24,6 +24,7 @@ use super::dedup::Dedup;
 use super::env::{is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
+use super::nba::{Nba, NbaError};
 use super::outbox::{self, Outbox};
 use super::publications::{self, Publication};
 use super::ratelimit::LogLimiter;
@@ -77,6 +78,13 @@ pub(crate) enum Command {
     /// applied with the old rules, every event after with the new.
     ReplaceEngine {
         engine: Box<Engine>,
+        reply: oneshot::Sender<()>,
+    },
+    /// Swaps the offers (next best action) between two commits, after
+    /// queueing the old offers' last statistics.
+    ReplaceOffers {
+        catalog: Box<crate::nba::catalog::Catalog>,
+        policy: Box<edge_config::NbaPolicy>,
         reply: oneshot::Sender<()>,
     },
     Shutdown {
@@ -158,6 +166,17 @@ impl From<RewardError> for GroupError {
     }
 }
 
+impl From<NbaError> for GroupError {
+    fn from(e: NbaError) -> Self {
+        match e {
+            NbaError::Lmdb(e) => e.into(),
+            NbaError::Reward(RewardError::Lmdb(e)) => e.into(),
+            NbaError::Customer(CustomerError::Lmdb(e)) => e.into(),
+            other => GroupError::Failed(other.to_string()),
+        }
+    }
+}
+
 impl From<ApplyError> for GroupError {
     fn from(e: ApplyError) -> Self {
         match e {
@@ -209,6 +228,8 @@ pub(crate) struct Writer {
     drop_log: LogLimiter,
     refuse_log: LogLimiter,
     error_log: LogLimiter,
+    /// Next best action: offers decided in the event's transaction.
+    nba: Nba,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -216,6 +237,7 @@ pub(crate) struct Opened {
     pub env: LmdbEnv,
     pub dbs: Dbs,
     pub meta: Meta,
+    pub nba: Nba,
 }
 
 impl Writer {
@@ -228,7 +250,12 @@ impl Writer {
         notify: Arc<Notify>,
         published_notify: Arc<Notify>,
     ) -> Writer {
-        let Opened { env, dbs, meta } = opened;
+        let Opened {
+            env,
+            dbs,
+            meta,
+            nba,
+        } = opened;
         let rule_stats = rule_stats::Reporter::new(settings.rule_stats_interval, clock());
         Writer {
             env,
@@ -250,6 +277,7 @@ impl Writer {
             drop_log: LogLimiter::new(LOG_INTERVAL),
             refuse_log: LogLimiter::new(LOG_INTERVAL),
             error_log: LogLimiter::new(LOG_INTERVAL),
+            nba,
         }
     }
 
@@ -267,6 +295,7 @@ impl Writer {
             // commit hangs.
             self.stats.beat();
             self.report_rule_stats(false);
+            self.nba_tick(false);
             let first = match swap.take() {
                 Some(cmd) => cmd,
                 None => match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
@@ -286,6 +315,18 @@ impl Writer {
                 let _ = reply.send(());
                 continue;
             }
+            if let Command::ReplaceOffers {
+                catalog,
+                policy,
+                reply,
+            } = first
+            {
+                // The old offers' counts go out under their versions.
+                self.nba_tick(true);
+                self.nba.replace_catalog(*catalog, &policy);
+                let _ = reply.send(());
+                continue;
+            }
             let deadline = Instant::now() + self.settings.commit_max_delay;
             let mut events = first.events();
             stop = matches!(first, Command::Shutdown { .. });
@@ -298,7 +339,10 @@ impl Writer {
                     _ => rx.try_recv().ok(),
                 };
                 let Some(cmd) = next else { break };
-                if matches!(cmd, Command::ReplaceEngine { .. }) {
+                if matches!(
+                    cmd,
+                    Command::ReplaceEngine { .. } | Command::ReplaceOffers { .. }
+                ) {
                     swap = Some(cmd);
                     break;
                 }
@@ -308,6 +352,8 @@ impl Writer {
             }
             self.process(&mut group);
         }
+        // The current minute's offer statistics leave with this stop.
+        self.nba_tick(true);
         // Later senders now fail at once and report `Closed`.
         drop(rx);
         let env = self.env.clone();
@@ -379,7 +425,9 @@ impl Writer {
                 (Command::Ack { reply, .. }, _) | (Command::AckPublished { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
-                (Command::Shutdown { reply }, _) | (Command::ReplaceEngine { reply, .. }, _) => {
+                (Command::Shutdown { reply }, _)
+                | (Command::ReplaceEngine { reply, .. }, _)
+                | (Command::ReplaceOffers { reply, .. }, _) => {
                     let _ = reply.send(());
                 }
                 (Command::DeadLetters { .. }, _) => {}
@@ -398,6 +446,7 @@ impl Writer {
         let env = self.env.clone();
         let mut txn = env.write_txn()?;
         self.engine.begin();
+        self.nba.begin();
         let mut meta = self.meta;
         let mut tally = Tally::default();
         let mut answers = Vec::with_capacity(pick.len());
@@ -428,7 +477,9 @@ impl Writer {
                         publications::ack(self.dbs.publications, &mut txn, *through)?;
                     Answer::Ack(Ok(()))
                 }
-                Command::Shutdown { .. } | Command::ReplaceEngine { .. } => Answer::Done,
+                Command::Shutdown { .. }
+                | Command::ReplaceEngine { .. }
+                | Command::ReplaceOffers { .. } => Answer::Done,
             };
             answers.push((i, answer));
         }
@@ -450,6 +501,7 @@ impl Writer {
         self.engine.flush(&mut txn, self.engine_dbs())?;
         txn.commit()?;
         self.engine.committed();
+        self.nba.committed();
         tally.duration = started.elapsed();
         self.meta = meta;
         Ok((answers, tally))
@@ -506,6 +558,8 @@ impl Writer {
                     self.engine.erase(txn, self.engine_dbs(), customer)?;
                 }
             }
+            // Next best action runs after the engine, on tracked events.
+            let mut nba_profile = None;
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
                 Admission::Track(profile) => {
                     self.engine.apply(
@@ -516,9 +570,11 @@ impl Writer {
                         now_ms,
                         &mut self.output,
                     )?;
+                    nba_profile = Some(profile);
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
+                    self.nba.erase(txn, &customer)?;
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
                     tally.erasures += 1;
@@ -567,11 +623,16 @@ impl Writer {
                     tally.publications += 1;
                 }
             }
-            let records = self.output.records.len();
+            let mut records = self.output.records.len();
             for e in self.output.records.drain(..) {
                 self.outbox
                     .append(&self.dbs, txn, meta, &self.settings.site, e.at_ms, e.body)?;
             }
+            // ---- next best action (see store/nba.rs) ----
+            if let Some(profile) = nba_profile {
+                records += self.nba_event(txn, meta, tally, event, profile.as_ref())?;
+            }
+            // ---- end of next best action ----
             tally.events += 1;
             tally.records += records as u64;
             outcomes.push(EventOutcome::Committed {
@@ -667,7 +728,8 @@ impl Writer {
                 Command::Ack { .. }
                 | Command::AckPublished { .. }
                 | Command::Shutdown { .. }
-                | Command::ReplaceEngine { .. } => {}
+                | Command::ReplaceEngine { .. }
+                | Command::ReplaceOffers { .. } => {}
             }
         }
         StoreStats::add(&self.stats.map_full_events, events);
@@ -707,7 +769,9 @@ impl Writer {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
                     Some(Answer::Done)
                 }
-                Command::Shutdown { .. } | Command::ReplaceEngine { .. } => Some(Answer::Done),
+                Command::Shutdown { .. }
+                | Command::ReplaceEngine { .. }
+                | Command::ReplaceOffers { .. } => Some(Answer::Done),
             };
         }
     }
@@ -790,6 +854,102 @@ impl Writer {
             Err(e) => {
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, suppressed, "dedup expiry sweep failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Next best action's part of the writer: running it for an event in the
+/// event's transaction, and its timers in transactions of their own.
+impl Writer {
+    /// Decisions, answers, escalations for one tracked event; returns the
+    /// outbox records it appended.
+    fn nba_event(
+        &mut self,
+        txn: &mut RwTxn,
+        meta: &mut Meta,
+        tally: &mut Tally,
+        event: &Event,
+        profile: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<usize, GroupError> {
+        let mut out = super::nba::Output::default();
+        let rewards = self.reward_dbs();
+        self.nba
+            .on_event(txn, self.dbs.profiles, rewards, event, profile, &mut out)?;
+        self.nba_queue(txn, meta, tally, out)
+    }
+
+    /// Appends what next best action produced to the outbox and the
+    /// publication queue.
+    fn nba_queue(
+        &mut self,
+        txn: &mut RwTxn,
+        meta: &mut Meta,
+        tally: &mut Tally,
+        out: super::nba::Output,
+    ) -> Result<usize, GroupError> {
+        let records = out.records.len();
+        for (at_ms, body) in out.records {
+            self.outbox
+                .append(&self.dbs, txn, meta, &self.settings.site, at_ms, body)?;
+        }
+        for p in out.publications {
+            self.publications.push(self.dbs.publications, txn, p)?;
+            tally.publications += 1;
+        }
+        Ok(records)
+    }
+
+    /// Expires due offer instances and queues offer statistics when their
+    /// interval is over (or now, with `force`), in one transaction. A
+    /// failure leaves the timers in place for the next turn.
+    fn nba_tick(&mut self, force: bool) {
+        let now_ms = (self.clock)();
+        if !force && !self.nba.due(now_ms) {
+            return;
+        }
+        let result = (|| -> Result<(Meta, Tally), GroupError> {
+            let env = self.env.clone();
+            let mut txn = env.write_txn()?;
+            self.nba.begin();
+            let mut meta = self.meta;
+            let mut tally = Tally::default();
+            let mut out = super::nba::Output::default();
+            self.nba.tick(&mut txn, now_ms, &mut out)?;
+            if force {
+                self.nba.close_stats(&mut txn, now_ms, &mut out)?;
+            }
+            tally.records = self.nba_queue(&mut txn, &mut meta, &mut tally, out)? as u64;
+            if meta != self.meta {
+                meta::save(self.dbs.meta, &mut txn, &meta)?;
+            }
+            txn.commit()?;
+            self.nba.committed();
+            Ok((meta, tally))
+        })();
+        match result {
+            Ok((meta, tally)) => {
+                self.meta = meta;
+                StoreStats::add(&self.stats.records_appended, tally.records);
+                StoreStats::add(&self.stats.publications_queued, tally.publications);
+                StoreStats::add(&self.stats.commits, 1);
+                publish_meta(&self.stats, &self.meta);
+                if tally.publications > 0 {
+                    self.published_notify.notify_one();
+                }
+                if tally.records > 0 {
+                    self.notify.notify_waiters();
+                    self.notify.notify_one();
+                }
+            }
+            Err(e) => {
+                let msg = match e {
+                    GroupError::MapFull => "store map is full".to_owned(),
+                    GroupError::Failed(m) => m,
+                };
+                if let Some(suppressed) = self.error_log.check() {
+                    warn!(error = %msg, suppressed, "offer timers or statistics not committed; will retry");
                 }
             }
         }

@@ -1,0 +1,266 @@
+//! The CEL expressions of offers (`audience`, `weight`, `segment`,
+//! `escalate.when`, `conversion.when`), compiled once when offers load and
+//! evaluated on the store's writer thread.
+//!
+//! Offers need what achievement predicates do not: the customer's profile
+//! (`profile.team == data.team`), and one trigger evaluated for many
+//! customers (a venue-wide moment fans out to every present fan). So the
+//! scope is built in two layers: the trigger's `data` and `event` once per
+//! event, then a thin child scope per customer holding only `profile`
+//! (and `progress`, empty for now). Converting the trigger's JSON once is
+//! what keeps a 100,000-customer fan-out affordable.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
+};
+use cel::common::value::Val;
+use cel::{Context, Program, Value};
+use serde_json::Map;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::event::Event;
+
+/// A compiled offer expression.
+pub struct Expr {
+    program: Program,
+    source: String,
+}
+
+impl std::fmt::Debug for Expr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Expr").field(&self.source).finish()
+    }
+}
+
+/// Why an expression did not give a usable value; the caller counts it
+/// and treats the offer as not matching.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExprError {
+    #[error("`{expr}` failed: {detail}")]
+    Execution { expr: String, detail: String },
+    #[error("`{expr}` returned {found}, not {wanted}")]
+    WrongType {
+        expr: String,
+        found: String,
+        wanted: &'static str,
+    },
+}
+
+impl Expr {
+    /// Compiles `source`. The config reader compiled it already, so an
+    /// error here means the two disagree; deep nesting needs a deep stack
+    /// and the caller compiles on one.
+    pub fn compile(source: &str) -> Result<Expr, String> {
+        let program = Program::compile(source).map_err(|e| e.to_string())?;
+        Ok(Expr {
+            program,
+            source: source.to_owned(),
+        })
+    }
+
+    fn eval(&self, scope: &Context<'_, '_>) -> Result<Value, ExprError> {
+        // Third-party interpreter on input we do not control: a panic in
+        // it must not take the writer thread down.
+        let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(scope)));
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(ExprError::Execution {
+                expr: self.source.clone(),
+                detail: e.to_string(),
+            }),
+            Err(_) => Err(ExprError::Execution {
+                expr: self.source.clone(),
+                detail: "evaluation panicked".to_owned(),
+            }),
+        }
+    }
+
+    fn wrong(&self, found: &Value, wanted: &'static str) -> ExprError {
+        ExprError::WrongType {
+            expr: self.source.clone(),
+            found: format!("{found:?}"),
+            wanted,
+        }
+    }
+
+    pub fn eval_bool(&self, scope: &Context<'_, '_>) -> Result<bool, ExprError> {
+        match self.eval(scope)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(self.wrong(&other, "a bool")),
+        }
+    }
+
+    /// A number: int, uint or double.
+    pub fn eval_f64(&self, scope: &Context<'_, '_>) -> Result<f64, ExprError> {
+        match self.eval(scope)? {
+            Value::Float(f) => Ok(f),
+            Value::Int(i) => Ok(i as f64),
+            Value::UInt(u) => Ok(u as f64),
+            other => Err(self.wrong(&other, "a number")),
+        }
+    }
+
+    /// A string; numbers and bools are written out (a segment of `tier`
+    /// 2 is the segment "2").
+    pub fn eval_string(&self, scope: &Context<'_, '_>) -> Result<String, ExprError> {
+        match self.eval(scope)? {
+            Value::String(s) => Ok(s.as_str().to_owned()),
+            Value::Int(i) => Ok(i.to_string()),
+            Value::UInt(u) => Ok(u.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(self.wrong(&other, "a string")),
+        }
+    }
+}
+
+/// The root every scope derives from; built once per offer set (it
+/// registers every built-in function, which is the expensive part).
+pub fn root() -> Context<'static, 'static> {
+    Context::default()
+}
+
+/// The trigger's layer: `data` and `event`.
+pub fn event_scope<'r, 'e>(
+    root: &'r Context<'static, 'static>,
+    event: &'e Event,
+) -> Context<'r, 'e> {
+    // A context is covariant in the lifetime of what it borrows, so the
+    // 'static root can parent a scope that borrows the event.
+    let root: &'r Context<'r, 'e> = root;
+    let mut scope = root.new_inner_scope();
+    scope.add_variable_as_val("data", json(&event.data));
+    scope.add_variable_as_val("event", event_map(event));
+    scope
+}
+
+/// The customer's layer on top of an event scope: `profile` and
+/// `progress`.
+pub fn customer_scope<'s, 'v>(
+    parent: &'s Context<'s, 'v>,
+    profile: &'v Map<String, serde_json::Value>,
+) -> Context<'s, 'v> {
+    let mut scope = parent.new_inner_scope();
+    scope.add_variable_as_val("profile", json_map(profile));
+    // Achievement progress is not exposed to offers yet: an empty map
+    // keeps `has(progress.x)` well-defined.
+    scope.add_variable_as_val("progress", Box::new(CelMap::default()));
+    scope
+}
+
+fn event_map(event: &Event) -> Box<dyn Val + '_> {
+    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::with_capacity(5);
+    map.insert("id".into(), Box::new(CelString::from(event.id.as_str())));
+    map.insert(
+        "source".into(),
+        Box::new(CelString::from(event.source.as_str())),
+    );
+    map.insert(
+        "type".into(),
+        Box::new(CelString::from(event.kind.as_str())),
+    );
+    let subject: Box<dyn Val> = match &event.subject {
+        Some(s) => Box::new(CelString::from(s.as_str())),
+        None => Box::new(CelNull),
+    };
+    map.insert("subject".into(), subject);
+    let time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.time_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default();
+    map.insert("time".into(), Box::new(CelString::from(time)));
+    Box::new(CelMap::from(map))
+}
+
+fn json_map(fields: &Map<String, serde_json::Value>) -> Box<dyn Val + '_> {
+    let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
+        .iter()
+        .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))
+        .collect();
+    Box::new(CelMap::from(map))
+}
+
+/// JSON → CEL, borrowing strings. Integers that fit `i64` become `int`,
+/// larger ones `uint`, others `double`.
+fn json(value: &serde_json::Value) -> Box<dyn Val + '_> {
+    use serde_json::Value as J;
+    match value {
+        J::Null => Box::new(CelNull),
+        J::Bool(b) => Box::new(CelBool::from(*b)),
+        J::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Box::new(CelInt::from(i))
+            } else if let Some(u) = n.as_u64() {
+                Box::new(CelUInt::from(u))
+            } else {
+                Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN)))
+            }
+        }
+        J::String(s) => Box::new(CelString::from(s.as_str())),
+        J::Array(items) => Box::new(CelList::from(items.iter().map(json).collect::<Vec<_>>())),
+        J::Object(fields) => json_map(fields),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(data: serde_json::Value) -> Event {
+        Event {
+            id: "e1".into(),
+            source: "test".into(),
+            kind: "match.chance_missed".into(),
+            subject: None,
+            time_ms: 1_700_000_000_000,
+            data,
+        }
+    }
+
+    fn profile(v: serde_json::Value) -> Map<String, serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    #[test]
+    fn one_event_scope_serves_many_customers() {
+        let root = root();
+        let ev = event(json!({ "team": "A", "minute": 85 }));
+        let scope = event_scope(&root, &ev);
+        let audience = Expr::compile("profile.team == data.team").unwrap_or_else(|e| panic!("{e}"));
+        let weight =
+            Expr::compile("data.minute > 80 ? 1.5 : 1.0").unwrap_or_else(|e| panic!("{e}"));
+        let a = profile(json!({ "team": "A" }));
+        let b = profile(json!({ "team": "B" }));
+        assert_eq!(audience.eval_bool(&customer_scope(&scope, &a)), Ok(true));
+        assert_eq!(audience.eval_bool(&customer_scope(&scope, &b)), Ok(false));
+        assert_eq!(weight.eval_f64(&customer_scope(&scope, &a)), Ok(1.5));
+        let segment = Expr::compile("profile.team").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            segment.eval_string(&customer_scope(&scope, &a)),
+            Ok("A".to_owned())
+        );
+    }
+
+    #[test]
+    fn errors_and_wrong_types_are_errors() {
+        let root = root();
+        let ev = event(json!({}));
+        let scope = event_scope(&root, &ev);
+        let empty = Map::new();
+        let missing = Expr::compile("profile.team == 'A'").unwrap_or_else(|e| panic!("{e}"));
+        assert!(missing.eval_bool(&customer_scope(&scope, &empty)).is_err());
+        let number = Expr::compile("1 + 1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            number.eval_bool(&customer_scope(&scope, &empty)),
+            Err(ExprError::WrongType { .. })
+        ));
+        assert_eq!(number.eval_f64(&customer_scope(&scope, &empty)), Ok(2.0));
+    }
+}

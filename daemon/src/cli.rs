@@ -194,10 +194,11 @@ fn check(config: &Path) -> ExitCode {
     match load(config) {
         Ok((site, rules)) => {
             println!(
-                "{}: site {} is valid; {} achievement rule(s) from {} file(s)",
+                "{}: site {} is valid; {} achievement rule(s) and {} offer(s) from {} file(s)",
                 config.display(),
                 site.site.id,
                 rules.achievements.len(),
+                rules.offers.len(),
                 rules.files.len()
             );
             ExitCode::SUCCESS

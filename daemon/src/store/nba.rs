@@ -1279,7 +1279,7 @@ mod tests {
         assert!(a < b);
         assert_eq!(parse_expiry_key(&b), Some((2_000, "s.1".to_owned())));
         assert_eq!(
-            customer_of(&k.start("fan-1").rest("x").finish(MAX_KEY).to_vec()),
+            customer_of(k.start("fan-1").rest("x").finish(MAX_KEY)),
             Some("fan-1".to_owned())
         );
     }

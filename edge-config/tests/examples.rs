@@ -39,7 +39,17 @@ fn example_site_config_and_rules_load() {
         .iter()
         .map(|f| f.canonicalize().unwrap())
         .collect();
-    assert_eq!(files, [example("rules/cheer.toml").canonicalize().unwrap()]);
+    assert_eq!(
+        files,
+        [
+            example("rules/cheer.toml").canonicalize().unwrap(),
+            example("rules/offers.toml").canonicalize().unwrap()
+        ]
+    );
+    // The example [nba] section writes every default out too.
+    assert_eq!(site.nba, Default::default());
+    let offers: Vec<&str> = rules.offers.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(offers, ["team-a-jersey", "team-a-scarf"]);
     let ids: Vec<&str> = rules.achievements.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["cheer-leader", "check-in"]);
     let cheer = &rules.achievements[0];

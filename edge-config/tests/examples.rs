@@ -43,9 +43,14 @@ fn example_site_config_and_rules_load() {
         files,
         [
             example("rules/cheer.toml").canonicalize().unwrap(),
+            example("rules/offers.toml").canonicalize().unwrap(),
             example("rules/stadium.toml").canonicalize().unwrap()
         ]
     );
+    // The example [nba] section writes every default out too.
+    assert_eq!(site.nba, Default::default());
+    let offers: Vec<&str> = rules.offers.iter().map(|o| o.id.as_str()).collect();
+    assert_eq!(offers, ["team-a-jersey", "team-a-scarf"]);
     let ids: Vec<&str> = rules.achievements.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(
         ids,

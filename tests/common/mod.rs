@@ -120,7 +120,11 @@ pub fn central_records(dir: &Path) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    text.lines()
+    // The sink may be appending right now: a last line without its
+    // newline is not written yet.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).expect("each JSONL line is JSON"))
         .collect()

@@ -1,0 +1,576 @@
+//! The engine benchmark: 100 mixed rules over 20 event types, 100,000
+//! customers, measured in one run on this machine.
+//!
+//! 1. Engine alone (no network): pre-built events submitted straight to a
+//!    store (`sync = "none"`) in batches of 4,096; the store's writer is
+//!    one thread, so this is events/s on one core. The same events also go
+//!    through a store with no rules (the store's own cost: dedup, profile
+//!    lookup, commit) so the engine's share shows as a ratio.
+//! 2. CEL cost per predicate: the same rules with every `when` rewritten to
+//!    one of the same shape that always holds, against the same rules with
+//!    no `when` at all. Both do identical state work, so the difference in
+//!    time divided by the predicate evaluations is what a predicate costs
+//!    (including building its `data` variable).
+//! 3. Full pipeline: the daemon in-process with HTTP ingest, batches of
+//!    1,000 CloudEvents JSON from 4 concurrent clients.
+//! 4. Resident memory of that daemon before and after 100,000 customers
+//!    have profiles and state in the rules.
+//!
+//! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
+//! smaller run). The engine modes run twice, alternating, and the faster
+//! run of each is reported. Absolute numbers on a shared machine are
+//! noisy; the ratios are the figures to compare across machines.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use edge_config::{RuleBundle, SiteConfig};
+use serde_json::{json, Value};
+use touchline::app::Daemon;
+use touchline::event::{Event, EventOutcome};
+use touchline::store::{Store, StoreHandle, StoreOptions};
+
+const SITE: &str = "bench-arena";
+const CUSTOMERS: usize = 100_000;
+const RULES: usize = 100;
+const SECTIONS: usize = 40;
+const SUBMIT_BATCH: usize = 4_096;
+const HTTP_BATCH: usize = 1_000;
+const HTTP_CLIENTS: usize = 4;
+const PERIOD: &str = "match-1";
+
+/// The event types the rules are written over.
+const TYPES: [&str; 20] = [
+    "fan.cheer",
+    "fan.chant",
+    "fan.wave",
+    "fan.photo",
+    "fan.poll.vote",
+    "fan.quiz.answer",
+    "fan.prediction",
+    "zone.entered",
+    "ticket.scanned",
+    "concession.purchase",
+    "merch.purchase",
+    "shop.purchase",
+    "app.opened",
+    "checkin",
+    "parking.entry",
+    "seat.upgrade",
+    "social.share",
+    "video.watched",
+    "stream.watched",
+    "halftime.game",
+];
+
+/// `when` predicates: (selective, same shape but always true for the
+/// generated data).
+const PREDICATES: [(&str, &str); 4] = [
+    ("data.intensity >= 2", "data.intensity >= 1"),
+    ("data.score > 50", "data.score >= 0"),
+    ("data.zone in ['z1', 'z2', 'z3', 'z4']", "data.zone != ''"),
+    (
+        "data.intensity == 3 && data.amount < 100.0",
+        "data.intensity >= 1 && data.amount >= 0.0",
+    ),
+];
+
+/// Which `when` the rules carry.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Whens {
+    /// Realistic predicates that let part of the events through.
+    Selective,
+    /// Predicates of the same shape that every generated event passes.
+    Pass,
+    /// No `when` at all.
+    Absent,
+}
+
+/// The rules as TOML, and for each event type how many `when`
+/// predicates an event of that type evaluates.
+fn rules_toml(whens: Whens) -> (String, [u64; TYPES.len()]) {
+    let mut text = String::new();
+    let mut evals = [0u64; TYPES.len()];
+    for i in 0..RULES {
+        let t = (i * 7 + i / 20) % TYPES.len();
+        let on = format!("on = [\"{}\"]\n", TYPES[t]);
+        let mut when = |p: usize| -> String {
+            let (selective, pass) = PREDICATES[p];
+            let expr = match whens {
+                Whens::Selective => selective,
+                Whens::Pass => pass,
+                Whens::Absent => return String::new(),
+            };
+            evals[t] += 1;
+            format!("when = \"{expr}\"\n")
+        };
+        let late = "lateness = \"5m\"\n";
+        let body = match (i, i % 10) {
+            (13 | 57, _) => format!(
+                "{on}measure = \"count\"\nscope = \"group\"\ngroup_by = \"profile.section\"\n\
+                 window = \"period\"\n{late}tiers = [ {{ at = 2000, badge = \"b{i}\", points = {{ xp = 100 }} }} ]\n"
+            ),
+            (22, _) => format!(
+                "{on}measure = \"sum\"\nvalue = \"data.amount\"\n\
+                 limits = {{ max_value = 100.0, max_per_customer = \"5/1h\" }}\n\
+                 window = \"day\"\n{late}tiers = [ {{ at = 150.0, badge = \"b{i}\" }} ]\n"
+            ),
+            (44, _) => format!(
+                "{on}measure = \"count\"\nsources = [\"app/*\"]\nwindow = \"lifetime\"\n\
+                 tiers = [ {{ at = 3, badge = \"b{i}\" }} ]\n"
+            ),
+            (_, 0) => format!(
+                "{on}measure = \"count\"\nwindow = \"lifetime\"\n\
+                 tiers = [ {{ at = 3, badge = \"b{i}-1\", points = {{ xp = 10 }} }},\n\
+                           {{ at = 10, badge = \"b{i}-2\", points = {{ xp = 50 }} }} ]\n"
+            ),
+            (_, 1) => format!(
+                "{on}{}measure = \"count\"\nwindow = \"day\"\n{late}\
+                 tiers = [ {{ at = 2, badge = \"b{i}\", points = {{ xp = 5 }} }} ]\n",
+                when(0)
+            ),
+            (_, 2) => format!(
+                "{on}measure = \"sum\"\nvalue = \"data.amount\"\nwindow = \"tumbling:15m\"\n{late}\
+                 tiers = [ {{ at = 150.0, badge = \"b{i}\", points = {{ coins = 5 }} }} ]\n"
+            ),
+            (_, 3) => format!(
+                "{on}measure = \"distinct\"\nkey = \"data.zone\"\nwindow = \"period\"\n{late}\
+                 tiers = [ {{ at = 3, badge = \"b{i}\", points = {{ xp = 20 }} }} ]\n"
+            ),
+            (_, 4) => format!(
+                "{on}measure = \"max\"\nvalue = \"data.score\"\nwindow = \"lifetime\"\n\
+                 tiers = [ {{ at = 95, badge = \"b{i}\" }} ]\n"
+            ),
+            (_, 5) => format!(
+                "{on}measure = \"streak\"\nevery = \"day\"\nwindow = \"lifetime\"\n\
+                 tiers = [ {{ at = 2, badge = \"b{i}\", points = {{ xp = 30 }} }} ]\n"
+            ),
+            (_, 6) => format!(
+                "measure = \"sequence\"\nwindow = \"period\"\n{late}within = \"30m\"\n\
+                 steps = [ {{ on = [\"{}\"] }}, {{ on = [\"{}\"] }}, {{ on = [\"{}\"] }} ]\n\
+                 tiers = [ {{ at = 1, badge = \"b{i}\", points = {{ coins = 20 }} }} ]\n",
+                TYPES[t],
+                TYPES[(t + 1) % TYPES.len()],
+                TYPES[(t + 2) % TYPES.len()]
+            ),
+            (_, 7) => format!(
+                "{on}{}measure = \"count\"\nwindow = \"rolling:10m\"\n{late}\
+                 tiers = [ {{ at = 2, badge = \"b{i}\" }} ]\n",
+                when(1)
+            ),
+            (_, 8) => format!(
+                "{on}{}measure = \"count\"\nwindow = \"tumbling:5m\"\n{late}\
+                 tiers = [ {{ at = 2, badge = \"b{i}\", points = {{ xp = 5 }} }} ]\n",
+                when(2)
+            ),
+            _ => format!(
+                "{on}{}measure = \"sum\"\nvalue = \"data.amount\"\nwindow = \"rolling:30m\"\n{late}\
+                 tiers = [ {{ at = 100.0, badge = \"b{i}\", points = {{ coins = 10 }} }} ]\n",
+                when(3)
+            ),
+        };
+        text.push_str(&format!(
+            "[[achievement]]\nid = \"r{i:03}\"\nname = \"Rule {i}\"\n{body}\n"
+        ));
+    }
+    (text, evals)
+}
+
+/// A small deterministic generator (xorshift64*): the same events in
+/// every mode.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// The period start and one profile per customer, just before `start_ms`.
+fn warmup_events(start_ms: i64) -> Vec<Event> {
+    let mut events = vec![Event {
+        id: "period-start".into(),
+        source: "venue/ops".into(),
+        kind: "venue.period.started".into(),
+        subject: None,
+        time_ms: start_ms - 1_000,
+        data: json!({ "period": PERIOD }),
+    }];
+    events.extend((0..CUSTOMERS).map(|c| Event {
+        id: format!("p{c}"),
+        source: "crm/bench".into(),
+        kind: "customer.profile".into(),
+        subject: Some(format!("fan-{c}")),
+        time_ms: start_ms - 2_000,
+        data: json!({ "section": format!("S{}", c % SECTIONS), "tier": "season" }),
+    }));
+    events
+}
+
+/// `n` events over the 100,000 customers and 20 types, in time order from
+/// `start_ms` over one hour.
+fn main_events(n: usize, start_ms: i64) -> Vec<Event> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let step = 3_600_000.0 / n as f64;
+    (0..n)
+        .map(|k| {
+            let t = rng.below(TYPES.len());
+            Event {
+                id: format!("e{k}"),
+                source: if k % 2 == 0 {
+                    "app/ios"
+                } else {
+                    "kiosk/gate-3"
+                }
+                .into(),
+                kind: TYPES[t].into(),
+                subject: Some(format!("fan-{}", rng.below(CUSTOMERS))),
+                time_ms: start_ms + (k as f64 * step) as i64,
+                data: json!({
+                    "intensity": rng.below(3) + 1,
+                    "score": rng.below(101),
+                    "zone": format!("z{}", rng.below(12)),
+                    "amount": rng.below(120) as f64 + 0.5,
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Predicate evaluations `events` cause under rules with `evals` per type.
+fn evaluations(events: &[Event], evals: &[u64; TYPES.len()]) -> u64 {
+    events
+        .iter()
+        .map(|e| {
+            TYPES
+                .iter()
+                .position(|t| *t == e.kind)
+                .map_or(0, |t| evals[t])
+        })
+        .sum()
+}
+
+/// Writes a site config (and the rules, when any) into `dir`, loads both.
+fn site(dir: &Path, rules: Option<&str>, extra: &str) -> anyhow::Result<(SiteConfig, RuleBundle)> {
+    let patterns = match rules {
+        Some(text) => {
+            std::fs::create_dir_all(dir.join("rules"))?;
+            std::fs::write(dir.join("rules/bench.toml"), text)?;
+            "[\"rules/*.toml\"]"
+        }
+        None => "[]",
+    };
+    let text = format!(
+        "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = {patterns}\n\n\
+         [store]\nmap_size = \"8GiB\"\n{extra}\n[outbox]\nmax_bytes = \"4GiB\"\n"
+    );
+    let path = dir.join("site.toml");
+    std::fs::write(&path, text)?;
+    let site = edge_config::load_site_config(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bundle = edge_config::load_rules(&site).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((site, bundle))
+}
+
+/// Submits `events` in batches, `in_flight` batches queued at once, and
+/// checks each was committed.
+async fn submit_all(
+    store: &StoreHandle,
+    events: Vec<Event>,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let mut batches: Vec<Vec<Event>> = Vec::new();
+    let mut rest = events.into_iter().peekable();
+    while rest.peek().is_some() {
+        batches.push(rest.by_ref().take(SUBMIT_BATCH).collect());
+    }
+    let mut lanes: Vec<Vec<Vec<Event>>> = (0..in_flight).map(|_| Vec::new()).collect();
+    for (k, b) in batches.into_iter().enumerate() {
+        lanes[k % in_flight].push(b);
+    }
+    let mut tasks = Vec::new();
+    for lane in lanes {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for batch in lane {
+                let outcomes = store.submit(batch).await?;
+                if let Some(o) = outcomes
+                    .iter()
+                    .find(|o| !matches!(o, EventOutcome::Committed { .. }))
+                {
+                    bail!("event not committed: {o:?}");
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// One engine-alone run's figures.
+struct Run {
+    seconds: f64,
+    matched: u64,
+    awards: u64,
+    late: u64,
+    limited: u64,
+    predicate_errors: u64,
+    records: u64,
+}
+
+/// Opens a fresh store with `rules`, loads the profiles (untimed), then
+/// times `events` through it.
+async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> anyhow::Result<Run> {
+    let dir = tempfile::tempdir()?;
+    let (site, bundle) = site(dir.path(), rules, "sync = \"none\"\n")?;
+    let (store, writer) = Store::open_with(&site, &bundle, StoreOptions::default())?;
+    submit_all(&store, warmup_events(start_ms), 4).await?;
+    let records_before = store.stats().records_appended();
+    let started = Instant::now();
+    submit_all(&store, events, 4).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = store.engine_stats();
+    let rules = stats.rules();
+    let run = Run {
+        seconds,
+        matched: rules.iter().map(|r| r.matched()).sum(),
+        awards: rules.iter().map(|r| r.awards()).sum(),
+        late: rules.iter().map(|r| r.late()).sum(),
+        limited: rules.iter().map(|r| r.limited()).sum(),
+        predicate_errors: stats.predicate_errors(),
+        records: store.stats().records_appended() - records_before,
+    };
+    store.shutdown().await;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("store writer panicked"))?;
+    Ok(run)
+}
+
+/// (VmRSS, RssAnon, RssFile) of this process, in KiB.
+fn rss_kib() -> anyhow::Result<(u64, u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("RssAnon:"), field("RssFile:")))
+}
+
+fn cloud_event(e: &Event) -> Value {
+    let mut v = json!({"specversion": "1.0", "id": e.id, "source": e.source, "type": e.kind,
+        "time": touchline::clock::format_ms(e.time_ms), "data": e.data});
+    if let Some(s) = &e.subject {
+        v["subject"] = json!(s);
+    }
+    v
+}
+
+fn bodies(events: &[Event]) -> Vec<String> {
+    events
+        .chunks(HTTP_BATCH)
+        .map(|c| Value::Array(c.iter().map(cloud_event).collect()).to_string())
+        .collect()
+}
+
+async fn post_all(url: &str, bodies: Arc<Vec<String>>) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for k in 0..HTTP_CLIENTS {
+        let bodies = bodies.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for body in bodies.iter().skip(k).step_by(HTTP_CLIENTS) {
+                let resp = client
+                    .post(&url)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if resp.status() != reqwest::StatusCode::ACCEPTED {
+                    bail!("batch answered {}", resp.status());
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// The HTTP run's figures.
+struct Http {
+    seconds: f64,
+    awards: u64,
+    predicate_errors: u64,
+    idle: (u64, u64, u64),
+    loaded: (u64, u64, u64),
+}
+
+/// The daemon with the rules and HTTP ingest; profiles first (untimed),
+/// then `events` from 4 clients.
+async fn http_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Result<Http> {
+    let dir = tempfile::tempdir()?;
+    let (site, bundle) = site(
+        dir.path(),
+        Some(rules),
+        "\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+    )?;
+    // Bodies are serialised before the daemon starts: we measure the daemon
+    // and they are part of both memory readings.
+    let warmup = Arc::new(bodies(&warmup_events(start_ms)));
+    let main = Arc::new(bodies(events));
+    let daemon = Daemon::start(site, bundle).await?;
+    let url = format!("http://{}/v1/events", daemon.http_addr().context("http")?);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = rss_kib()?;
+    post_all(&url, warmup).await?;
+    let before = daemon.ingest_stats().snapshot().accepted;
+    let started = Instant::now();
+    post_all(&url, main).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    let accepted = daemon.ingest_stats().snapshot().accepted - before;
+    let loaded = rss_kib()?;
+    let stats = daemon.store().engine_stats();
+    let run = Http {
+        seconds,
+        awards: stats.rules().iter().map(|r| r.awards()).sum(),
+        predicate_errors: stats.predicate_errors(),
+        idle,
+        loaded,
+    };
+    daemon.shutdown(Duration::from_millis(100)).await;
+    if accepted != events.len() as u64 {
+        bail!("committed {accepted} of {}", events.len());
+    }
+    Ok(run)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (engine_events, http_events) = if quick {
+        (200_000, 150_000)
+    } else {
+        (600_000, 400_000)
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        println!(
+            "touchline engine benchmark ({}), machine: {cores} cores",
+            if quick { "quick" } else { "full" }
+        );
+        let start_ms = touchline::clock::now_ms() - 3_600_000;
+        let (selective, evals) = rules_toml(Whens::Selective);
+        let (pass, pass_evals) = rules_toml(Whens::Pass);
+        let (absent, _) = rules_toml(Whens::Absent);
+        let with_when = evals.iter().filter(|n| **n > 0).count();
+        println!(
+            "{RULES} rules over {} event types ({} `when` predicates; {with_when} types carry one), {CUSTOMERS} customers, {SECTIONS} sections",
+            TYPES.len(),
+            evals.iter().sum::<u64>()
+        );
+
+        // Two rounds, modes alternating, so machine noise hits all of them.
+        let modes: [(&str, Option<&str>); 4] = [
+            ("no rules", None),
+            ("100 rules", Some(&selective)),
+            ("100 rules, `when` always true", Some(&pass)),
+            ("100 rules, no `when`", Some(&absent)),
+        ];
+        let mut best: Vec<Option<Run>> = (0..modes.len()).map(|_| None).collect();
+        let mut predicate_evals = 0;
+        for round in 1..=2 {
+            for (m, (label, rules)) in modes.iter().enumerate() {
+                let events = main_events(engine_events, start_ms);
+                if m == 2 {
+                    predicate_evals = evaluations(&events, &pass_evals);
+                }
+                let run = engine_run(*rules, events, start_ms).await?;
+                println!(
+                    "  round {round}: {label:<32} {:>7.2} s  {:>9.0} events/s  matched {} awards {} late {} limited {} predicate errors {}",
+                    run.seconds,
+                    engine_events as f64 / run.seconds,
+                    run.matched,
+                    run.awards,
+                    run.late,
+                    run.limited,
+                    run.predicate_errors
+                );
+                if best[m].as_ref().is_none_or(|b| run.seconds < b.seconds) {
+                    best[m] = Some(run);
+                }
+            }
+        }
+        let best: Vec<Run> = best.into_iter().flatten().collect();
+        let rate = |r: &Run| engine_events as f64 / r.seconds;
+
+        let events = main_events(http_events, start_ms);
+        let http = http_run(&selective, &events, start_ms).await?;
+        drop(events);
+
+        let cel_ns = (best[2].seconds - best[3].seconds) * 1e9 / predicate_evals as f64;
+        println!();
+        println!("summary (best of 2 rounds per engine mode; a 2-core machine shared with other work: expect noise)");
+        println!("  rules: {RULES} (count, sum, distinct, max, streak, sequence, group, limits, sources; lifetime/day/period/tumbling/rolling)");
+        println!("  customers: {CUSTOMERS}, each with a profile; events: {engine_events} per engine run, {http_events} over HTTP");
+        println!(
+            "  1. engine alone, one writer thread (sync none): {:.0} events/s (target ≥ 300,000/s); {} awards, {} records",
+            rate(&best[1]),
+            best[1].awards,
+            best[1].records
+        );
+        println!(
+            "     store alone, no rules: {:.0} events/s → with 100 rules at {:.2}× the no-rules rate ({:.2} µs/event of rules on top of {:.2} µs/event of store)",
+            rate(&best[0]),
+            rate(&best[1]) / rate(&best[0]),
+            (best[1].seconds - best[0].seconds) * 1e6 / engine_events as f64,
+            best[0].seconds * 1e6 / engine_events as f64
+        );
+        println!(
+            "  2. CEL: {predicate_evals} predicate evaluations ({:.2} per event); `when` always true {:.0} events/s vs no `when` {:.0} events/s → {cel_ns:.0} ns per predicate",
+            predicate_evals as f64 / engine_events as f64,
+            rate(&best[2]),
+            rate(&best[3])
+        );
+        println!(
+            "  3. full pipeline, HTTP (sync full, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): {:.0} events/s (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
+            http_events as f64 / http.seconds,
+            http.awards,
+            http.predicate_errors
+        );
+        println!(
+            "  4. resident memory: {:.1} MiB idle → {:.1} MiB with {CUSTOMERS} active customers: +{:.1} MiB per 100,000 customers (anonymous +{:.1} MiB, LMDB mapped pages +{:.1} MiB)",
+            mib(http.idle.0),
+            mib(http.loaded.0),
+            mib(http.loaded.0.saturating_sub(http.idle.0)) * 100_000.0 / CUSTOMERS as f64,
+            mib(http.loaded.1.saturating_sub(http.idle.1)),
+            mib(http.loaded.2.saturating_sub(http.idle.2))
+        );
+        Ok(())
+    })
+}

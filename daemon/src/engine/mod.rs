@@ -19,7 +19,7 @@
 pub mod limits;
 pub mod measure;
 pub mod periods;
-mod predicate;
+pub(crate) mod predicate;
 pub mod progress;
 pub mod pseudonym;
 mod shared;
@@ -27,6 +27,7 @@ pub mod state;
 pub mod vouchers;
 pub mod window;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -439,9 +440,10 @@ impl Engine {
         }
     }
 
-    /// Deletes the index entries that name `customer` (shared goals,
-    /// period activity). The customer's own records go with the rest of
-    /// their key space, which the caller deletes.
+    /// Deletes everything the engine keeps about `customer`: their key
+    /// space (rule state, shares, rate histories, period activity) and the
+    /// site-space index entries that name them, which are found through
+    /// those records.
     pub fn erase(
         &mut self,
         txn: &mut RwTxn,
@@ -449,14 +451,17 @@ impl Engine {
         customer: &str,
     ) -> Result<(), ApplyError> {
         let prefix = self.key.start(customer).finish(usize::MAX).to_vec();
+        // Keys first, deletes after: deleting through the cursor is unsafe
+        // in heed, and one customer's state is small.
         let mut doomed = Vec::new();
         for entry in dbs.state.prefix_iter(txn, &prefix)? {
-            let (_, v) = entry?;
+            let (k, v) = entry?;
             match state::decode(v) {
                 Ok(StoredState::Member(m)) => doomed.push(m.index),
                 Ok(StoredState::Activity(a)) => doomed.push(a.index),
                 _ => {}
             }
+            doomed.push(k.to_vec());
         }
         for key in doomed {
             dbs.state.delete(txn, &key)?;
@@ -708,33 +713,35 @@ fn apply_rule(
             {
                 return Ok(0);
             }
-            credited
+            Cow::Owned(credited)
         }
-        _ => ctx.customer.to_string(),
+        _ => Cow::Borrowed(ctx.customer),
     };
-    let mut admitted = Vec::with_capacity(2);
+    // Both rates are checked before either is recorded, so an event one
+    // limit refuses uses up nothing of the other.
+    let mut admitted: [Option<limits::Admitted>; 2] = [None, None];
     let rates = [
         (rule.limits.max_per_customer.as_ref(), ctx.customer, "rate"),
         (
             rule.referral
                 .as_ref()
                 .and_then(|r| r.max_per_referrer.as_ref()),
-            target.as_str(),
+            target.as_ref(),
             "referral",
         ),
     ];
-    for (rate, who, what) in rates {
+    for (slot, (rate, who, what)) in admitted.iter_mut().zip(rates) {
         let Some(rate) = rate else { continue };
         let key = state::rate_key(work.key, who, &rule.id, rule.version, what).to_vec();
         match limits::check(txn, work.dbs.state, key, rate, event.time_ms)? {
-            Some(a) => admitted.push(a),
+            Some(a) => *slot = Some(a),
             None => {
                 count(&ctx.counters.limited);
                 return Ok(0);
             }
         }
     }
-    for a in admitted {
+    for a in admitted.into_iter().flatten() {
         limits::record(txn, work.dbs.state, work.value, a)?;
     }
     let input = Step {

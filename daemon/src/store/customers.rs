@@ -6,14 +6,15 @@
 //! removes it). Rules see it as `profile`. Consent is read from it: a
 //! customer whose `consent.gamification` is `false` is not tracked, so
 //! their events change no state and are counted as skipped. A
-//! `customer.erased` event deletes every trace of the customer kept at the
-//! site (profile, rule state, dead-letter samples that mention them) in
-//! the same commit that queues the erasure record for the central side.
+//! `customer.erased` event deletes the profile here and tells the writer,
+//! which has every other stage erase its part (rule state, rewards,
+//! dead-letter samples) in the same commit that queues the erasure record
+//! for the central side.
 //!
-//! Keys are the customer id itself (length-prefixed like rule state, whose
-//! keys start with the customer, so one prefix scan finds all of a
-//! customer's state). Ingest bounds `subject` to [`MAX_CUSTOMER_LEN`]
-//! bytes, so those keys are never hashed and the scan is exhaustive.
+//! Keys are the customer id itself, length-prefixed like rule state, whose
+//! keys start with the customer so one prefix scan finds all of a
+//! customer's state. Ingest bounds `subject` to [`MAX_CUSTOMER_LEN`]
+//! bytes, so those keys are never hashed and that scan is exhaustive.
 
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
@@ -55,11 +56,11 @@ pub(crate) enum CustomerError {
     Corrupt { customer: String, detail: String },
 }
 
-/// The profile and rule-state databases this stage reads and writes.
+/// The profile database this stage reads and writes. Rule state belongs to
+/// the engine, which erases its own part of a customer.
 #[derive(Clone, Copy)]
 pub(crate) struct CustomerDbs {
     pub profiles: Database<Bytes, Bytes>,
-    pub rule_state: Database<Bytes, Bytes>,
 }
 
 /// Runs the stage for one new (non-duplicate) event.
@@ -186,18 +187,7 @@ fn erase(
     key: &mut KeyBuf,
     customer: &str,
 ) -> Result<(), CustomerError> {
-    let prefix = profile_key(key, customer).to_vec();
-    dbs.profiles.delete(txn, &prefix)?;
-    // Keys first, deletes after: deleting through the cursor is unsafe
-    // in heed, and one customer's state is small.
-    let mut doomed = Vec::new();
-    for entry in dbs.rule_state.prefix_iter(txn, &prefix)? {
-        let (k, _) = entry?;
-        doomed.push(k.to_vec());
-    }
-    for k in &doomed {
-        dbs.rule_state.delete(txn, k)?;
-    }
+    dbs.profiles.delete(txn, profile_key(key, customer))?;
     Ok(())
 }
 

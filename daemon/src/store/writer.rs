@@ -549,15 +549,7 @@ impl Writer {
             self.output.progress.clear();
             let customer_dbs = CustomerDbs {
                 profiles: self.dbs.profiles,
-                rule_state: self.dbs.rule_state,
             };
-            if event.kind == customers::ERASE_EVENT {
-                if let Some(customer) = event.subject.as_deref() {
-                    // Index entries naming the customer first: they are
-                    // found through the records erasure deletes.
-                    self.engine.erase(txn, self.engine_dbs(), customer)?;
-                }
-            }
             // Next best action runs after the engine, on tracked events.
             let mut nba_profile = None;
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
@@ -574,6 +566,7 @@ impl Writer {
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
+                    self.engine.erase(txn, self.engine_dbs(), &customer)?;
                     self.nba.erase(txn, &customer)?;
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;

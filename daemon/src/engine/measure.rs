@@ -253,11 +253,9 @@ pub fn observe_rolling(
     else {
         return None;
     };
-    let width = (span_ms / 60).max(1);
-    let bucket = time_ms.div_euclid(width);
+    let bucket = time_ms.div_euclid(bucket_width(span_ms));
     let newest = (*latest_ms).max(time_ms);
-    // Buckets whose whole span lies before `newest - span` are gone.
-    let oldest_kept = (newest.saturating_sub(span_ms)).div_euclid(width) + 1;
+    let oldest_kept = oldest_bucket(newest, span_ms);
     if bucket < oldest_kept {
         return None;
     }
@@ -272,6 +270,21 @@ pub fn observe_rolling(
     }
     *latest_ms = newest;
     Some((buckets.iter().map(|(_, v)| v).sum(), fresh))
+}
+
+/// A rolling window keeps its events in 60 buckets of this width.
+fn bucket_width(span_ms: i64) -> i64 {
+    (span_ms / 60).max(1)
+}
+
+/// The oldest bucket a rolling window of `span_ms` still holds when its
+/// newest event is at `newest_ms`: buckets whose whole span lies before
+/// `newest - span` are gone.
+pub fn oldest_bucket(newest_ms: i64, span_ms: i64) -> i64 {
+    newest_ms
+        .saturating_sub(span_ms)
+        .div_euclid(bucket_width(span_ms))
+        + 1
 }
 
 /// The streak kind of a measure, if it is one.

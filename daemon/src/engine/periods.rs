@@ -148,11 +148,11 @@ pub(super) fn mark_active(
     let Some(period) = period_at(work.periods, time_ms) else {
         return Ok(());
     };
-    let key = state::activity_key(work.key, customer, &period).to_vec();
+    let key = state::activity_key(work.key, customer, period).to_vec();
     if work.dbs.state.get(txn, &key)?.is_some() {
         return Ok(());
     }
-    let mut index = state::activity_index_prefix(&period);
+    let mut index = state::activity_index_prefix(period);
     index.extend_from_slice(customer.as_bytes());
     work.dbs.state.put(txn, &index, &[])?;
     let activity = Activity {
@@ -185,7 +185,7 @@ pub(super) fn credit_activity(
         return Ok(());
     }
     mark_active(work, txn, customer, at_ms)?;
-    let key = state::activity_key(work.key, customer, &period).to_vec();
+    let key = state::activity_key(work.key, customer, period).to_vec();
     let mut activity = match work.dbs.state.get(txn, &key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::Activity(a)) => a,
@@ -214,9 +214,8 @@ pub(super) fn credit_activity(
     )
 }
 
-fn period_at(periods: &Periods, time_ms: i64) -> Option<String> {
-    let placement = periods.at(time_ms)?;
-    placement.name.strip_prefix("period:").map(str::to_string)
+fn period_at(periods: &Periods, time_ms: i64) -> Option<&str> {
+    periods.covering(time_ms).map(|(_, p)| p.id.as_str())
 }
 
 /// Emits every active customer's summary of `period` and deletes the

@@ -160,9 +160,7 @@ fn rolling_value(measure: &MeasureState, now_ms: i64, rule: &AchievementRule) ->
     else {
         return 0.0;
     };
-    let span_ms = window::duration_ms(span);
-    let width = (span_ms / 60).max(1);
-    let oldest_kept = now_ms.saturating_sub(span_ms).div_euclid(width) + 1;
+    let oldest_kept = super::measure::oldest_bucket(now_ms, window::duration_ms(span));
     buckets
         .iter()
         .filter(|(b, _)| *b >= oldest_kept)

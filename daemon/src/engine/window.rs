@@ -152,16 +152,20 @@ impl Periods {
     /// The period covering `time_ms` (`start <= t < end`); when periods
     /// overlap, the one that started last.
     pub fn at(&self, time_ms: i64) -> Option<Placement> {
+        self.covering(time_ms).map(|(i, p)| Placement {
+            name: period_name(&p.id),
+            ordinal: i as i64,
+            end_ms: p.end_ms,
+        })
+    }
+
+    /// The period covering `time_ms` and its ordinal, without naming it.
+    pub fn covering(&self, time_ms: i64) -> Option<(usize, &Period)> {
         self.list
             .iter()
             .enumerate()
             .rev()
             .find(|(_, p)| p.start_ms <= time_ms && p.end_ms.is_none_or(|end| time_ms < end))
-            .map(|(i, p)| Placement {
-                name: period_name(&p.id),
-                ordinal: i as i64,
-                end_ms: p.end_ms,
-            })
     }
 
     /// Opens period `id` at `start_ms`. A period that is already known is

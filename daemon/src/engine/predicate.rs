@@ -76,7 +76,9 @@ fn needs_of(program: &Program) -> Needs {
     }
 }
 
-fn run(program: &Program, scope: &Context<'_, '_>) -> Result<Value, EvalError> {
+/// Runs `program`, turning an interpreter panic into an error. Offers'
+/// expressions run through here too.
+pub(crate) fn run(program: &Program, scope: &Context<'_, '_>) -> Result<Value, EvalError> {
     // The interpreter is third-party code running on input we do not
     // control; a panic in it must not take the writer thread down.
     catch_unwind(AssertUnwindSafe(|| program.execute(scope)))
@@ -173,7 +175,7 @@ pub(crate) fn scope<'r, 'e>(
 
 /// The event's attributes: `id`, `source`, `type`, `subject` (null when
 /// absent) and `time` (RFC 3339, UTC).
-fn event_map(event: &Event) -> Box<dyn Val + '_> {
+pub(crate) fn event_map(event: &Event) -> Box<dyn Val + '_> {
     let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::with_capacity(5);
     map.insert("id".into(), Box::new(CelString::from(event.id.as_str())));
     map.insert(
@@ -226,7 +228,7 @@ pub(crate) fn json(value: &serde_json::Value) -> Box<dyn Val + '_> {
     }
 }
 
-fn object(fields: &serde_json::Map<String, serde_json::Value>) -> Box<dyn Val + '_> {
+pub(crate) fn object(fields: &serde_json::Map<String, serde_json::Value>) -> Box<dyn Val + '_> {
     let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
         .iter()
         .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))

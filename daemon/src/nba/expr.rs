@@ -10,18 +10,11 @@
 //! (and `progress`, empty for now). Converting the trigger's JSON once is
 //! what keeps a 100,000-customer fan-out affordable.
 
-use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
-use cel::common::types::{
-    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString, CelUInt,
-};
-use cel::common::value::Val;
+use cel::common::types::CelMap;
 use cel::{Context, Program, Value};
 use serde_json::Map;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
+use crate::engine::predicate::{self, event_map, json, object, EvalError};
 use crate::event::Event;
 
 /// A compiled offer expression.
@@ -63,20 +56,13 @@ impl Expr {
     }
 
     fn eval(&self, scope: &Context<'_, '_>) -> Result<Value, ExprError> {
-        // Third-party interpreter on input we do not control: a panic in
-        // it must not take the writer thread down.
-        let result = catch_unwind(AssertUnwindSafe(|| self.program.execute(scope)));
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(ExprError::Execution {
-                expr: self.source.clone(),
-                detail: e.to_string(),
-            }),
-            Err(_) => Err(ExprError::Execution {
-                expr: self.source.clone(),
-                detail: "evaluation panicked".to_owned(),
-            }),
-        }
+        predicate::run(&self.program, scope).map_err(|e| ExprError::Execution {
+            expr: self.source.clone(),
+            detail: match e {
+                EvalError::Execution(detail) => detail,
+                other => other.to_string(),
+            },
+        })
     }
 
     fn wrong(&self, found: &Value, wanted: &'static str) -> ExprError {
@@ -120,7 +106,7 @@ impl Expr {
 /// The root every scope derives from; built once per offer set (it
 /// registers every built-in function, which is the expensive part).
 pub fn root() -> Context<'static, 'static> {
-    Context::default()
+    predicate::root()
 }
 
 /// The trigger's layer: `data` and `event`.
@@ -144,65 +130,11 @@ pub fn customer_scope<'s, 'v>(
     profile: &'v Map<String, serde_json::Value>,
 ) -> Context<'s, 'v> {
     let mut scope = parent.new_inner_scope();
-    scope.add_variable_as_val("profile", json_map(profile));
+    scope.add_variable_as_val("profile", object(profile));
     // Achievement progress is not exposed to offers yet: an empty map
     // keeps `has(progress.x)` well-defined.
     scope.add_variable_as_val("progress", Box::new(CelMap::default()));
     scope
-}
-
-fn event_map(event: &Event) -> Box<dyn Val + '_> {
-    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = HashMap::with_capacity(5);
-    map.insert("id".into(), Box::new(CelString::from(event.id.as_str())));
-    map.insert(
-        "source".into(),
-        Box::new(CelString::from(event.source.as_str())),
-    );
-    map.insert(
-        "type".into(),
-        Box::new(CelString::from(event.kind.as_str())),
-    );
-    let subject: Box<dyn Val> = match &event.subject {
-        Some(s) => Box::new(CelString::from(s.as_str())),
-        None => Box::new(CelNull),
-    };
-    map.insert("subject".into(), subject);
-    let time = OffsetDateTime::from_unix_timestamp_nanos(i128::from(event.time_ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default();
-    map.insert("time".into(), Box::new(CelString::from(time)));
-    Box::new(CelMap::from(map))
-}
-
-fn json_map(fields: &Map<String, serde_json::Value>) -> Box<dyn Val + '_> {
-    let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = fields
-        .iter()
-        .map(|(k, v)| (CelMapKey::from(k.as_str()), json(v)))
-        .collect();
-    Box::new(CelMap::from(map))
-}
-
-/// JSON → CEL, borrowing strings. Integers that fit `i64` become `int`,
-/// larger ones `uint`, others `double`.
-fn json(value: &serde_json::Value) -> Box<dyn Val + '_> {
-    use serde_json::Value as J;
-    match value {
-        J::Null => Box::new(CelNull),
-        J::Bool(b) => Box::new(CelBool::from(*b)),
-        J::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Box::new(CelInt::from(i))
-            } else if let Some(u) = n.as_u64() {
-                Box::new(CelUInt::from(u))
-            } else {
-                Box::new(CelDouble::from(n.as_f64().unwrap_or(f64::NAN)))
-            }
-        }
-        J::String(s) => Box::new(CelString::from(s.as_str())),
-        J::Array(items) => Box::new(CelList::from(items.iter().map(json).collect::<Vec<_>>())),
-        J::Object(fields) => json_map(fields),
-    }
 }
 
 #[cfg(test)]

@@ -371,6 +371,17 @@ fn scenario(base: i64) -> History {
     h
 }
 
+async fn get_json(client: &reqwest::Client, base_url: &str, path: &str) -> Value {
+    client
+        .get(format!("{base_url}{path}"))
+        .send()
+        .await
+        .expect("fan API answers")
+        .json()
+        .await
+        .expect("fan API answers JSON")
+}
+
 /// (customer, achievement) → windows in which the tier was awarded.
 fn awards(records: &[Value]) -> BTreeMap<(String, String), Vec<(String, u64)>> {
     let mut out: BTreeMap<(String, String), Vec<(String, u64)>> = BTreeMap::new();
@@ -411,7 +422,8 @@ async fn the_stadium_scenario_awards_exactly_what_it_should() {
     )
     .unwrap();
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let base_url = format!("http://{}", daemon.http_addr().unwrap());
+    let url = format!("{base_url}/v1/events");
     let client = reqwest::Client::new();
 
     let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
@@ -522,59 +534,18 @@ async fn the_stadium_scenario_awards_exactly_what_it_should() {
     );
 
     // Vouchers: the pool's one code went to d1, the template made w1's.
-    let rewards: Value = client
-        .get(format!(
-            "http://{}/v1/customers/d1/rewards",
-            daemon.http_addr().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rewards: Value = get_json(&client, &base_url, "/v1/customers/d1/rewards").await;
     assert_eq!(rewards["vouchers"][0]["code"], "JERSEY-001");
     assert_eq!(rewards["points"]["xp"], 50);
-    let rewards: Value = client
-        .get(format!(
-            "http://{}/v1/customers/w1/rewards",
-            daemon.http_addr().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rewards: Value = get_json(&client, &base_url, "/v1/customers/w1/rewards").await;
     assert_eq!(rewards["vouchers"][0]["code"], "ROAR-w1-1");
     // The referrer is credited, never the buyer.
-    let buyer: Value = client
-        .get(format!(
-            "http://{}/v1/customers/buyer-1/rewards",
-            daemon.http_addr().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let buyer: Value = get_json(&client, &base_url, "/v1/customers/buyer-1/rewards").await;
     assert_eq!(buyer["points"], json!({}));
 
-    // Progress: x2 is at 4 of 5 zones in the latest period's instance
-    // (m3, where they did nothing), b2 at 90 of 100 in m3 too; lifetime
-    // rules show their lifetime value.
-    let progress: Value = client
-        .get(format!(
-            "http://{}/v1/customers/l2/progress",
-            daemon.http_addr().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Progress: l2's loyalty streak was broken (1 of 3); l1 has the tier
+    // and no next one.
+    let progress: Value = get_json(&client, &base_url, "/v1/customers/l2/progress").await;
     let loyal = progress["rules"]
         .as_array()
         .unwrap()
@@ -585,17 +556,7 @@ async fn the_stadium_scenario_awards_exactly_what_it_should() {
     assert_eq!(loyal["next_at"], 3.0);
     assert_eq!(loyal["remaining"], 2.0);
     assert_eq!(loyal["window"], "lifetime");
-    let progress: Value = client
-        .get(format!(
-            "http://{}/v1/customers/l1/progress",
-            daemon.http_addr().unwrap()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let progress: Value = get_json(&client, &base_url, "/v1/customers/l1/progress").await;
     let loyal = progress["rules"]
         .as_array()
         .unwrap()

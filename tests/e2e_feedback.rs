@@ -6,44 +6,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use touchline_tests::mosquitto::Mosquitto;
 use touchline_tests::{free_port, wait_for_port, wait_until};
-
-/// A venue-app stand-in: subscribes to every customer's progress topic and
-/// keeps what arrives (reconnecting while the broker restarts).
-fn subscribe(port: u16) -> Arc<Mutex<Vec<(String, Value)>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let out = seen.clone();
-    tokio::spawn(async move {
-        let mut opts = MqttOptions::new("e2e-app", "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        // A persistent session: QoS 1 messages published while this
-        // subscriber is away are queued by the broker.
-        opts.set_clean_session(false);
-        let (client, mut eventloop) = AsyncClient::new(opts, 100);
-        let topic = format!("touchline/{SITE}/customers/+/progress");
-        loop {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    out.lock().unwrap().push((p.topic.clone(), v));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    seen
-}
 
 /// (customer, tier) → number of messages received for it.
 fn tiers(seen: &Mutex<Vec<(String, Value)>>) -> BTreeMap<(String, u64), usize> {
@@ -77,7 +46,7 @@ async fn every_tier_reached_is_published_even_across_a_broker_outage() {
             ..Default::default()
         },
     );
-    let seen = subscribe(broker.port);
+    let seen = subscribe_app(broker.port, "e2e-app", "progress");
     let mut daemon = touchline_tests::process::ChildProcess::spawn(
         &touchline_bin(),
         &["run", "--config", config.to_str().unwrap()],

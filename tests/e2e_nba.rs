@@ -11,11 +11,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::*;
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use touchline::nba::control::ControlGroup;
 use touchline_tests::mosquitto::Mosquitto;
@@ -54,33 +53,6 @@ payload = { title = "Team scarf" }
 const NBA: &str = "[nba]\nmax_per_customer = \"100/1h\"\nquiet_after_accept = \"0s\"\n\
                    control_share = 0.25\ncontrol_salt = \"e2e\"\nexploration = 0\n\
                    prior = { alpha = 50, beta = 50 }\n";
-
-/// An app stand-in: keeps every message on the customers' offer topics.
-fn subscribe(port: u16) -> Arc<Mutex<Vec<(String, Value)>>> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let out = seen.clone();
-    tokio::spawn(async move {
-        let mut opts = MqttOptions::new("e2e-nba-app", "127.0.0.1", port);
-        opts.set_keep_alive(Duration::from_secs(5));
-        opts.set_clean_session(false);
-        let (client, mut eventloop) = AsyncClient::new(opts, 100);
-        let topic = format!("touchline/{SITE}/customers/+/offers");
-        loop {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    out.lock().unwrap().push((p.topic.clone(), v));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    seen
-}
 
 fn event(id: &str, kind: &str, subject: Option<&str>, data: Value) -> Value {
     let mut e = json!({
@@ -154,7 +126,7 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
         },
     );
     std::fs::write(dir.path().join("rules/offers.toml"), OFFERS).unwrap();
-    let seen = subscribe(broker.port);
+    let seen = subscribe_app(broker.port, "e2e-nba-app", "offers");
     let mut daemon = ChildProcess::spawn(
         &touchline_bin(),
         &["run", "--config", config.to_str().unwrap()],

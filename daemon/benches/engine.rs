@@ -21,6 +21,8 @@
 //! run of each is reported. Absolute numbers on a shared machine are
 //! noisy; the ratios are the figures to compare across machines.
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -387,33 +389,6 @@ fn bodies(events: &[Event]) -> Vec<String> {
         .collect()
 }
 
-async fn post_all(url: &str, bodies: Arc<Vec<String>>) -> anyhow::Result<()> {
-    let mut tasks = Vec::new();
-    for k in 0..HTTP_CLIENTS {
-        let bodies = bodies.clone();
-        let url = url.to_string();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for body in bodies.iter().skip(k).step_by(HTTP_CLIENTS) {
-                let resp = client
-                    .post(&url)
-                    .header("content-type", "application/cloudevents-batch+json")
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                if resp.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("batch answered {}", resp.status());
-                }
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(())
-}
-
 /// The HTTP run's figures.
 struct Http {
     seconds: f64,
@@ -440,10 +415,10 @@ async fn http_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Resul
     let url = format!("http://{}/v1/events", daemon.http_addr().context("http")?);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = rss_kib()?;
-    post_all(&url, warmup).await?;
+    support::post_batches(&url, warmup, HTTP_CLIENTS).await?;
     let before = daemon.ingest_stats().snapshot().accepted;
     let started = Instant::now();
-    post_all(&url, main).await?;
+    support::post_batches(&url, main, HTTP_CLIENTS).await?;
     let seconds = started.elapsed().as_secs_f64();
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = rss_kib()?;

@@ -14,6 +14,8 @@
 //! smaller run). Absolute numbers on a shared machine are noisy; the ratio
 //! in (2) is the figure to compare across machines.
 
+mod support;
+
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -150,29 +152,7 @@ async fn http_ingest(events: usize) -> anyhow::Result<()> {
         .collect();
     let bodies = Arc::new(bodies);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for k in 0..CLIENTS {
-        let bodies = bodies.clone();
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            for body in bodies.iter().skip(k).step_by(CLIENTS) {
-                let resp = client
-                    .post(&url)
-                    .header("content-type", "application/cloudevents-batch+json")
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                if resp.status() != reqwest::StatusCode::ACCEPTED {
-                    bail!("batch answered {}", resp.status());
-                }
-            }
-            Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
+    support::post_batches(&url, bodies, CLIENTS).await?;
     let elapsed = started.elapsed();
     let stats = daemon.ingest_stats().snapshot();
     let awards = daemon.store().stats().records_appended();

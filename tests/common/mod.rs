@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -278,4 +281,39 @@ pub async fn post_all(
         }
     }
     Ok(retries)
+}
+
+/// A venue-app stand-in on the broker at `port`: subscribes (QoS 1,
+/// persistent session, so messages published while it reconnects are
+/// kept) to `touchline/<SITE>/customers/+/<channel>` and keeps every
+/// message as (topic, JSON payload). The retry pause only spaces out
+/// reconnects while the broker is down.
+pub fn subscribe_app(
+    port: u16,
+    client_id: &str,
+    channel: &str,
+) -> Arc<Mutex<Vec<(String, Value)>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_clean_session(false);
+    let topic = format!("touchline/{SITE}/customers/+/{channel}");
+    tokio::spawn(async move {
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    out.lock().unwrap().push((p.topic.clone(), v));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    seen
 }

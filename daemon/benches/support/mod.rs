@@ -1,0 +1,39 @@
+//! Load generation the benchmarks share.
+
+use std::sync::Arc;
+
+use anyhow::bail;
+
+/// Posts every body (a CloudEvents JSON batch) to `url` from `clients`
+/// concurrent clients, each taking every `clients`-th body; fails on the
+/// first answer other than 202.
+pub async fn post_batches(
+    url: &str,
+    bodies: Arc<Vec<String>>,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::with_capacity(clients);
+    for k in 0..clients {
+        let bodies = bodies.clone();
+        let url = url.to_string();
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for body in bodies.iter().skip(k).step_by(clients) {
+                let resp = client
+                    .post(&url)
+                    .header("content-type", "application/cloudevents-batch+json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if resp.status() != reqwest::StatusCode::ACCEPTED {
+                    bail!("batch answered {}", resp.status());
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

@@ -21,6 +21,8 @@ const COMPILE_STACK: usize = 64 * 1024 * 1024;
 #[derive(Debug)]
 pub struct CompiledOffer {
     pub offer: Offer,
+    /// The payload new instances show, as JSON text.
+    pub payload: String,
     pub limits: OfferLimits,
     pub audience: Option<Expr>,
     pub weight: Option<Expr>,
@@ -34,6 +36,10 @@ pub struct CompiledOffer {
 pub struct Catalog {
     pub offers: Vec<CompiledOffer>,
     by_trigger: HashMap<String, Vec<usize>>,
+    /// Per trigger type, the profile fields that decide which of its
+    /// offers a customer gets and with what segment and weight (always
+    /// including `consent`), or `None` when an expression reads more.
+    deciding_fields: HashMap<String, Option<Vec<String>>>,
     by_escalation: HashMap<String, Vec<usize>>,
     by_conversion: HashMap<String, Vec<usize>>,
     by_id: HashMap<String, usize>,
@@ -93,9 +99,33 @@ impl Catalog {
                 }
             }
         }
+        let deciding_fields = by_trigger
+            .iter()
+            .map(|(kind, offers)| {
+                let mut fields = std::collections::BTreeSet::from(["consent".to_owned()]);
+                let all_known = offers.iter().all(|&i| {
+                    let c = &compiled[i];
+                    [&c.audience, &c.weight, &c.segment]
+                        .into_iter()
+                        .flatten()
+                        .all(|e| match e.profile_fields() {
+                            Some(f) => {
+                                fields.extend(f.iter().cloned());
+                                true
+                            }
+                            None => false,
+                        })
+                });
+                (
+                    kind.clone(),
+                    all_known.then(|| fields.into_iter().collect()),
+                )
+            })
+            .collect();
         Ok(Catalog {
             offers: compiled,
             by_trigger,
+            deciding_fields,
             by_escalation,
             by_conversion,
             by_id,
@@ -123,6 +153,13 @@ impl Catalog {
     /// Offers triggered by an event type.
     pub fn triggered_by(&self, kind: &str) -> &[usize] {
         self.by_trigger.get(kind).map_or(&[], Vec::as_slice)
+    }
+
+    /// The profile fields that decide eligibility, segment and weight for
+    /// a trigger type's offers, if that is all the offers read of a
+    /// customer.
+    pub fn deciding_fields(&self, kind: &str) -> Option<&[String]> {
+        self.deciding_fields.get(kind)?.as_deref()
     }
 
     /// Offers whose open instances an event type escalates.
@@ -183,6 +220,7 @@ fn compile_all(offers: &[Offer], policy: &NbaPolicy) -> Result<Vec<CompiledOffer
                         "conversion.when",
                         o.conversion.as_ref().and_then(|c| c.when.as_deref()),
                     )?,
+                    payload: super::instance::payload_text(o),
                     offer: o.clone(),
                 })
             })

@@ -10,6 +10,9 @@
 //! (and `progress`, empty for now). Converting the trigger's JSON once is
 //! what keeps a 100,000-customer fan-out affordable.
 
+use std::collections::BTreeSet;
+
+use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
 use cel::common::types::CelMap;
 use cel::{Context, Program, Value};
 use serde_json::Map;
@@ -21,6 +24,12 @@ use crate::event::Event;
 pub struct Expr {
     program: Program,
     source: String,
+    /// The profile fields the expression reads, when it reads the
+    /// customer only through `profile.<field>`; `None` when it reads more
+    /// (the whole `profile`, an index into it, or `progress`). Customers
+    /// alike in these fields get the same result for the same trigger,
+    /// which is what lets a fan-out evaluate once per kind of customer.
+    profile_fields: Option<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Expr {
@@ -49,10 +58,18 @@ impl Expr {
     /// and the caller compiles on one.
     pub fn compile(source: &str) -> Result<Expr, String> {
         let program = Program::compile(source).map_err(|e| e.to_string())?;
+        let mut fields = BTreeSet::new();
+        let profile_fields = customer_reads(program.expression(), &mut fields).then_some(fields);
         Ok(Expr {
             program,
             source: source.to_owned(),
+            profile_fields,
         })
+    }
+
+    /// See [`Expr::profile_fields`](Expr#structfield.profile_fields).
+    pub fn profile_fields(&self) -> Option<&BTreeSet<String>> {
+        self.profile_fields.as_ref()
     }
 
     fn eval(&self, scope: &Context<'_, '_>) -> Result<Value, ExprError> {
@@ -100,6 +117,58 @@ impl Expr {
             Value::Bool(b) => Ok(b.to_string()),
             other => Err(self.wrong(&other, "a string")),
         }
+    }
+}
+
+/// Collects the `profile.<field>` selections of `e` into `fields`; false
+/// when `e` reads the customer in any other way.
+fn customer_reads(e: &IdedExpr, fields: &mut BTreeSet<String>) -> bool {
+    match &e.expr {
+        Ast::Ident(name) => name != "profile" && name != "progress",
+        Ast::Select(select) => match &select.operand.expr {
+            Ast::Ident(name) if name == "profile" => {
+                fields.insert(select.field.clone());
+                true
+            }
+            _ => customer_reads(&select.operand, fields),
+        },
+        Ast::Call(call) => {
+            call.target
+                .as_deref()
+                .is_none_or(|t| customer_reads(t, fields))
+                && call.args.iter().all(|a| customer_reads(a, fields))
+        }
+        Ast::Comprehension(c) => {
+            // A loop variable named like a customer variable would hide
+            // it; rare enough to just give up on.
+            let shadows = |v: &str| v == "profile" || v == "progress";
+            !shadows(&c.iter_var)
+                && !c.iter_var2.as_deref().is_some_and(shadows)
+                && !shadows(&c.accu_var)
+                && [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .into_iter()
+                .all(|x| customer_reads(x, fields))
+        }
+        Ast::List(list) => list.elements.iter().all(|x| customer_reads(x, fields)),
+        Ast::Map(map) => map.entries.iter().all(|x| match &x.expr {
+            EntryExpr::MapEntry(m) => {
+                customer_reads(&m.key, fields) && customer_reads(&m.value, fields)
+            }
+            EntryExpr::StructField(f) => customer_reads(&f.value, fields),
+        }),
+        Ast::Struct(st) => st.entries.iter().all(|x| match &x.expr {
+            EntryExpr::MapEntry(m) => {
+                customer_reads(&m.key, fields) && customer_reads(&m.value, fields)
+            }
+            EntryExpr::StructField(f) => customer_reads(&f.value, fields),
+        }),
+        Ast::Literal(_) | Ast::Unspecified => true,
     }
 }
 
@@ -178,6 +247,37 @@ mod tests {
             segment.eval_string(&customer_scope(&scope, &a)),
             Ok("A".to_owned())
         );
+    }
+
+    #[test]
+    fn profile_fields_are_found_or_refused() {
+        let fields = |src: &str| {
+            Expr::compile(src)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .profile_fields()
+                .map(|f| f.iter().cloned().collect::<Vec<_>>())
+        };
+        assert_eq!(
+            fields("profile.team == data.team"),
+            Some(vec!["team".into()])
+        );
+        assert_eq!(
+            fields("has(profile.tier) && profile.tier in ['gold'] || profile.age > 30"),
+            Some(vec!["age".into(), "tier".into()])
+        );
+        assert_eq!(
+            fields("data.minute > 80 ? 1.5 : 1.0"),
+            Some(Vec::<String>::new())
+        );
+        assert_eq!(
+            fields("[1, 2].exists(x, x == profile.n)"),
+            Some(vec!["n".into()])
+        );
+        // Whole-profile reads and progress cannot be told apart by fields.
+        assert_eq!(fields("profile['team'] == 'A'"), None);
+        assert_eq!(fields("size(profile) > 2"), None);
+        assert_eq!(fields("has(progress.loyal)"), None);
+        assert_eq!(fields("[1].exists(profile, profile == 1)"), None);
     }
 
     #[test]

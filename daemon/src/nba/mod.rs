@@ -26,6 +26,7 @@
 pub mod arbiter;
 pub mod catalog;
 pub mod control;
+pub mod eligibility;
 pub mod escalation;
 pub mod expr;
 pub mod instance;

@@ -16,7 +16,7 @@ use serde_json::json;
 use touchline::nba::arbiter::{self, Candidate};
 use touchline::nba::control::ControlGroup;
 use touchline::nba::escalation::escalate;
-use touchline::nba::instance::{instance_id, OfferInstance};
+use touchline::nba::instance::{instance_id, payload_text, OfferInstance};
 use touchline::nba::learner::{Arm, ArmRef, Learner, Lesson};
 use touchline::nba::policy::{
     self, CustomerContact, OfferContact, OfferLimits, SiteLimits, Suppression,
@@ -190,6 +190,7 @@ impl Core {
         self.counter += 1;
         let instance = OfferInstance::open(
             offer,
+            payload_text(offer),
             instance_id("arena-01", self.counter),
             fan,
             "all",

@@ -64,14 +64,21 @@ pub fn arbitrate<F>(candidates: &[Candidate], top_k: usize, admit: F) -> Arbitra
 where
     F: FnMut(usize) -> Result<(), Suppression>,
 {
-    let (mut order, invalid) = valid(candidates);
-    order.sort_by(|&a, &b| {
-        candidates[b]
-            .score()
-            .total_cmp(&candidates[a].score())
-            .then(a.cmp(&b))
-    });
-    admit_in_order(candidates, &order, invalid, top_k, false, admit)
+    let (mut left, invalid) = valid(candidates);
+    // Selection, not a full sort: with top-K of 1 the best is usually
+    // admitted at once. `left` stays in index order, so the first of
+    // equal scores wins.
+    let next = || {
+        let mut best: Option<(usize, f64)> = None;
+        for (at, &i) in left.iter().enumerate() {
+            let score = candidates[i].score();
+            if best.is_none_or(|(_, s)| score > s) {
+                best = Some((at, score));
+            }
+        }
+        best.map(|(at, _)| left.remove(at))
+    };
+    admit_in_order(candidates, next, invalid, top_k, false, admit)
 }
 
 /// Like [`arbitrate`] but in uniformly random order: the exploration
@@ -83,7 +90,8 @@ where
 {
     let (mut order, invalid) = valid(candidates);
     order.shuffle(rng);
-    admit_in_order(candidates, &order, invalid, top_k, true, admit)
+    let mut order = order.into_iter();
+    admit_in_order(candidates, || order.next(), invalid, top_k, true, admit)
 }
 
 /// Indexes of candidates with a positive finite score, and of those whose
@@ -102,15 +110,18 @@ fn valid(candidates: &[Candidate]) -> (Vec<usize>, Vec<usize>) {
     (order, invalid)
 }
 
-fn admit_in_order<F>(
+/// Asks `admit` about candidates in the order `next` gives them until
+/// `top_k` got through.
+fn admit_in_order<N, F>(
     candidates: &[Candidate],
-    order: &[usize],
+    mut next: N,
     invalid: Vec<usize>,
     top_k: usize,
     explored: bool,
     mut admit: F,
 ) -> Arbitration
 where
+    N: FnMut() -> Option<usize>,
     F: FnMut(usize) -> Result<(), Suppression>,
 {
     let mut out = Arbitration {
@@ -118,10 +129,8 @@ where
         explored,
         ..Arbitration::default()
     };
-    for &index in order {
-        if out.winners.len() >= top_k {
-            break;
-        }
+    while out.winners.len() < top_k {
+        let Some(index) = next() else { break };
         match admit(index) {
             Ok(()) => out.winners.push(Winner {
                 index,

@@ -62,6 +62,11 @@ pub fn instance_id(site: &str, counter: u64) -> String {
 }
 
 /// An offer's configured payload as JSON, the form the app receives.
+/// An offer's configured payload as the JSON text instances store.
+pub fn payload_text(offer: &Offer) -> String {
+    Value::Object(payload_json(&offer.payload)).to_string()
+}
+
 pub fn payload_json(payload: &BTreeMap<String, PayloadValue>) -> Map<String, Value> {
     payload
         .iter()
@@ -86,8 +91,13 @@ fn value_json(value: &PayloadValue) -> Value {
 
 impl OfferInstance {
     /// A new open instance of `offer`, decided at `decided_ms`.
+    /// An instance of `offer` showing `payload` (the offer's payload as
+    /// JSON text, see [`payload_text`], which the caller keeps per offer
+    /// rather than per decision).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         offer: &Offer,
+        payload: String,
         id: String,
         customer: &str,
         segment: &str,
@@ -105,7 +115,7 @@ impl OfferInstance {
             score,
             decided_ms,
             expires_ms: decided_ms.saturating_add(millis(offer.expires_after)),
-            payload: Value::Object(payload_json(&offer.payload)).to_string(),
+            payload,
             escalations: 0,
             shared_with: Vec::new(),
             closed: None,
@@ -223,6 +233,7 @@ mod tests {
     fn open() -> OfferInstance {
         OfferInstance::open(
             &jersey(),
+            payload_text(&jersey()),
             instance_id("arena-01", 7),
             "fan-1",
             "all",

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use heed::types::{Bytes, Str, Unit};
 use heed::{Database, RoTxn, RwTxn};
-use rand::rngs::StdRng;
+use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -41,7 +41,8 @@ use super::rewards::{self, RewardDbs, RewardError};
 use crate::engine::Pseudonymizer;
 use crate::event::Event;
 use crate::nba::arbiter::{self, Candidate};
-use crate::nba::catalog::{Catalog, DEFAULT_SEGMENT};
+use crate::nba::catalog::Catalog;
+use crate::nba::eligibility::{self, Eligibility, Memo};
 use crate::nba::escalation::escalate;
 use crate::nba::expr;
 use crate::nba::instance::{instance_id, OfferInstance};
@@ -426,13 +427,21 @@ impl Nba {
             Some(customer) => {
                 let profile = profile.unwrap_or(&empty);
                 let cscope = expr::customer_scope(&scope, profile);
+                let eligibility = eligibility::evaluate(&catalog, &cscope, profile, triggered);
                 self.decide(
-                    txn, &catalog, &cscope, event, customer, profile, triggered, event_seed, out,
+                    txn,
+                    &catalog,
+                    &eligibility,
+                    event,
+                    customer,
+                    event_seed,
+                    out,
                 )?;
             }
             None => {
                 let present = self.present(txn, event.time_ms)?;
                 self.tally.fanout_customers += present.len() as u64;
+                let mut memo = catalog.deciding_fields(&event.kind).map(Memo::new);
                 for customer in present {
                     let Some(profile) = customers::load(profiles, txn, &mut self.key, &customer)?
                     else {
@@ -441,9 +450,24 @@ impl Nba {
                     if !customers::consents(&profile, "gamification") {
                         continue;
                     }
-                    let cscope = expr::customer_scope(&scope, &profile);
+                    let fresh;
+                    let eligibility = match &mut memo {
+                        Some(memo) => memo.get(&scope, &profile, |cscope| {
+                            eligibility::evaluate(&catalog, cscope, &profile, triggered)
+                        }),
+                        None => {
+                            let cscope = expr::customer_scope(&scope, &profile);
+                            fresh = eligibility::evaluate(&catalog, &cscope, &profile, triggered);
+                            &fresh
+                        }
+                    };
                     self.decide(
-                        txn, &catalog, &cscope, event, &customer, &profile, triggered, event_seed,
+                        txn,
+                        &catalog,
+                        eligibility,
+                        event,
+                        &customer,
+                        event_seed,
                         out,
                     )?;
                 }
@@ -611,113 +635,100 @@ impl Nba {
         u64::from_be_bytes(first)
     }
 
-    /// One customer's decision for a trigger.
+    /// One customer's decision for a trigger, among the offers they are
+    /// eligible for.
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &mut self,
         txn: &mut RwTxn,
         catalog: &Catalog,
-        scope: &cel::Context<'_, '_>,
+        eligibility: &Eligibility,
         event: &Event,
         customer: &str,
-        profile: &Map<String, Value>,
-        triggered: &[usize],
         event_seed: u64,
         out: &mut Output,
     ) -> Result<(), NbaError> {
         let now = event.time_ms;
-        // Eligibility: consent, then audience; weight and segment for the
-        // score.
-        let mut eligible: Vec<(usize, String, f64)> = Vec::with_capacity(triggered.len());
-        for &i in triggered {
-            let c = &catalog.offers[i];
-            if !customers::opted_in(profile, &c.offer.consent) {
-                continue;
-            }
-            if let Some(a) = &c.audience {
-                match a.eval_bool(scope) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        self.expression_error(&c.offer.id, "audience", &e);
-                        continue;
-                    }
-                }
-            }
-            let weight = match &c.weight {
-                None => 1.0,
-                Some(w) => match w.eval_f64(scope) {
-                    Ok(w) => w,
-                    Err(e) => {
-                        self.expression_error(&c.offer.id, "weight", &e);
-                        continue;
-                    }
-                },
-            };
-            let segment = match &c.segment {
-                None => DEFAULT_SEGMENT.to_owned(),
-                Some(s) => s.eval_string(scope).unwrap_or_else(|e| {
-                    self.expression_error(&c.offer.id, "segment", &e);
-                    DEFAULT_SEGMENT.to_owned()
-                }),
-            };
-            eligible.push((i, segment, weight));
+        for f in &eligibility.failures {
+            self.expression_error(&catalog.offers[f.offer].offer.id, f.field, &f.error);
         }
+        let eligible = &eligibility.offers;
         if eligible.is_empty() {
             return Ok(());
         }
-        let mut rng = StdRng::seed_from_u64(event_seed ^ fnv1a(customer.as_bytes()));
+        // A small fast generator: a fan-out seeds one per customer; the draws
+        // need to be reproducible, not unpredictable.
+        let mut rng = SmallRng::seed_from_u64(event_seed ^ fnv1a(customer.as_bytes()));
         let candidates: Vec<Candidate> = eligible
             .iter()
-            .map(|(i, segment, weight)| {
-                let o = &catalog.offers[*i].offer;
+            .map(|e| {
+                let o = &catalog.offers[e.offer].offer;
                 Candidate {
                     propensity: self.learner.sample(
                         ArmRef {
                             offer: &o.id,
                             version: o.version,
-                            segment,
+                            segment: &e.segment,
                         },
                         &mut rng,
                     ),
                     value: o.value,
-                    weight: *weight,
+                    weight: e.weight,
                 }
             })
             .collect();
+        // Contact state is read only for candidates the arbiter asks
+        // about: with top-K of 1 that is usually one of them, not all.
         let ckey = self.key.start(customer).finish(MAX_KEY).to_vec();
         let mut contact = match self.dbs.contacts.get(txn, &ckey)? {
             Some(b) => CustomerContact::from_bytes(b)?,
             None => CustomerContact::default(),
         };
-        let mut states = Vec::with_capacity(eligible.len());
-        for (i, _, _) in &eligible {
-            let k = state_key(&mut self.key, customer, &catalog.offers[*i].offer.id);
-            states.push(match self.dbs.offer_state.get(txn, k)? {
-                Some(b) => OfferState::from_bytes(b)?,
-                None => OfferState::default(),
-            });
-        }
+        let mut states: Vec<Option<OfferState>> = vec![None; eligible.len()];
+        let mut load_error = None;
         let site = catalog.site;
-        let admit = |idx: usize, contact: &mut CustomerContact, states: &mut [OfferState]| {
-            let c = &catalog.offers[eligible[idx].0];
-            policy::check(&site, contact, &c.limits, &states[idx].contact, now)?;
+        let dbs = self.dbs;
+        let key = &mut self.key;
+        let mut admit = |idx: usize, contact: &mut CustomerContact| {
+            let c = &catalog.offers[eligible[idx].offer];
+            let state = match &mut states[idx] {
+                Some(s) => s,
+                slot => {
+                    let k = state_key(key, customer, &c.offer.id);
+                    let loaded = match dbs.offer_state.get(txn, k) {
+                        Ok(Some(b)) => OfferState::from_bytes(b).map_err(NbaError::from),
+                        Ok(None) => Ok(OfferState::default()),
+                        Err(e) => Err(NbaError::from(e)),
+                    };
+                    match loaded {
+                        Ok(s) => slot.insert(s),
+                        Err(e) => {
+                            // Refused here; the error aborts the
+                            // transaction right after arbitration.
+                            load_error = Some(e);
+                            return Err(Suppression::OfferCap);
+                        }
+                    }
+                }
+            };
+            policy::check(&site, contact, &c.limits, &state.contact, now)?;
             let expires = now.saturating_add(millis(c.offer.expires_after));
             contact.record_shown(&site, now);
-            states[idx].contact.record_shown(&c.limits, now, expires);
+            state.contact.record_shown(&c.limits, now, expires);
             Ok(())
         };
         let arbitration = if self.learner.explores(&mut rng) {
             arbiter::explore(&candidates, catalog.top_k, &mut rng, |i| {
-                admit(i, &mut contact, &mut states)
+                admit(i, &mut contact)
             })
         } else {
-            arbiter::arbitrate(&candidates, catalog.top_k, |i| {
-                admit(i, &mut contact, &mut states)
-            })
+            arbiter::arbitrate(&candidates, catalog.top_k, |i| admit(i, &mut contact))
         };
+        if let Some(e) = load_error {
+            return Err(e);
+        }
         for &(idx, reason) in &arbitration.suppressed {
-            let o = &catalog.offers[eligible[idx].0].offer;
+            let o = &catalog.offers[eligible[idx].offer].offer;
             self.book
                 .update(&o.id, o.version, |c| c.record_suppressed(reason));
             self.tally.suppressed[reason.index()] += 1;
@@ -733,12 +744,25 @@ impl Nba {
             Group::Treated
         };
         for w in &arbitration.winners {
-            let (i, segment, _) = &eligible[w.index];
-            let o = &catalog.offers[*i].offer;
+            let e = &eligible[w.index];
+            let segment = &e.segment;
+            let c = &catalog.offers[e.offer];
+            let o = &c.offer;
             let id = instance_id(&self.site, self.next_instance);
             self.next_instance += 1;
-            let inst = OfferInstance::open(o, id, customer, segment, &event.kind, w.score, now);
-            states[w.index].attribution = Some(Attribution::new(now, group));
+            let inst = OfferInstance::open(
+                o,
+                c.payload.clone(),
+                id,
+                customer,
+                segment,
+                &event.kind,
+                w.score,
+                now,
+            );
+            if let Some(state) = &mut states[w.index] {
+                state.attribution = Some(Attribution::new(now, group));
+            }
             self.book
                 .update(&o.id, o.version, |c| c.record_decision(group));
             out.records.push((
@@ -775,11 +799,11 @@ impl Nba {
             }
         }
         self.dbs.contacts.put(txn, &ckey, &contact.to_bytes()?)?;
-        for (j, (i, _, _)) in eligible.iter().enumerate() {
-            let admitted = arbitration.winners.iter().any(|w| w.index == j);
-            if admitted {
-                let k = state_key(&mut self.key, customer, &catalog.offers[*i].offer.id);
-                self.dbs.offer_state.put(txn, k, &states[j].to_bytes()?)?;
+        for w in &arbitration.winners {
+            if let Some(state) = &states[w.index] {
+                let offer = &catalog.offers[eligible[w.index].offer].offer.id;
+                let k = state_key(&mut self.key, customer, offer);
+                self.dbs.offer_state.put(txn, k, &state.to_bytes()?)?;
             }
         }
         Ok(())
@@ -1096,7 +1120,7 @@ impl Nba {
         let prefix = self.prefix.as_ref()?;
         Some(Publication {
             topic: format!("{prefix}/{}/offers", topic_level(&inst.customer)),
-            payload: instance_json(inst, kind).to_string().into_bytes(),
+            payload: instance_message(inst, kind),
         })
     }
 
@@ -1128,6 +1152,47 @@ impl Nba {
 }
 
 /// An instance as the app sees it (MQTT payload and pull API).
+/// [`instance_json`] as bytes, written without turning the stored
+/// payload text into values and back: a fan-out writes one per fan.
+fn instance_message(inst: &OfferInstance, kind: &str) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Head<'a> {
+        id: &'a str,
+        kind: &'a str,
+        revision: u32,
+        customer: &'a str,
+        offer: &'a str,
+        version: u32,
+        decided_ms: i64,
+        expires_ms: i64,
+    }
+    let head = Head {
+        id: &inst.id,
+        kind,
+        revision: inst.escalations,
+        customer: &inst.customer,
+        offer: &inst.offer,
+        version: inst.version,
+        decided_ms: inst.decided_ms,
+        expires_ms: inst.expires_ms,
+    };
+    let mut out = Vec::with_capacity(256 + inst.payload.len());
+    // Serializing plain fields into a Vec cannot fail; the object's
+    // closing brace is replaced by the payload member.
+    let _ = serde_json::to_writer(&mut out, &head);
+    out.pop();
+    out.extend_from_slice(b",\"payload\":");
+    // The payload is text this daemon wrote; checked (without building
+    // values) so a damaged record still gives valid JSON.
+    if serde_json::from_str::<serde::de::IgnoredAny>(&inst.payload).is_ok() {
+        out.extend_from_slice(inst.payload.as_bytes());
+    } else {
+        out.extend_from_slice(b"null");
+    }
+    out.push(b'}');
+    out
+}
+
 pub fn instance_json(inst: &OfferInstance, kind: &str) -> Value {
     json!({
         "id": inst.id,
@@ -1263,6 +1328,36 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_message_is_the_instance_json() {
+        let offers = edge_config::parse_offers(
+            "[[offer]]\nid = \"jersey\"\non = [\"match.goal\"]\nvalue = 1.0\nconsent = \"marketing\"\nexpires_after = \"5m\"\n\
+             payload = { title = 'Jersey \"10\"', discount = 10, tags = [\"a\"] }\n",
+            std::path::Path::new("offers.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let offer = &offers[0];
+        let mut inst = OfferInstance::open(
+            offer,
+            crate::nba::instance::payload_text(offer),
+            "i-1".into(),
+            "fan \"1\"",
+            "all",
+            "match.goal",
+            1.0,
+            5,
+        );
+        let parsed: Value = serde_json::from_slice(&instance_message(&inst, "offer"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed, instance_json(&inst, "offer"));
+        assert_eq!(parsed["payload"]["discount"], 10);
+        inst.payload = "{damaged".into();
+        let parsed: Value = serde_json::from_slice(&instance_message(&inst, "offer_updated"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed["payload"], Value::Null);
+        assert_eq!(parsed["kind"], "offer_updated");
+    }
 
     #[test]
     fn keys_round_trip_and_expiries_sort_by_time() {

@@ -143,11 +143,8 @@ pub(super) fn mark_active(
     work: &mut Work<'_>,
     txn: &mut RwTxn,
     customer: &str,
-    time_ms: i64,
+    period: &str,
 ) -> Result<(), ApplyError> {
-    let Some(period) = period_at(work.periods, time_ms) else {
-        return Ok(());
-    };
     let key = state::activity_key(work.key, customer, period).to_vec();
     if work.dbs.state.get(txn, &key)?.is_some() {
         return Ok(());
@@ -178,13 +175,14 @@ pub(super) fn credit_activity(
     points: &[(String, i64)],
     badge: Option<&str>,
 ) -> Result<(), ApplyError> {
-    let Some(period) = period_at(work.periods, at_ms) else {
+    let periods = work.periods;
+    let Some(period) = period_at(periods, at_ms) else {
         return Ok(());
     };
     if points.is_empty() && badge.is_none() {
         return Ok(());
     }
-    mark_active(work, txn, customer, at_ms)?;
+    mark_active(work, txn, customer, period)?;
     let key = state::activity_key(work.key, customer, period).to_vec();
     let mut activity = match work.dbs.state.get(txn, &key)? {
         Some(bytes) => match state::decode(bytes) {
@@ -214,7 +212,7 @@ pub(super) fn credit_activity(
     )
 }
 
-fn period_at(periods: &Periods, time_ms: i64) -> Option<&str> {
+pub(super) fn period_at(periods: &Periods, time_ms: i64) -> Option<&str> {
     periods.covering(time_ms).map(|(_, p)| p.id.as_str())
 }
 

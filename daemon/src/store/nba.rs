@@ -250,12 +250,35 @@ pub(crate) struct Nba {
     prefix: Option<String>,
     pseudonymizer: Pseudonymizer,
     snapshot: Option<Snapshot>,
+    presence: PresenceCache,
     tally: Tally,
     stats: Arc<NbaStats>,
     key: KeyBuf,
     key2: KeyBuf,
     error_log: LogLimiter,
     answer_log: LogLimiter,
+}
+
+/// Presence times as committed, so a fan's every event does not cost a
+/// read: only a refresh does. Entries of a transaction count once it
+/// commits; erasure forgets the customer.
+#[derive(Default)]
+struct PresenceCache {
+    known: HashMap<String, i64>,
+    pending: Vec<(String, i64)>,
+}
+
+/// Customers remembered before [`PresenceCache`] starts over (about
+/// 100 bytes each).
+const PRESENCE_CACHE_MAX: usize = 1_000_000;
+
+impl PresenceCache {
+    fn committed(&mut self) {
+        if self.known.len() + self.pending.len() > PRESENCE_CACHE_MAX {
+            self.known.clear();
+        }
+        self.known.extend(self.pending.drain(..));
+    }
 }
 
 /// Reward databases, as the writer hands them over.
@@ -322,6 +345,7 @@ impl Nba {
             prefix,
             pseudonymizer,
             snapshot: None,
+            presence: PresenceCache::default(),
             tally: Tally::default(),
             stats,
             key: KeyBuf::default(),
@@ -344,6 +368,7 @@ impl Nba {
 
     /// Undoes the in-memory changes of a transaction that did not commit.
     fn rollback(&mut self) {
+        self.presence.pending.clear();
         if let Some(s) = self.snapshot.take() {
             self.learner = s.learner;
             self.book = s.book;
@@ -353,6 +378,7 @@ impl Nba {
     /// The transaction committed: its changes stand and are counted.
     pub(crate) fn committed(&mut self) {
         self.snapshot = None;
+        self.presence.committed();
         let t = std::mem::take(&mut self.tally);
         let s = &self.stats;
         let add = |c: &AtomicU64, n: u64| {
@@ -482,6 +508,9 @@ impl Nba {
         let prefix = self.key.start(customer).finish(MAX_KEY).to_vec();
         self.dbs.contacts.delete(txn, &prefix)?;
         self.dbs.presence.delete(txn, &prefix)?;
+        // Forgetting early is safe: a missing entry only costs a read.
+        self.presence.known.remove(customer);
+        self.presence.pending.retain(|(c, _)| c != customer);
         let mut doomed = Vec::new();
         for entry in self.dbs.offer_state.prefix_iter(txn, &prefix)? {
             doomed.push(entry?.0.to_vec());
@@ -591,6 +620,14 @@ impl Nba {
         customer: &str,
         at_ms: i64,
     ) -> Result<(), NbaError> {
+        if self
+            .presence
+            .known
+            .get(customer)
+            .is_some_and(|&t| at_ms - t < PRESENCE_REFRESH_MS)
+        {
+            return Ok(());
+        }
         let key = self.key.start(customer).finish(MAX_KEY);
         let last = self
             .dbs
@@ -598,10 +635,15 @@ impl Nba {
             .get(txn, key)?
             .and_then(|b| <[u8; 8]>::try_from(b).ok())
             .map(i64::from_be_bytes);
-        if last.is_none_or(|t| at_ms - t >= PRESENCE_REFRESH_MS) {
-            let v = last.map_or(at_ms, |t| t.max(at_ms));
-            self.dbs.presence.put(txn, key, &v.to_be_bytes())?;
-        }
+        let stored = match last {
+            Some(t) if at_ms - t < PRESENCE_REFRESH_MS => t,
+            _ => {
+                let v = last.map_or(at_ms, |t| t.max(at_ms));
+                self.dbs.presence.put(txn, key, &v.to_be_bytes())?;
+                v
+            }
+        };
+        self.presence.pending.push((customer.to_owned(), stored));
         Ok(())
     }
 

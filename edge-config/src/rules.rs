@@ -521,62 +521,60 @@ fn read_measure_keys(
     let (value, key, every, allow_gaps, steps, within) =
         (value?, key?, every?, allow_gaps?, steps?, within?);
 
-    if let (Some(v), false) = (&value, k.has_value()) {
-        ok &= not_here(
-            d,
-            t,
+    // Keys this measure has no use for: (key, where it is set, whether
+    // this measure uses it, which measures do).
+    let span = |set: bool, s: Option<Range<usize>>| s.filter(|_| set);
+    let unused = [
+        (
             "value",
-            v,
-            format!("`value` is only used with measure `sum`, `max` or `min`, not `{name}`"),
-        );
-    }
-    if let (Some(v), false) = (&key, k == MeasureKind::Distinct) {
-        ok &= not_here(
-            d,
-            t,
+            span(!k.has_value(), value.as_ref().map(|v| t.span_of(v))),
+            "`value` is only used with measure `sum`, `max` or `min`",
+        ),
+        (
             "key",
-            v,
-            format!("`key` is only used with measure `distinct`, not `{name}`"),
-        );
-    }
-    if k != MeasureKind::Streak {
-        if let Some(v) = &every {
-            ok &= not_here(
-                d,
-                t,
-                "every",
-                v,
-                format!("`every` is only used with measure `streak`, not `{name}`"),
-            );
-        }
-        if let Some(v) = &allow_gaps {
-            ok &= not_here(
-                d,
-                t,
-                "allow_gaps",
-                v,
-                format!("`allow_gaps` is only used with measure `streak`, not `{name}`"),
-            );
-        }
-    }
-    if k != MeasureKind::Sequence {
-        if let Some(v) = &steps {
-            ok &= not_here(
-                d,
-                t,
-                "steps",
-                v,
-                format!("`steps` are only used with measure `sequence`, not `{name}`"),
-            );
-        }
-        if let Some(v) = &within {
-            ok &= not_here(
-                d,
-                t,
-                "within",
-                v,
-                format!("`within` is only used with measure `sequence`, not `{name}`"),
-            );
+            span(
+                k != MeasureKind::Distinct,
+                key.as_ref().map(|v| t.span_of(v)),
+            ),
+            "`key` is only used with measure `distinct`",
+        ),
+        (
+            "every",
+            span(
+                k != MeasureKind::Streak,
+                every.as_ref().map(|v| t.span_of(v)),
+            ),
+            "`every` is only used with measure `streak`",
+        ),
+        (
+            "allow_gaps",
+            span(
+                k != MeasureKind::Streak,
+                allow_gaps.as_ref().map(|v| t.span_of(v)),
+            ),
+            "`allow_gaps` is only used with measure `streak`",
+        ),
+        (
+            "steps",
+            span(
+                k != MeasureKind::Sequence,
+                steps.as_ref().map(|v| t.span_of(v)),
+            ),
+            "`steps` are only used with measure `sequence`",
+        ),
+        (
+            "within",
+            span(
+                k != MeasureKind::Sequence,
+                within.as_ref().map(|v| t.span_of(v)),
+            ),
+            "`within` is only used with measure `sequence`",
+        ),
+    ];
+    for (field, at, why) in unused {
+        if let Some(at) = at {
+            d.error(at, &t.field(field), format!("{why}, not `{name}`"));
+            ok = false;
         }
     }
 

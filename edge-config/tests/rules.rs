@@ -528,3 +528,48 @@ fn syntax_errors_in_rule_files() {
     assert_eq!(errs[0].line, 12);
     assert_eq!(errs[0].field, "achievement[1].name");
 }
+
+#[test]
+fn keys_the_measure_has_no_use_for_are_errors() {
+    let with = |extra: &str| {
+        RULE.replace(
+            "window = \"lifetime\"\n",
+            &format!("window = \"lifetime\"\n{extra}\n"),
+        )
+    };
+    // The extra key is on line 7 of the edited rule.
+    for (extra, field, needle) in [
+        (
+            "key = \"data.zone\"",
+            "key",
+            "`key` is only used with measure `distinct`, not `count`",
+        ),
+        (
+            "value = \"data.amount\"",
+            "value",
+            "`value` is only used with measure `sum`, `max` or `min`",
+        ),
+        (
+            "every = \"day\"",
+            "every",
+            "`every` is only used with measure `streak`",
+        ),
+        (
+            "allow_gaps = 1",
+            "allow_gaps",
+            "`allow_gaps` is only used with measure `streak`",
+        ),
+        (
+            "within = \"2h\"",
+            "within",
+            "`within` is only used with measure `sequence`",
+        ),
+        (
+            "steps = [ { on = [\"a\"] } ]",
+            "steps",
+            "`steps` are only used with measure `sequence`",
+        ),
+    ] {
+        expect_only_error(&with(extra), 7, &format!("achievement[0].{field}"), needle);
+    }
+}

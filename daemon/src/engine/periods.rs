@@ -138,7 +138,7 @@ pub(super) fn venue_event(
     Ok(true)
 }
 
-/// Notes that `customer` was active in the period covering `time_ms`.
+/// Gives `customer` an activity record in `period` unless they have one.
 pub(super) fn mark_active(
     work: &mut Work<'_>,
     txn: &mut RwTxn,
@@ -149,13 +149,7 @@ pub(super) fn mark_active(
     if work.dbs.state.get(txn, &key)?.is_some() {
         return Ok(());
     }
-    let mut index = state::activity_index_prefix(period);
-    index.extend_from_slice(customer.as_bytes());
-    work.dbs.state.put(txn, &index, &[])?;
-    let activity = Activity {
-        index,
-        ..Activity::default()
-    };
+    let activity = new_activity(work, txn, customer, period)?;
     super::write_state(
         txn,
         work.dbs.state,
@@ -163,6 +157,23 @@ pub(super) fn mark_active(
         &key,
         StoredState::Activity(activity),
     )
+}
+
+/// A fresh activity record, entered in the period's activity index (the
+/// caller writes the record).
+fn new_activity(
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    customer: &str,
+    period: &str,
+) -> Result<Activity, ApplyError> {
+    let mut index = state::activity_index_prefix(period);
+    index.extend_from_slice(customer.as_bytes());
+    work.dbs.state.put(txn, &index, &[])?;
+    Ok(Activity {
+        index,
+        ..Activity::default()
+    })
 }
 
 /// Adds an award's points and badge to the customer's activity in the
@@ -182,14 +193,13 @@ pub(super) fn credit_activity(
     if points.is_empty() && badge.is_none() {
         return Ok(());
     }
-    mark_active(work, txn, customer, period)?;
     let key = state::activity_key(work.key, customer, period).to_vec();
     let mut activity = match work.dbs.state.get(txn, &key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::Activity(a)) => a,
             _ => return Ok(()),
         },
-        None => return Ok(()),
+        None => new_activity(work, txn, customer, period)?,
     };
     for (category, amount) in points {
         match activity

@@ -80,47 +80,74 @@ pub(crate) fn update(
     let goal_key = state::group_key(work.key, &rule.id, rule.version, window, &group).to_vec();
     let mut goal = read_state(c, logs, txn, db, &goal_key, time_ms)?;
     let reached_before = goal.tiers_awarded;
-    if let Some(value) =
-        goal.measure
-            .observe(&rule.measure, &step.input, time_ms, step.ordinal, c.cap)
-    {
+    let counted = goal
+        .measure
+        .observe(&rule.measure, &step.input, time_ms, step.ordinal, c.cap);
+    if let Some(value) = counted {
         goal.updated_ms = time_ms;
         while c.reached(goal.tiers_awarded as usize, value) {
             goal.tiers_awarded += 1;
         }
-        let reached = goal.tiers_awarded;
-        write_state(
-            txn,
-            db,
-            work.value,
-            &goal_key,
-            StoredState::V1(goal.clone()),
-        )?;
-        if reached > reached_before {
+    }
+    let reached = Reached {
+        tiers: goal.tiers_awarded,
+        value: goal.measure.value(),
+        window,
+        time_ms,
+    };
+    if counted.is_some() {
+        write_state(txn, db, work.value, &goal_key, StoredState::V1(goal))?;
+        if reached.tiers > reached_before {
             write_member(txn, work, &member_key, member)?;
-            return award_members(c, logs, work, txn, out, window, &group, &goal, min, time_ms);
+            return award_members(c, logs, work, txn, out, &group, &reached, min);
         }
     }
-    let mut awarded = 0u64;
+    let mut awarded = 0;
     if member.share >= min {
-        while member.tiers_awarded < goal.tiers_awarded {
-            award(
-                c,
-                logs,
-                work,
-                txn,
-                out,
-                customer,
-                member.tiers_awarded as usize,
-                window,
-                goal.measure.value(),
-                time_ms,
-            )?;
-            member.tiers_awarded += 1;
-            awarded += 1;
-        }
+        awarded = catch_up(c, logs, work, txn, out, customer, &mut member, &reached)?;
     }
     write_member(txn, work, &member_key, member)?;
+    Ok(awarded)
+}
+
+/// Where a goal stands after an event: the tiers it reached and its value.
+struct Reached<'w> {
+    tiers: u32,
+    value: f64,
+    window: &'w str,
+    time_ms: i64,
+}
+
+/// Awards a member the goal's tiers they do not have yet; returns how
+/// many.
+#[allow(clippy::too_many_arguments)]
+fn catch_up(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    work: &mut Work<'_>,
+    txn: &mut RwTxn,
+    out: &mut Output,
+    customer: &str,
+    member: &mut MemberState,
+    goal: &Reached<'_>,
+) -> Result<u64, RuleError> {
+    let mut awarded = 0u64;
+    while member.tiers_awarded < goal.tiers {
+        award(
+            c,
+            logs,
+            work,
+            txn,
+            out,
+            customer,
+            member.tiers_awarded as usize,
+            goal.window,
+            goal.value,
+            goal.time_ms,
+        )?;
+        member.tiers_awarded += 1;
+        awarded += 1;
+    }
     Ok(awarded)
 }
 
@@ -132,15 +159,13 @@ fn award_members(
     work: &mut Work<'_>,
     txn: &mut RwTxn,
     out: &mut Output,
-    window: &str,
     group: &str,
-    goal: &state::RuleState,
+    goal: &Reached<'_>,
     min: f64,
-    time_ms: i64,
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
     let db = work.dbs.state;
-    let prefix = state::member_index_prefix(&rule.id, rule.version, window, group);
+    let prefix = state::member_index_prefix(&rule.id, rule.version, goal.window, group);
     let mut members = Vec::new();
     for entry in db.prefix_iter(txn, &prefix)? {
         let (k, _) = entry?;
@@ -148,32 +173,16 @@ fn award_members(
             members.push(id.to_string());
         }
     }
-    let value = goal.measure.value();
     let mut awarded = 0u64;
     for id in members {
-        let key = state::key(work.key, &id, &rule.id, rule.version, window).to_vec();
+        let key = state::key(work.key, &id, &rule.id, rule.version, goal.window).to_vec();
         let Some(mut member) = read_member(c, txn, db, &key)? else {
             continue;
         };
-        if member.share < min || member.tiers_awarded >= goal.tiers_awarded {
+        if member.share < min || member.tiers_awarded >= goal.tiers {
             continue;
         }
-        while member.tiers_awarded < goal.tiers_awarded {
-            award(
-                c,
-                logs,
-                work,
-                txn,
-                out,
-                &id,
-                member.tiers_awarded as usize,
-                window,
-                value,
-                time_ms,
-            )?;
-            member.tiers_awarded += 1;
-            awarded += 1;
-        }
+        awarded += catch_up(c, logs, work, txn, out, &id, &mut member, goal)?;
         write_member(txn, work, &key, member)?;
     }
     Ok(awarded)

@@ -42,6 +42,7 @@ use touchline_proto::{AchievementAwarded, RecordBody};
 use tracing::warn;
 
 use crate::event::Event;
+use crate::store::committed::Committed;
 use crate::store::keys::KeyBuf;
 use crate::store::ratelimit::LogLimiter;
 use measure::{Input, MeasureState};
@@ -295,44 +296,15 @@ pub struct Engine {
     /// Globals as of the last commit, and as changed by the open one.
     committed: Option<Globals>,
     working: Option<Globals>,
-    active: ActiveCache,
+    /// The period each customer has an activity record in, as committed;
+    /// a period event forgets them all.
+    active: Committed<String>,
     key: KeyBuf,
     value: Vec<u8>,
 }
 
-/// Customers known to have an activity record in the current period, so
-/// a fan's every event does not cost a read. Entries of a transaction
-/// count once it commits; a period event or an erasure forgets.
-#[derive(Debug, Default)]
-struct ActiveCache {
-    period: String,
-    known: std::collections::HashSet<String>,
-    pending: Vec<(String, String)>,
-}
-
-/// Customers remembered before [`ActiveCache`] starts over.
+/// Customers remembered in [`Engine::active`].
 const ACTIVE_CACHE_MAX: usize = 1_000_000;
-
-impl ActiveCache {
-    fn knows(&self, period: &str, customer: &str) -> bool {
-        self.period == period && self.known.contains(customer)
-    }
-
-    fn forget_all(&mut self) {
-        self.known.clear();
-        self.pending.clear();
-    }
-
-    fn committed(&mut self) {
-        for (period, customer) in self.pending.drain(..) {
-            if period != self.period || self.known.len() >= ACTIVE_CACHE_MAX {
-                self.known.clear();
-                self.period = period;
-            }
-            self.known.insert(customer);
-        }
-    }
-}
 
 /// Everything but the rules, borrowed while one rule is applied.
 pub(crate) struct Work<'a> {
@@ -432,7 +404,7 @@ impl Engine {
             stats,
             committed: None,
             working: None,
-            active: ActiveCache::default(),
+            active: Committed::new(ACTIVE_CACHE_MAX),
             key: KeyBuf::default(),
             value: Vec::new(),
         })
@@ -450,7 +422,7 @@ impl Engine {
     /// commit, so a transaction that rolls back leaves no trace in it.
     pub fn begin(&mut self) {
         self.working = self.committed.clone();
-        self.active.pending.clear();
+        self.active.rollback();
     }
 
     /// Writes the site-wide state the transaction changed; call right
@@ -488,9 +460,7 @@ impl Engine {
         dbs: EngineDbs,
         customer: &str,
     ) -> Result<(), ApplyError> {
-        // Forgetting early is safe: a missing entry only costs a read.
-        self.active.known.remove(customer);
-        self.active.pending.retain(|(_, c)| c != customer);
+        self.active.forget(customer);
         let prefix = self.key.start(customer).finish(usize::MAX).to_vec();
         // Keys first, deletes after: deleting through the cursor is unsafe
         // in heed, and one customer's state is small.
@@ -586,11 +556,9 @@ impl Engine {
             stats,
         };
         if let Some(period) = periods::period_at(&globals.periods, event.time_ms) {
-            if !active.knows(period, customer) {
+            if active.get(customer).is_none_or(|p| p != period) {
                 periods::mark_active(&mut work, txn, customer, period)?;
-                active
-                    .pending
-                    .push((period.to_owned(), customer.to_owned()));
+                active.note(customer, period.to_owned());
             }
         }
         let Some(entry) = by_type.get(event.kind.as_str()) else {
@@ -1155,33 +1123,4 @@ fn compile_all(rules: &[AchievementRule]) -> Result<Vec<RuleExprs>, EngineError>
             .join()
             .map_err(|_| EngineError::CompilerThread("panicked while compiling".into()))?
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ActiveCache;
-
-    #[test]
-    fn the_active_cache_knows_only_what_committed_in_the_current_period() {
-        let mut cache = ActiveCache::default();
-        cache.pending.push(("m1".into(), "fan-1".into()));
-        assert!(!cache.knows("m1", "fan-1"), "not before the commit");
-        cache.committed();
-        assert!(cache.knows("m1", "fan-1"));
-        assert!(!cache.knows("m2", "fan-1"));
-
-        // A rolled-back transaction's entries never count.
-        cache.pending.push(("m1".into(), "fan-2".into()));
-        cache.pending.clear();
-        cache.committed();
-        assert!(!cache.knows("m1", "fan-2"));
-
-        // A new period starts the cache over.
-        cache.pending.push(("m2".into(), "fan-3".into()));
-        cache.committed();
-        assert!(cache.knows("m2", "fan-3"));
-        assert!(!cache.knows("m1", "fan-1"));
-        cache.forget_all();
-        assert!(!cache.knows("m2", "fan-3"));
-    }
 }

@@ -15,6 +15,7 @@
 
 pub mod boards;
 mod codec;
+pub(crate) mod committed;
 pub mod customers;
 mod dedup;
 mod dlq;

@@ -33,6 +33,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
+use super::committed::Committed;
 use super::customers;
 use super::keys::KeyBuf;
 use super::publications::{topic_level, Publication};
@@ -250,7 +251,8 @@ pub(crate) struct Nba {
     prefix: Option<String>,
     pseudonymizer: Pseudonymizer,
     snapshot: Option<Snapshot>,
-    presence: PresenceCache,
+    /// Presence times as committed: only a refresh reads the store.
+    presence: Committed<i64>,
     tally: Tally,
     stats: Arc<NbaStats>,
     key: KeyBuf,
@@ -259,27 +261,8 @@ pub(crate) struct Nba {
     answer_log: LogLimiter,
 }
 
-/// Presence times as committed, so a fan's every event does not cost a
-/// read: only a refresh does. Entries of a transaction count once it
-/// commits; erasure forgets the customer.
-#[derive(Default)]
-struct PresenceCache {
-    known: HashMap<String, i64>,
-    pending: Vec<(String, i64)>,
-}
-
-/// Customers remembered before [`PresenceCache`] starts over (about
-/// 100 bytes each).
+/// Customers remembered in [`Nba::presence`] (about 100 bytes each).
 const PRESENCE_CACHE_MAX: usize = 1_000_000;
-
-impl PresenceCache {
-    fn committed(&mut self) {
-        if self.known.len() + self.pending.len() > PRESENCE_CACHE_MAX {
-            self.known.clear();
-        }
-        self.known.extend(self.pending.drain(..));
-    }
-}
 
 /// Reward databases, as the writer hands them over.
 pub(crate) type Rewards = RewardDbs;
@@ -345,7 +328,7 @@ impl Nba {
             prefix,
             pseudonymizer,
             snapshot: None,
-            presence: PresenceCache::default(),
+            presence: Committed::new(PRESENCE_CACHE_MAX),
             tally: Tally::default(),
             stats,
             key: KeyBuf::default(),
@@ -368,7 +351,7 @@ impl Nba {
 
     /// Undoes the in-memory changes of a transaction that did not commit.
     fn rollback(&mut self) {
-        self.presence.pending.clear();
+        self.presence.rollback();
         if let Some(s) = self.snapshot.take() {
             self.learner = s.learner;
             self.book = s.book;
@@ -438,10 +421,14 @@ impl Nba {
         }
         let scope = expr::event_scope(&catalog.root, event);
         let empty = Map::new();
-        if let Some(customer) = event.subject.as_deref() {
-            let profile = profile.unwrap_or(&empty);
-            let cscope = expr::customer_scope(&scope, profile);
-            self.convert(txn, &catalog, &cscope, event, customer, out)?;
+        let profile = profile.unwrap_or(&empty);
+        // The subject's scope serves conversions and decisions alike.
+        let subject = event
+            .subject
+            .as_deref()
+            .map(|customer| (customer, expr::customer_scope(&scope, profile)));
+        if let Some((customer, cscope)) = &subject {
+            self.convert(txn, &catalog, cscope, event, customer, out)?;
         }
         self.escalate(txn, profiles, &catalog, &scope, event, out)?;
         let triggered = catalog.triggered_by(&event.kind);
@@ -449,11 +436,9 @@ impl Nba {
             return Ok(());
         }
         let event_seed = self.event_seed(event);
-        match event.subject.as_deref() {
-            Some(customer) => {
-                let profile = profile.unwrap_or(&empty);
-                let cscope = expr::customer_scope(&scope, profile);
-                let eligibility = eligibility::evaluate(&catalog, &cscope, profile, triggered);
+        match &subject {
+            Some((customer, cscope)) => {
+                let eligibility = eligibility::evaluate(&catalog, cscope, profile, triggered);
                 self.decide(
                     txn,
                     &catalog,
@@ -508,9 +493,7 @@ impl Nba {
         let prefix = self.key.start(customer).finish(MAX_KEY).to_vec();
         self.dbs.contacts.delete(txn, &prefix)?;
         self.dbs.presence.delete(txn, &prefix)?;
-        // Forgetting early is safe: a missing entry only costs a read.
-        self.presence.known.remove(customer);
-        self.presence.pending.retain(|(c, _)| c != customer);
+        self.presence.forget(customer);
         let mut doomed = Vec::new();
         for entry in self.dbs.offer_state.prefix_iter(txn, &prefix)? {
             doomed.push(entry?.0.to_vec());
@@ -622,7 +605,6 @@ impl Nba {
     ) -> Result<(), NbaError> {
         if self
             .presence
-            .known
             .get(customer)
             .is_some_and(|&t| at_ms - t < PRESENCE_REFRESH_MS)
         {
@@ -643,7 +625,7 @@ impl Nba {
                 v
             }
         };
-        self.presence.pending.push((customer.to_owned(), stored));
+        self.presence.note(customer, stored);
         Ok(())
     }
 

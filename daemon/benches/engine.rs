@@ -359,20 +359,6 @@ async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> a
     Ok(run)
 }
 
-/// (VmRSS, RssAnon, RssFile) of this process, in KiB.
-fn rss_kib() -> anyhow::Result<(u64, u64, u64)> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("RssAnon:"), field("RssFile:")))
-}
-
 fn cloud_event(e: &Event) -> Value {
     let mut v = json!({"specversion": "1.0", "id": e.id, "source": e.source, "type": e.kind,
         "time": touchline::clock::format_ms(e.time_ms), "data": e.data});
@@ -394,8 +380,8 @@ struct Http {
     seconds: f64,
     awards: u64,
     predicate_errors: u64,
-    idle: (u64, u64, u64),
-    loaded: (u64, u64, u64),
+    idle: support::Rss,
+    loaded: support::Rss,
 }
 
 /// The daemon with the rules and HTTP ingest; profiles first (untimed),
@@ -414,14 +400,14 @@ async fn http_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Resul
     let daemon = Daemon::start(site, bundle).await?;
     let url = format!("http://{}/v1/events", daemon.http_addr().context("http")?);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let idle = rss_kib()?;
+    let idle = support::rss_kib("self")?;
     support::post_batches(&url, warmup, HTTP_CLIENTS).await?;
     let before = daemon.ingest_stats().snapshot().accepted;
     let started = Instant::now();
     support::post_batches(&url, main, HTTP_CLIENTS).await?;
     let seconds = started.elapsed().as_secs_f64();
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
-    let loaded = rss_kib()?;
+    let loaded = support::rss_kib("self")?;
     let stats = daemon.store().engine_stats();
     let run = Http {
         seconds,
@@ -540,11 +526,11 @@ fn main() -> anyhow::Result<()> {
         );
         println!(
             "  4. resident memory: {:.1} MiB idle → {:.1} MiB with {CUSTOMERS} active customers: +{:.1} MiB per 100,000 customers (anonymous +{:.1} MiB, LMDB mapped pages +{:.1} MiB)",
-            mib(http.idle.0),
-            mib(http.loaded.0),
-            mib(http.loaded.0.saturating_sub(http.idle.0)) * 100_000.0 / CUSTOMERS as f64,
-            mib(http.loaded.1.saturating_sub(http.idle.1)),
-            mib(http.loaded.2.saturating_sub(http.idle.2))
+            mib(http.idle.total),
+            mib(http.loaded.total),
+            mib(http.loaded.total.saturating_sub(http.idle.total)) * 100_000.0 / CUSTOMERS as f64,
+            mib(http.loaded.anon.saturating_sub(http.idle.anon)),
+            mib(http.loaded.file.saturating_sub(http.idle.file))
         );
         Ok(())
     })

@@ -467,7 +467,7 @@ async fn memory(customers: usize) -> anyhow::Result<()> {
         &dir.path().join("log"),
     )?;
     touchline_tests::wait_for_port(port, Duration::from_secs(20))?;
-    let idle = rss_kib(child.pid())?;
+    let idle = support::rss_kib(&child.pid().to_string())?;
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/v1/events");
     let mut seen = HashSet::new();
@@ -492,30 +492,17 @@ async fn memory(customers: usize) -> anyhow::Result<()> {
             bail!("batch answered {}", resp.status());
         }
     }
-    let loaded = rss_kib(child.pid())?;
+    let loaded = support::rss_kib(&child.pid().to_string())?;
     child.terminate(Duration::from_secs(20))?;
     println!(
-        "4. daemon resident memory: {:.1} MiB idle, {:.1} MiB with {} customers' state ({:.1} MiB anonymous, the rest LMDB's mapped pages)",
-        idle.0 as f64 / 1024.0,
-        loaded.0 as f64 / 1024.0,
+        "4. daemon resident memory: {:.1} MiB idle, {:.1} MiB with {} customers' state ({:.1} MiB anonymous, {:.1} MiB LMDB's mapped pages)",
+        idle.total as f64 / 1024.0,
+        loaded.total as f64 / 1024.0,
         seen.len(),
-        loaded.1 as f64 / 1024.0
+        loaded.anon as f64 / 1024.0,
+        loaded.file as f64 / 1024.0
     );
     Ok(())
-}
-
-/// (VmRSS, RssAnon) in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("RssAnon:")))
 }
 
 async fn wait(within: Duration, mut check: impl FnMut() -> bool) -> anyhow::Result<()> {

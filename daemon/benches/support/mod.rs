@@ -37,3 +37,31 @@ pub async fn post_batches(
     }
     Ok(())
 }
+
+/// Resident memory of a process (`"self"` or a pid), in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rss {
+    /// VmRSS: everything resident.
+    pub total: u64,
+    /// RssAnon: heap and stacks.
+    pub anon: u64,
+    /// RssFile: mapped file pages (LMDB's map), which the kernel can drop.
+    pub file: u64,
+}
+
+pub fn rss_kib(process: &str) -> anyhow::Result<Rss> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(Rss {
+        total: field("VmRSS:"),
+        anon: field("RssAnon:"),
+        file: field("RssFile:"),
+    })
+}

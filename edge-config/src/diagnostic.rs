@@ -158,6 +158,32 @@ impl<'s, 'a> Diags<'s, 'a> {
         self.found.is_empty()
     }
 
+    /// Reports every item whose id an earlier item of the file already
+    /// used; `items` are (id, line of the item, span and field of its
+    /// id), `what` names them (`"rule"`, `"offer"`). False if any was.
+    pub(crate) fn unique_ids<'i>(
+        &mut self,
+        what: &str,
+        items: impl IntoIterator<Item = (&'i str, usize, Range<usize>, &'i str)>,
+    ) -> bool {
+        let mut seen: Vec<(&str, usize)> = Vec::new();
+        let mut ok = true;
+        for (id, line, span, field) in items {
+            match seen.iter().find(|(s, _)| *s == id) {
+                Some(&(_, first)) => {
+                    self.error(
+                        span,
+                        field,
+                        format!("duplicate {what} id `{id}`: already used by the {what} at line {first}"),
+                    );
+                    ok = false;
+                }
+                None => seen.push((id, line)),
+            }
+        }
+        ok
+    }
+
     /// The outcome of reading a file: the value when nothing was found
     /// wrong, else every diagnostic.
     pub(crate) fn conclude<T>(self, result: Result<T, Invalid>) -> Result<T, ConfigErrors> {

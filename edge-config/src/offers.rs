@@ -156,19 +156,13 @@ fn read_file(
             Err(Invalid) => ok = false,
         }
     }
-    for (i, r) in read.iter().enumerate() {
-        if let Some(first) = read[..i].iter().find(|f| f.offer.id == r.offer.id) {
-            d.error(
-                r.id_span.clone(),
-                &r.id_field,
-                format!(
-                    "duplicate offer id `{}`: already used by the offer at line {}",
-                    r.offer.id, first.offer.line
-                ),
-            );
-            ok = false;
-        }
-    }
+    ok &= d.unique_ids(
+        "offer",
+        read.iter().map(|r| {
+            let id = r.offer.id.as_str();
+            (id, r.offer.line, r.id_span.clone(), r.id_field.as_str())
+        }),
+    );
     ok &= check_expressions(d, expressions);
     if !ok {
         return Err(Invalid);

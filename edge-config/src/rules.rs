@@ -119,19 +119,13 @@ fn read_file(
             }
         }
     }
-    for (i, r) in read.iter().enumerate() {
-        if let Some(first) = read[..i].iter().find(|f| f.rule.id == r.rule.id) {
-            d.error(
-                r.id_span.clone(),
-                &r.id_field,
-                format!(
-                    "duplicate id `{}`: already used by the rule at line {}",
-                    r.rule.id, first.rule.line
-                ),
-            );
-            ok = false;
-        }
-    }
+    ok &= d.unique_ids(
+        "rule",
+        read.iter().map(|r| {
+            let id = r.rule.id.as_str();
+            (id, r.rule.line, r.id_span.clone(), r.id_field.as_str())
+        }),
+    );
     let pools = match pool_tables {
         Ok(Some(tables)) => read_pools(d, tables.value, &file),
         Ok(None) => Ok(Vec::new()),

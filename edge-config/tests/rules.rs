@@ -391,7 +391,7 @@ fn ids_are_unique_within_a_file() {
         &text,
         10,
         "achievement[1].id",
-        "duplicate id `r`: already used by the rule at line 1",
+        "duplicate rule id `r`: already used by the rule at line 1",
     );
     assert_eq!(d.column, 6);
 }

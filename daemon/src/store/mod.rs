@@ -13,6 +13,7 @@
 //! waits (MQTT stops acking, HTTP waits) instead of piling work up in
 //! memory.
 
+mod append;
 pub mod boards;
 mod codec;
 pub(crate) mod committed;

@@ -452,6 +452,11 @@ impl Nba {
             None => {
                 let present = self.present(txn, event.time_ms)?;
                 self.tally.fanout_customers += present.len() as u64;
+                // Most present fans get a decision record and a message;
+                // growing these one doubling at a time would copy them
+                // over and over.
+                out.records.reserve(present.len());
+                out.publications.reserve(present.len());
                 let mut memo = catalog.deciding_fields(&event.kind).map(Memo::new);
                 for customer in present {
                     let Some(profile) = customers::load(profiles, txn, &mut self.key, &customer)?
@@ -809,9 +814,12 @@ impl Nba {
             }
             self.tally.decisions += 1;
             self.store_instance(txn, &inst)?;
-            self.dbs
-                .expiry
-                .put(txn, &expiry_key(inst.expires_ms, &inst.id), &())?;
+            super::append::put(
+                self.dbs.expiry,
+                txn,
+                &expiry_key(inst.expires_ms, &inst.id),
+                &(),
+            )?;
             let bk = by_customer_key(&mut self.key, customer, &inst.id);
             self.dbs.by_customer.put(txn, bk, &())?;
             self.next_due_ms = Some(
@@ -1124,7 +1132,7 @@ impl Nba {
     }
 
     fn store_instance(&mut self, txn: &mut RwTxn, inst: &OfferInstance) -> Result<(), NbaError> {
-        self.dbs.instances.put(txn, &inst.id, &inst.to_bytes()?)?;
+        super::append::put(self.dbs.instances, txn, &inst.id, &inst.to_bytes()?)?;
         Ok(())
     }
 

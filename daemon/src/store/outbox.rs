@@ -43,7 +43,7 @@ impl Outbox {
         let buf = std::mem::take(&mut self.buf);
         self.buf =
             postcard::to_extend(&record, buf).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-        dbs.outbox.put(txn, &seq, &self.buf)?;
+        super::append::put(dbs.outbox, txn, &seq, &self.buf)?;
         meta.next_seq = seq + 1;
         meta.outbox_bytes += self.buf.len() as u64;
         meta.outbox_records += 1;

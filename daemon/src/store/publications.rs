@@ -32,6 +32,8 @@ enum Stored {
 #[derive(Default)]
 pub(crate) struct Queue {
     next: Option<u64>,
+    /// Encoding buffer, reused.
+    buf: Vec<u8>,
 }
 
 impl Queue {
@@ -45,9 +47,10 @@ impl Queue {
             Some(n) => n,
             None => db.last(txn)?.map(|(k, _)| k + 1).unwrap_or(1),
         };
-        let bytes = postcard::to_allocvec(&Stored::V1(publication))
+        self.buf.clear();
+        self.buf = postcard::to_extend(&Stored::V1(publication), std::mem::take(&mut self.buf))
             .map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-        db.put(txn, &seq, &bytes)?;
+        super::append::put(db, txn, &seq, &self.buf)?;
         self.next = Some(seq + 1);
         Ok(seq)
     }

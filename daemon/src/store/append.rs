@@ -1,0 +1,58 @@
+//! Appending to tables whose keys grow.
+//!
+//! The outbox, the publication queue, offer instances and their expiry
+//! timers are written in key order almost always. LMDB's plain put
+//! searches the tree and splits a full page in the middle, so such a
+//! table ends up with half-empty pages: twice the pages to copy, write
+//! and sync. An append skips the search and starts a fresh page instead,
+//! leaving the full one full. When a key does not sort after the last one
+//! (a clock step, a counter gaining a digit), LMDB refuses the append
+//! before changing anything and the ordinary put takes over.
+
+use heed::{BytesEncode, Database, MdbError, PutFlags, RwTxn};
+
+/// Puts `key` → `value`, as an append when `key` sorts after every key
+/// already in `db`.
+pub(crate) fn put<'a, KC, DC>(
+    db: Database<KC, DC>,
+    txn: &mut RwTxn,
+    key: &'a KC::EItem,
+    value: &'a DC::EItem,
+) -> heed::Result<()>
+where
+    KC: BytesEncode<'a>,
+    DC: BytesEncode<'a>,
+{
+    match db.put_with_flags(txn, PutFlags::APPEND, key, value) {
+        Err(heed::Error::Mdb(MdbError::KeyExist)) => db.put(txn, key, value),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use heed::types::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn keys_out_of_order_still_land_and_the_transaction_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let env =
+            super::super::env::open_env(dir.path(), 1 << 24, heed::EnvFlags::empty()).unwrap();
+        let mut txn = env.write_txn().unwrap();
+        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("t")).unwrap();
+        for k in [b"b", b"c", b"a", b"d", b"c"] {
+            put(db, &mut txn, k.as_slice(), k.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+
+        let txn = env.read_txn().unwrap();
+        let keys: Vec<Vec<u8>> = db
+            .iter(&txn)
+            .unwrap()
+            .map(|e| e.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(keys, [b"a", b"b", b"c", b"d"]);
+    }
+}

@@ -21,6 +21,17 @@ pub(crate) fn beta<R: Rng + ?Sized>(rng: &mut R, a: f64, b: f64) -> f64 {
     if !(a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0) {
         return if mean.is_finite() { mean } else { 0.5 };
     }
+    // With a shape of exactly 1 the distribution function inverts in
+    // closed form: Beta(1, b) = 1 - U^(1/b), Beta(a, 1) = U^(1/a). Every
+    // arm starts at the default uniform prior and keeps one shape at 1
+    // until it has seen both an accept and a miss, so most draws of a new
+    // offer take this path.
+    if a == 1.0 {
+        return 1.0 - open_unit(rng).powf(1.0 / b);
+    }
+    if b == 1.0 {
+        return open_unit(rng).powf(1.0 / a);
+    }
     let x = gamma(rng, a);
     let y = gamma(rng, b);
     let sum = x + y;
@@ -93,7 +104,15 @@ mod tests {
     #[test]
     fn beta_has_the_right_mean_and_variance() {
         let mut rng = StdRng::seed_from_u64(7);
-        for (a, b) in [(1.0, 1.0), (2.0, 5.0), (31.0, 71.0), (0.5, 0.5), (0.2, 3.0)] {
+        for (a, b) in [
+            (1.0, 1.0),
+            (1.0, 4.0),
+            (6.0, 1.0),
+            (2.0, 5.0),
+            (31.0, 71.0),
+            (0.5, 0.5),
+            (0.2, 3.0),
+        ] {
             let draws: Vec<f64> = (0..50_000).map(|_| beta(&mut rng, a, b)).collect();
             assert!(draws.iter().all(|x| (0.0..=1.0).contains(x)));
             let (mean, var) = moments(&draws);

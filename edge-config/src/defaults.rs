@@ -45,8 +45,9 @@ pub const DLQ_MAX: usize = 1000;
 pub const MAP_SIZE: u64 = 4 * GIB;
 /// `store.commit_max_events`.
 pub const COMMIT_MAX_EVENTS: usize = 4096;
-/// `store.commit_max_delay`.
-pub const COMMIT_MAX_DELAY: Duration = Duration::from_millis(2);
+/// `store.commit_max_delay`: no waiting. Commits batch on their own: what
+/// queues while one commit syncs goes into the next.
+pub const COMMIT_MAX_DELAY: Duration = Duration::ZERO;
 /// `store.sync`.
 pub const SYNC: SyncMode = SyncMode::Full;
 

@@ -137,8 +137,11 @@ pub struct Store {
     /// `commit_max_events`: group commit closes after this many events;
     /// default 4096, at least 1.
     pub commit_max_events: usize,
-    /// `commit_max_delay`: or after this long since its first event;
-    /// default 2 ms; zero is allowed (commit without waiting for more).
+    /// `commit_max_delay`: how long a commit waits for more events after
+    /// its first; default 0: it takes what is already queued and commits
+    /// (what arrives meanwhile queues for the next one, so batches grow
+    /// with load). A wait only pays on a disk whose fsync is slow enough
+    /// that fewer, larger commits matter more than latency.
     pub commit_max_delay: Duration,
     /// `sync`: default `full`.
     pub sync: SyncMode,

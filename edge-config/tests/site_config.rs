@@ -98,7 +98,7 @@ fn minimal_config_gets_every_default() {
         Store {
             map_size: 4 << 30,
             commit_max_events: 4096,
-            commit_max_delay: Duration::from_millis(2),
+            commit_max_delay: Duration::ZERO,
             sync: SyncMode::Full,
         }
     );

@@ -3,7 +3,8 @@
 //! LMDB allows one write transaction at a time and each commit costs one
 //! or two fsyncs, so all writes funnel through one dedicated OS thread
 //! (never a tokio worker) that groups commands into commits: it blocks for
-//! the first command, gathers more for at most `commit_max_delay` or until
+//! the first command, takes what else is queued (waiting up to
+//! `commit_max_delay` for more, by default not at all) up to
 //! `commit_max_events`, applies them all in ONE transaction (dedup keys,
 //! rule state, outbox records, acks, dead letters), commits, and only then
 //! answers every waiter. A failed commit answers every submission with an

@@ -57,16 +57,19 @@ pub struct Closed {
 
 /// The instance id for the site's `counter`-th instance: unique per site
 /// as long as the counter is persisted with the instances it numbers.
+/// The counter is zero-padded so ids sort in the order they were given
+/// (up to 10^12 of them): instances and their timers are keyed by id,
+/// and keys in order are appended to those tables rather than inserted.
 pub fn instance_id(site: &str, counter: u64) -> String {
-    format!("{site}.{counter}")
+    format!("{site}.{counter:012}")
 }
 
-/// An offer's configured payload as JSON, the form the app receives.
 /// An offer's configured payload as the JSON text instances store.
 pub fn payload_text(offer: &Offer) -> String {
     Value::Object(payload_json(&offer.payload)).to_string()
 }
 
+/// An offer's configured payload as JSON, the form the app receives.
 pub fn payload_json(payload: &BTreeMap<String, PayloadValue>) -> Map<String, Value> {
     payload
         .iter()
@@ -244,9 +247,19 @@ mod tests {
     }
 
     #[test]
+    fn ids_sort_in_the_order_they_were_given() {
+        let ids: Vec<String> = [7, 9, 10, 99, 100, 85_435, 999_999_999_999]
+            .iter()
+            .map(|&n| instance_id("arena-01", n))
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        assert_eq!(ids[0], "arena-01.000000000007");
+    }
+
+    #[test]
     fn an_instance_carries_the_offer_and_its_payload() {
         let i = open();
-        assert_eq!(i.id, "arena-01.7");
+        assert_eq!(i.id, "arena-01.000000000007");
         assert_eq!((i.offer.as_str(), i.version), ("team-a-jersey", 2));
         assert_eq!(i.expires_ms, 301_000);
         assert_eq!(

@@ -227,6 +227,17 @@ pub(crate) struct Output {
     pub publications: Vec<Publication>,
 }
 
+/// Where the output goes, in the same transaction. A venue-wide fan-out
+/// hands it over every [`DRAIN_EVERY`] decisions rather than holding a
+/// record and a message for every fan in the venue until the end.
+pub(crate) trait Drain {
+    /// Writes out everything in `out` and leaves it empty.
+    fn drain(&mut self, txn: &mut RwTxn, out: &mut Output) -> heed::Result<()>;
+}
+
+/// Decisions a fan-out makes between drains of its output.
+const DRAIN_EVERY: usize = 1024;
+
 /// In-memory state as of the last commit.
 #[derive(Clone)]
 struct Snapshot {
@@ -264,8 +275,14 @@ pub(crate) struct Nba {
 /// Customers remembered in [`Nba::presence`] (about 100 bytes each).
 const PRESENCE_CACHE_MAX: usize = 1_000_000;
 
-/// Reward databases, as the writer hands them over.
-pub(crate) type Rewards = RewardDbs;
+/// Other stages' tables next best action reads (profiles, for fan-outs
+/// and escalations) or credits (rewards, for accepts and referrals), as
+/// the writer hands them over for one event.
+#[derive(Clone, Copy)]
+pub(crate) struct Neighbours {
+    pub profiles: Database<Bytes, Bytes>,
+    pub rewards: RewardDbs,
+}
 
 impl Nba {
     /// Loads the learner, the seed, the instance counter and the next
@@ -403,12 +420,13 @@ impl Nba {
     pub(crate) fn on_event(
         &mut self,
         txn: &mut RwTxn,
-        profiles: Database<Bytes, Bytes>,
-        rewards: Rewards,
+        neighbours: Neighbours,
         event: &Event,
         profile: Option<&Map<String, Value>>,
         out: &mut Output,
+        drain: &mut dyn Drain,
     ) -> Result<(), NbaError> {
+        let Neighbours { profiles, rewards } = neighbours;
         if let Some(customer) = event.subject.as_deref() {
             self.touch_presence(txn, customer, event.time_ms)?;
             if let Some(outcome) = Outcome::from_event_type(&event.kind) {
@@ -452,11 +470,6 @@ impl Nba {
             None => {
                 let present = self.present(txn, event.time_ms)?;
                 self.tally.fanout_customers += present.len() as u64;
-                // Most present fans get a decision record and a message;
-                // growing these one doubling at a time would copy them
-                // over and over.
-                out.records.reserve(present.len());
-                out.publications.reserve(present.len());
                 let mut memo = catalog.deciding_fields(&event.kind).map(Memo::new);
                 for customer in present {
                     let Some(profile) = customers::load(profiles, txn, &mut self.key, &customer)?
@@ -486,6 +499,9 @@ impl Nba {
                         event_seed,
                         out,
                     )?;
+                    if out.records.len() >= DRAIN_EVERY {
+                        drain.drain(txn, out)?;
+                    }
                 }
             }
         }
@@ -845,7 +861,7 @@ impl Nba {
     fn answer(
         &mut self,
         txn: &mut RwTxn,
-        rewards: Rewards,
+        rewards: RewardDbs,
         event: &Event,
         customer: &str,
         outcome: Outcome,

@@ -25,7 +25,7 @@ use super::dedup::Dedup;
 use super::env::{is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
-use super::nba::{Nba, NbaError};
+use super::nba::{Drain, Nba, NbaError, Output as NbaOutput};
 use super::outbox::{self, Outbox};
 use super::publications::{self, Publication};
 use super::ratelimit::LogLimiter;
@@ -164,6 +164,34 @@ impl From<RewardError> for GroupError {
             RewardError::Lmdb(e) => e.into(),
             other => GroupError::Failed(other.to_string()),
         }
+    }
+}
+
+/// Writes next best action's records and messages into the transaction
+/// that produced them; a long fan-out drains into it as it goes.
+struct NbaQueue<'w> {
+    outbox: &'w mut Outbox,
+    publications: &'w mut publications::Queue,
+    dbs: &'w Dbs,
+    site: &'w str,
+    meta: &'w mut Meta,
+    tally: &'w mut Tally,
+    /// Outbox records appended so far.
+    records: usize,
+}
+
+impl Drain for NbaQueue<'_> {
+    fn drain(&mut self, txn: &mut RwTxn, out: &mut NbaOutput) -> heed::Result<()> {
+        for (at_ms, body) in out.records.drain(..) {
+            self.outbox
+                .append(self.dbs, txn, self.meta, self.site, at_ms, body)?;
+            self.records += 1;
+        }
+        for p in out.publications.drain(..) {
+            self.publications.push(self.dbs.publications, txn, p)?;
+            self.tally.publications += 1;
+        }
+        Ok(())
     }
 }
 
@@ -868,31 +896,33 @@ impl Writer {
         profile: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<usize, GroupError> {
         let mut out = super::nba::Output::default();
-        let rewards = self.reward_dbs();
-        self.nba
-            .on_event(txn, self.dbs.profiles, rewards, event, profile, &mut out)?;
-        self.nba_queue(txn, meta, tally, out)
+        let neighbours = super::nba::Neighbours {
+            profiles: self.dbs.profiles,
+            rewards: self.reward_dbs(),
+        };
+        let (nba, mut queue) = self.nba_queue(meta, tally);
+        nba.on_event(txn, neighbours, event, profile, &mut out, &mut queue)?;
+        queue.drain(txn, &mut out)?;
+        Ok(queue.records)
     }
 
-    /// Appends what next best action produced to the outbox and the
-    /// publication queue.
-    fn nba_queue(
-        &mut self,
-        txn: &mut RwTxn,
-        meta: &mut Meta,
-        tally: &mut Tally,
-        out: super::nba::Output,
-    ) -> Result<usize, GroupError> {
-        let records = out.records.len();
-        for (at_ms, body) in out.records {
-            self.outbox
-                .append(&self.dbs, txn, meta, &self.settings.site, at_ms, body)?;
-        }
-        for p in out.publications {
-            self.publications.push(self.dbs.publications, txn, p)?;
-            tally.publications += 1;
-        }
-        Ok(records)
+    /// Next best action, and where its output goes: the outbox and the
+    /// publication queue, in the same transaction.
+    fn nba_queue<'w>(
+        &'w mut self,
+        meta: &'w mut Meta,
+        tally: &'w mut Tally,
+    ) -> (&'w mut Nba, NbaQueue<'w>) {
+        let queue = NbaQueue {
+            outbox: &mut self.outbox,
+            publications: &mut self.publications,
+            dbs: &self.dbs,
+            site: &self.settings.site,
+            meta,
+            tally,
+            records: 0,
+        };
+        (&mut self.nba, queue)
     }
 
     /// Expires due offer instances and queues offer statistics when their
@@ -914,7 +944,10 @@ impl Writer {
             if force {
                 self.nba.close_stats(&mut txn, now_ms, &mut out)?;
             }
-            tally.records = self.nba_queue(&mut txn, &mut meta, &mut tally, out)? as u64;
+            let (_, mut queue) = self.nba_queue(&mut meta, &mut tally);
+            queue.drain(&mut txn, &mut out)?;
+            let records = queue.records as u64;
+            tally.records = records;
             if meta != self.meta {
                 meta::save(self.dbs.meta, &mut txn, &meta)?;
             }

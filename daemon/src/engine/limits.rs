@@ -6,12 +6,10 @@
 //! own key space, where erasure finds it. Times are event times, so a
 //! replayed batch is limited the way the live events were.
 
-use edge_config::Rate;
-use heed::types::Bytes;
-use heed::{Database, RwTxn};
-
 use super::state::{self, StoredState};
+use super::table::StateTable;
 use super::window::duration_ms;
+use edge_config::Rate;
 
 /// True when `source` is allowed by the rule's `sources` (absent: all).
 pub fn source_allowed(sources: Option<&[String]>, source: &str) -> bool {
@@ -37,13 +35,12 @@ pub(crate) struct Admitted {
 /// [`state::rate_key`]): `Ok(Some(_))` when the event may count (call
 /// [`record`] if it does), `Ok(None)` when it is over.
 pub(crate) fn check(
-    txn: &RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &dyn StateTable,
     key: Vec<u8>,
     rate: &Rate,
     time_ms: i64,
 ) -> Result<Option<Admitted>, heed::Error> {
-    let mut times = match db.get(txn, &key)? {
+    let mut times = match table.get(&key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::Rate(times)) => times,
             // Unreadable history limits nothing; it is rewritten below.
@@ -66,14 +63,13 @@ pub(crate) fn check(
 
 /// Stores an admitted event's rate history.
 pub(crate) fn record(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &mut dyn StateTable,
     value: &mut Vec<u8>,
     admitted: Admitted,
 ) -> Result<(), heed::Error> {
     state::encode(&StoredState::Rate(admitted.times), value)
         .map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-    db.put(txn, &admitted.key, value)
+    table.put(&admitted.key, value)
 }
 
 #[cfg(test)]

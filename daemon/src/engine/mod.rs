@@ -24,6 +24,7 @@ pub mod progress;
 pub mod pseudonym;
 mod shared;
 pub mod state;
+pub mod table;
 pub mod vouchers;
 pub mod window;
 
@@ -35,8 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edge_config::{AchievementRule, Measure, RuleBundle, Scope, TimeZone, Voucher, Window};
-use heed::types::Bytes;
-use heed::{Database, RwTxn};
 use serde_json::{Map, Value};
 use touchline_proto::{AchievementAwarded, RecordBody};
 use tracing::warn;
@@ -49,6 +48,7 @@ use measure::{Input, MeasureState};
 use predicate::{EvalError, Expr, Needs, Predicate};
 pub use pseudonym::{PseudonymError, Pseudonymizer};
 use state::{RuleState, StoredState};
+use table::StateTable;
 use vouchers::{Handed, Pools};
 use window::{Periods, Placement};
 
@@ -93,13 +93,6 @@ pub enum ApplyError {
     },
     #[error("{0}")]
     Customer(String),
-}
-
-/// The databases the engine reads and writes, opened by the store.
-#[derive(Clone, Copy)]
-pub struct EngineDbs {
-    pub(crate) state: Database<Bytes, Bytes>,
-    pub(crate) profiles: Database<Bytes, Bytes>,
 }
 
 /// A record the engine wants in the outbox; the store gives it a sequence.
@@ -308,7 +301,6 @@ const ACTIVE_CACHE_MAX: usize = 1_000_000;
 
 /// Everything but the rules, borrowed while one rule is applied.
 pub(crate) struct Work<'a> {
-    pub dbs: EngineDbs,
     pub key: &'a mut KeyBuf,
     pub value: &'a mut Vec<u8>,
     pub pseudonymizer: &'a Pseudonymizer,
@@ -427,16 +419,16 @@ impl Engine {
 
     /// Writes the site-wide state the transaction changed; call right
     /// before committing it.
-    pub fn flush(&mut self, txn: &mut RwTxn, dbs: EngineDbs) -> Result<(), ApplyError> {
+    pub fn flush(&mut self, table: &mut dyn StateTable) -> Result<(), ApplyError> {
         let Some(g) = &mut self.working else {
             return Ok(());
         };
         if g.watermark_dirty {
-            periods::save_watermark(txn, dbs.state, &mut self.key, g.watermark)?;
+            periods::save_watermark(table, &mut self.key, g.watermark)?;
             g.watermark_dirty = false;
         }
         if g.periods_dirty {
-            periods::save_periods(txn, dbs.state, &mut self.key, &g.periods)?;
+            periods::save_periods(table, &mut self.key, &g.periods)?;
             g.periods_dirty = false;
         }
         Ok(())
@@ -454,28 +446,21 @@ impl Engine {
     /// space (rule state, shares, rate histories, period activity) and the
     /// site-space index entries that name them, which are found through
     /// those records.
-    pub fn erase(
-        &mut self,
-        txn: &mut RwTxn,
-        dbs: EngineDbs,
-        customer: &str,
-    ) -> Result<(), ApplyError> {
+    pub fn erase(&mut self, table: &mut dyn StateTable, customer: &str) -> Result<(), ApplyError> {
         self.active.forget(customer);
         let prefix = self.key.start(customer).finish(usize::MAX).to_vec();
-        // Keys first, deletes after: deleting through the cursor is unsafe
-        // in heed, and one customer's state is small.
+        // Keys first, deletes after; one customer's state is small.
         let mut doomed = Vec::new();
-        for entry in dbs.state.prefix_iter(txn, &prefix)? {
-            let (k, v) = entry?;
-            match state::decode(v) {
+        for (k, v) in table.prefixed(&prefix)? {
+            match state::decode(&v) {
                 Ok(StoredState::Member(m)) => doomed.push(m.index),
                 Ok(StoredState::Activity(a)) => doomed.push(a.index),
                 _ => {}
             }
-            doomed.push(k.to_vec());
+            doomed.push(k);
         }
         for key in doomed {
-            dbs.state.delete(txn, &key)?;
+            table.delete(&key)?;
         }
         Ok(())
     }
@@ -489,8 +474,7 @@ impl Engine {
     /// caller skips customers without consent).
     pub fn apply(
         &mut self,
-        txn: &mut RwTxn,
-        dbs: EngineDbs,
+        table: &mut dyn StateTable,
         event: &Event,
         profile: Option<&Map<String, Value>>,
         now_ms: i64,
@@ -499,7 +483,7 @@ impl Engine {
         if self.working.is_none() {
             self.working = Some(match self.committed.clone() {
                 Some(g) => g,
-                None => periods::load_globals(txn, dbs.state, &mut self.key)?,
+                None => periods::load_globals(table, &mut self.key)?,
             });
         }
         let Engine {
@@ -532,7 +516,6 @@ impl Engine {
             // the real one is being changed.
             let none = Periods::default();
             let mut work = Work {
-                dbs,
                 key,
                 value,
                 pseudonymizer,
@@ -540,14 +523,13 @@ impl Engine {
                 periods: &none,
                 stats,
             };
-            if periods::venue_event(&mut work, txn, rules, globals, event, out)? {
+            if periods::venue_event(&mut work, table, rules, globals, event, out)? {
                 globals.periods_dirty = true;
                 active.forget_all();
             }
             return Ok(());
         };
         let mut work = Work {
-            dbs,
             key,
             value,
             pseudonymizer,
@@ -557,7 +539,7 @@ impl Engine {
         };
         if let Some(period) = periods::period_at(&globals.periods, event.time_ms) {
             if active.get(customer).is_none_or(|p| p != period) {
-                periods::mark_active(&mut work, txn, customer, period)?;
+                periods::mark_active(&mut work, table, customer, period)?;
                 active.note(customer, period.to_owned());
             }
         }
@@ -577,7 +559,7 @@ impl Engine {
                 scope: &scope,
                 counters,
             };
-            let awards = match apply_rule(compiled, logs, &ctx, &mut work, txn, out) {
+            let awards = match apply_rule(compiled, logs, &ctx, &mut work, table, out) {
                 Ok(n) => n,
                 Err(RuleError::Eval(e)) => {
                     counters.predicate_errors.fetch_add(1, Ordering::Relaxed);
@@ -664,7 +646,7 @@ fn apply_rule(
     logs: &mut RuleLogs,
     ctx: &Ctx<'_, '_>,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
@@ -722,9 +704,7 @@ fn apply_rule(
                 return Ok(0);
             }
             // The credited customer must be tracked too.
-            let profile =
-                crate::store::customers::load(work.dbs.profiles, txn, work.key, &credited)
-                    .map_err(|e| ApplyError::Customer(e.to_string()))?;
+            let profile = table.profile(&credited)?;
             if profile
                 .as_ref()
                 .is_some_and(|p| !crate::store::customers::consents(p, "gamification"))
@@ -751,7 +731,7 @@ fn apply_rule(
     for (slot, (rate, who, what)) in admitted.iter_mut().zip(rates) {
         let Some(rate) = rate else { continue };
         let key = state::rate_key(work.key, who, &rule.id, rule.version, what).to_vec();
-        match limits::check(txn, work.dbs.state, key, rate, event.time_ms)? {
+        match limits::check(table, key, rate, event.time_ms)? {
             Some(a) => *slot = Some(a),
             None => {
                 count(&ctx.counters.limited);
@@ -760,7 +740,7 @@ fn apply_rule(
         }
     }
     for a in admitted.into_iter().flatten() {
-        limits::record(txn, work.dbs.state, work.value, a)?;
+        limits::record(table, work.value, a)?;
     }
     let input = Step {
         input,
@@ -768,9 +748,9 @@ fn apply_rule(
         place: &place,
     };
     match rule.scope {
-        Scope::Customer => update_customer(c, logs, ctx, work, txn, out, &target, input),
+        Scope::Customer => update_customer(c, logs, ctx, work, table, out, &target, input),
         Scope::Group { .. } | Scope::Venue { .. } => {
-            shared::update(c, logs, ctx, work, txn, out, input)
+            shared::update(c, logs, ctx, work, table, out, input)
         }
     }
 }
@@ -802,13 +782,12 @@ fn step_matches(c: &CompiledRule, i: usize, ctx: &Ctx<'_, '_>) -> Result<bool, E
 pub(crate) fn read_state(
     c: &CompiledRule,
     logs: &mut RuleLogs,
-    txn: &RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &dyn StateTable,
     key: &[u8],
     time_ms: i64,
 ) -> Result<RuleState, ApplyError> {
     let rolling = c.rolling_span().is_some() && matches!(c.rule.scope, Scope::Customer);
-    let mut state = match db.get(txn, key)? {
+    let mut state = match table.get(key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::V1(s)) => s,
             Ok(_) => RuleState::new(MeasureState::initial(&c.rule.measure, rolling), time_ms),
@@ -831,14 +810,13 @@ pub(crate) fn read_state(
 }
 
 pub(crate) fn write_state(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &mut dyn StateTable,
     buf: &mut Vec<u8>,
     key: &[u8],
     state: StoredState,
 ) -> Result<(), ApplyError> {
     state::encode(&state, buf).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-    db.put(txn, key, buf)?;
+    table.put(key, buf)?;
     Ok(())
 }
 
@@ -849,7 +827,7 @@ fn update_customer(
     logs: &mut RuleLogs,
     ctx: &Ctx<'_, '_>,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
     target: &str,
     step: Step<'_>,
@@ -857,7 +835,7 @@ fn update_customer(
     let rule = &c.rule;
     let time_ms = ctx.event.time_ms;
     let key = state::key(work.key, target, &rule.id, rule.version, &step.place.name).to_vec();
-    let mut state = read_state(c, logs, txn, work.dbs.state, &key, time_ms)?;
+    let mut state = read_state(c, logs, table, &key, time_ms)?;
     let before = if state.measure.is_empty() {
         0.0
     } else {
@@ -917,7 +895,7 @@ fn update_customer(
             c,
             logs,
             work,
-            txn,
+            table,
             out,
             target,
             state.tiers_awarded as usize,
@@ -933,13 +911,7 @@ fn update_customer(
             out.progress.push(note);
         }
     }
-    write_state(
-        txn,
-        work.dbs.state,
-        work.value,
-        &key,
-        StoredState::V1(state),
-    )?;
+    write_state(table, work.value, &key, StoredState::V1(state))?;
     Ok(awarded)
 }
 
@@ -951,7 +923,7 @@ pub(crate) fn award(
     c: &CompiledRule,
     logs: &mut RuleLogs,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
     customer: &str,
     tier: usize,
@@ -966,8 +938,7 @@ pub(crate) fn award(
     let rule = &c.rule;
     let voucher = match &t.voucher {
         Some(v) => match work.pools.hand_out(
-            txn,
-            work.dbs.state,
+            table,
             work.key,
             v,
             customer,
@@ -986,7 +957,7 @@ pub(crate) fn award(
         },
         None => None,
     };
-    periods::credit_activity(work, txn, customer, at_ms, &t.points, t.badge.as_deref())?;
+    periods::credit_activity(work, table, customer, at_ms, &t.points, t.badge.as_deref())?;
     out.records.push(Emitted {
         at_ms,
         body: RecordBody::AchievementAwarded(AchievementAwarded {

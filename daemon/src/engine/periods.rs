@@ -12,14 +12,13 @@
 //! that arrive later (within the rules' lateness) still count for the
 //! rules, but are not in the summary.
 
-use heed::types::Bytes;
-use heed::{Database, RwTxn};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use touchline_proto::{PeriodSummary, RecordBody, RuleProgress};
 use tracing::{info, warn};
 
 use super::state::{self, Activity, StoredGlobal, StoredState};
+use super::table::StateTable;
 use super::window::{self, Periods, MAX_PERIOD_ID};
 use super::{ApplyError, CompiledRule, Emitted, Globals, Output, Work};
 use crate::event::Event;
@@ -35,14 +34,13 @@ const PERIODS: &str = "periods";
 
 /// Reads the watermark and period registry (defaults when new).
 pub(super) fn load_globals(
-    txn: &RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &dyn StateTable,
     key: &mut KeyBuf,
 ) -> Result<Globals, ApplyError> {
     let mut globals = Globals::default();
     for (name, slot) in [(WATERMARK, 0u8), (PERIODS, 1u8)] {
         let k = state::global_key(key, name).to_vec();
-        let Some(bytes) = db.get(txn, &k)? else {
+        let Some(bytes) = table.get(&k)? else {
             continue;
         };
         match (state::decode_global(bytes), slot) {
@@ -61,38 +59,29 @@ pub(super) fn load_globals(
 }
 
 pub(super) fn save_watermark(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &mut dyn StateTable,
     key: &mut KeyBuf,
     watermark: i64,
 ) -> Result<(), ApplyError> {
-    save(txn, db, key, WATERMARK, &StoredGlobal::Watermark(watermark))
+    save(table, key, WATERMARK, &StoredGlobal::Watermark(watermark))
 }
 
 pub(super) fn save_periods(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &mut dyn StateTable,
     key: &mut KeyBuf,
     periods: &Periods,
 ) -> Result<(), ApplyError> {
-    save(
-        txn,
-        db,
-        key,
-        PERIODS,
-        &StoredGlobal::Periods(periods.clone()),
-    )
+    save(table, key, PERIODS, &StoredGlobal::Periods(periods.clone()))
 }
 
 fn save(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
+    table: &mut dyn StateTable,
     key: &mut KeyBuf,
     name: &str,
     value: &StoredGlobal,
 ) -> Result<(), ApplyError> {
     let bytes = state::encode_global(value).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-    db.put(txn, state::global_key(key, name), &bytes)?;
+    table.put(state::global_key(key, name), &bytes)?;
     Ok(())
 }
 
@@ -100,7 +89,7 @@ fn save(
 /// changed.
 pub(super) fn venue_event(
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     rules: &[CompiledRule],
     globals: &mut Globals,
     event: &Event,
@@ -130,7 +119,7 @@ pub(super) fn venue_event(
     if !globals.periods.close(id, event.time_ms) {
         return Ok(false);
     }
-    let summaries = summarize(work, txn, rules, id, event.time_ms, out)?;
+    let summaries = summarize(work, table, rules, id, event.time_ms, out)?;
     work.stats
         .period_summaries
         .fetch_add(summaries, Ordering::Relaxed);
@@ -141,35 +130,28 @@ pub(super) fn venue_event(
 /// Gives `customer` an activity record in `period` unless they have one.
 pub(super) fn mark_active(
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     customer: &str,
     period: &str,
 ) -> Result<(), ApplyError> {
     let key = state::activity_key(work.key, customer, period).to_vec();
-    if work.dbs.state.get(txn, &key)?.is_some() {
+    if table.get(&key)?.is_some() {
         return Ok(());
     }
-    let activity = new_activity(work, txn, customer, period)?;
-    super::write_state(
-        txn,
-        work.dbs.state,
-        work.value,
-        &key,
-        StoredState::Activity(activity),
-    )
+    let activity = new_activity(table, customer, period)?;
+    super::write_state(table, work.value, &key, StoredState::Activity(activity))
 }
 
 /// A fresh activity record, entered in the period's activity index (the
 /// caller writes the record).
 fn new_activity(
-    work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     customer: &str,
     period: &str,
 ) -> Result<Activity, ApplyError> {
     let mut index = state::activity_index_prefix(period);
     index.extend_from_slice(customer.as_bytes());
-    work.dbs.state.put(txn, &index, &[])?;
+    table.put(&index, &[])?;
     Ok(Activity {
         index,
         ..Activity::default()
@@ -180,7 +162,7 @@ fn new_activity(
 /// period covering `at_ms` (if any).
 pub(super) fn credit_activity(
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     customer: &str,
     at_ms: i64,
     points: &[(String, i64)],
@@ -194,12 +176,12 @@ pub(super) fn credit_activity(
         return Ok(());
     }
     let key = state::activity_key(work.key, customer, period).to_vec();
-    let mut activity = match work.dbs.state.get(txn, &key)? {
+    let mut activity = match table.get(&key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::Activity(a)) => a,
             _ => return Ok(()),
         },
-        None => new_activity(work, txn, customer, period)?,
+        None => new_activity(table, customer, period)?,
     };
     for (category, amount) in points {
         match activity
@@ -213,13 +195,7 @@ pub(super) fn credit_activity(
     if let Some(badge) = badge {
         activity.badges.push(badge.to_string());
     }
-    super::write_state(
-        txn,
-        work.dbs.state,
-        work.value,
-        &key,
-        StoredState::Activity(activity),
-    )
+    super::write_state(table, work.value, &key, StoredState::Activity(activity))
 }
 
 pub(super) fn period_at(periods: &Periods, time_ms: i64) -> Option<&str> {
@@ -230,17 +206,15 @@ pub(super) fn period_at(periods: &Periods, time_ms: i64) -> Option<&str> {
 /// activity records.
 fn summarize(
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     rules: &[CompiledRule],
     period: &str,
     at_ms: i64,
     out: &mut Output,
 ) -> Result<u64, ApplyError> {
-    let db = work.dbs.state;
     let prefix = state::activity_index_prefix(period);
     let mut customers = Vec::new();
-    for entry in db.prefix_iter(txn, &prefix)? {
-        let (k, _) = entry?;
+    for (k, _) in table.prefixed(&prefix)? {
         if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
             customers.push(id.to_string());
         }
@@ -249,7 +223,7 @@ fn summarize(
     let mut made = 0u64;
     for customer in customers {
         let key = state::activity_key(work.key, &customer, period).to_vec();
-        let activity = match db.get(txn, &key)? {
+        let activity = match table.get(&key)? {
             Some(bytes) => match state::decode(bytes) {
                 Ok(StoredState::Activity(a)) => a,
                 _ => Activity::default(),
@@ -263,7 +237,7 @@ fn summarize(
                 continue;
             }
             let k = state::key(work.key, &customer, &rule.id, rule.version, &window).to_vec();
-            let Some(bytes) = db.get(txn, &k)? else {
+            let Some(bytes) = table.get(&k)? else {
                 continue;
             };
             let Ok(StoredState::V1(s)) = state::decode(bytes) else {
@@ -291,10 +265,10 @@ fn summarize(
             voucher: None,
         });
         made += 1;
-        db.delete(txn, &key)?;
+        table.delete(&key)?;
         let mut index = prefix.clone();
         index.extend_from_slice(customer.as_bytes());
-        db.delete(txn, &index)?;
+        table.delete(&index)?;
     }
     Ok(made)
 }

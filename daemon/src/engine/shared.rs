@@ -14,11 +14,11 @@
 //! another section) starts over in the new group; their awards from the
 //! old one stay.
 
-use heed::RwTxn;
 use sha2::{Digest, Sha256};
 
 use super::measure::Input;
 use super::state::{self, MemberState, StoredState};
+use super::table::StateTable;
 use super::{
     award, read_state, write_state, ApplyError, CompiledRule, Ctx, Output, RuleError, RuleLogs,
     Step, Work,
@@ -31,7 +31,7 @@ pub(crate) fn update(
     logs: &mut RuleLogs,
     ctx: &Ctx<'_, '_>,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
     step: Step<'_>,
 ) -> Result<u64, RuleError> {
@@ -44,15 +44,14 @@ pub(crate) fn update(
     let window = step.place.name.as_str();
     let time_ms = ctx.event.time_ms;
     let customer = ctx.customer;
-    let db = work.dbs.state;
 
     let member_key = state::key(work.key, customer, &rule.id, rule.version, window).to_vec();
-    let mut member = read_member(c, txn, db, &member_key)?;
+    let mut member = read_member(c, table, &member_key)?;
     let mut joined = false;
     let stale = member.as_ref().is_some_and(|m| m.group != group);
     if stale {
         if let Some(old) = &member {
-            db.delete(txn, &old.index)?;
+            table.delete(&old.index)?;
         }
     }
     if member.is_none() || stale {
@@ -74,11 +73,11 @@ pub(crate) fn update(
         _ => 1.0,
     };
     if joined {
-        db.put(txn, &member.index, &[])?;
+        table.put(&member.index, &[])?;
     }
 
     let goal_key = state::group_key(work.key, &rule.id, rule.version, window, &group).to_vec();
-    let mut goal = read_state(c, logs, txn, db, &goal_key, time_ms)?;
+    let mut goal = read_state(c, logs, table, &goal_key, time_ms)?;
     let reached_before = goal.tiers_awarded;
     let counted = goal
         .measure
@@ -96,17 +95,17 @@ pub(crate) fn update(
         time_ms,
     };
     if counted.is_some() {
-        write_state(txn, db, work.value, &goal_key, StoredState::V1(goal))?;
+        write_state(table, work.value, &goal_key, StoredState::V1(goal))?;
         if reached.tiers > reached_before {
-            write_member(txn, work, &member_key, member)?;
-            return award_members(c, logs, work, txn, out, &group, &reached, min);
+            write_member(table, work, &member_key, member)?;
+            return award_members(c, logs, work, table, out, &group, &reached, min);
         }
     }
     let mut awarded = 0;
     if member.share >= min {
-        awarded = catch_up(c, logs, work, txn, out, customer, &mut member, &reached)?;
+        awarded = catch_up(c, logs, work, table, out, customer, &mut member, &reached)?;
     }
-    write_member(txn, work, &member_key, member)?;
+    write_member(table, work, &member_key, member)?;
     Ok(awarded)
 }
 
@@ -125,7 +124,7 @@ fn catch_up(
     c: &CompiledRule,
     logs: &mut RuleLogs,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
     customer: &str,
     member: &mut MemberState,
@@ -137,7 +136,7 @@ fn catch_up(
             c,
             logs,
             work,
-            txn,
+            table,
             out,
             customer,
             member.tiers_awarded as usize,
@@ -157,18 +156,16 @@ fn award_members(
     c: &CompiledRule,
     logs: &mut RuleLogs,
     work: &mut Work<'_>,
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     out: &mut Output,
     group: &str,
     goal: &Reached<'_>,
     min: f64,
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
-    let db = work.dbs.state;
     let prefix = state::member_index_prefix(&rule.id, rule.version, goal.window, group);
     let mut members = Vec::new();
-    for entry in db.prefix_iter(txn, &prefix)? {
-        let (k, _) = entry?;
+    for (k, _) in table.prefixed(&prefix)? {
         if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {
             members.push(id.to_string());
         }
@@ -176,25 +173,24 @@ fn award_members(
     let mut awarded = 0u64;
     for id in members {
         let key = state::key(work.key, &id, &rule.id, rule.version, goal.window).to_vec();
-        let Some(mut member) = read_member(c, txn, db, &key)? else {
+        let Some(mut member) = read_member(c, table, &key)? else {
             continue;
         };
         if member.share < min || member.tiers_awarded >= goal.tiers {
             continue;
         }
-        awarded += catch_up(c, logs, work, txn, out, &id, &mut member, goal)?;
-        write_member(txn, work, &key, member)?;
+        awarded += catch_up(c, logs, work, table, out, &id, &mut member, goal)?;
+        write_member(table, work, &key, member)?;
     }
     Ok(awarded)
 }
 
 fn read_member(
     c: &CompiledRule,
-    txn: &RwTxn,
-    db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+    table: &dyn StateTable,
     key: &[u8],
 ) -> Result<Option<MemberState>, ApplyError> {
-    match db.get(txn, key)? {
+    match table.get(key)? {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::Member(m)) => Ok(Some(m)),
             // A customer-scope record under the same id and version: the
@@ -210,18 +206,12 @@ fn read_member(
 }
 
 fn write_member(
-    txn: &mut RwTxn,
+    table: &mut dyn StateTable,
     work: &mut Work<'_>,
     key: &[u8],
     member: MemberState,
 ) -> Result<(), ApplyError> {
-    write_state(
-        txn,
-        work.dbs.state,
-        work.value,
-        key,
-        StoredState::Member(member),
-    )
+    write_state(table, work.value, key, StoredState::Member(member))
 }
 
 /// Group names are free text from profiles; long ones are kept hashed so

@@ -12,12 +12,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use edge_config::{Voucher, VoucherPool};
-use heed::types::Bytes;
-use heed::{Database, RwTxn};
-
 use super::state::{self, StoredGlobal};
+use super::table::StateTable;
 use crate::store::keys::KeyBuf;
+use edge_config::{Voucher, VoucherPool};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}: voucher pool `{pool}`: {detail}", file.display())]
@@ -68,8 +66,7 @@ impl Pools {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn hand_out(
         &self,
-        txn: &mut RwTxn,
-        db: Database<Bytes, Bytes>,
+        table: &mut dyn StateTable,
         buf: &mut KeyBuf,
         voucher: &Voucher,
         customer: &str,
@@ -80,7 +77,7 @@ impl Pools {
         match voucher {
             Voucher::Pool(id) => {
                 let key = state::global_key(buf, &format!("voucher\0{id}")).to_vec();
-                let used = counter(txn, db, &key)?;
+                let used = counter(table, &key)?;
                 let Some(code) = self
                     .codes
                     .get(id)
@@ -88,14 +85,14 @@ impl Pools {
                 else {
                     return Ok(Handed::Dry);
                 };
-                set_counter(txn, db, &key, used + 1)?;
+                set_counter(table, &key, used + 1)?;
                 Ok(Handed::Code(code.clone()))
             }
             Voucher::Template(template) => {
                 let key = state::global_key(buf, &format!("template\0{rule}\0{version}\0{tier}"))
                     .to_vec();
-                let n = counter(txn, db, &key)? + 1;
-                set_counter(txn, db, &key, n)?;
+                let n = counter(table, &key)? + 1;
+                set_counter(table, &key, n)?;
                 Ok(Handed::Code(fill(template, customer, rule, tier, n)))
             }
         }
@@ -132,8 +129,8 @@ pub fn fill(template: &str, customer: &str, rule: &str, tier: u32, n: u64) -> St
     out
 }
 
-fn counter(txn: &RwTxn, db: Database<Bytes, Bytes>, key: &[u8]) -> Result<u64, heed::Error> {
-    Ok(match db.get(txn, key)? {
+fn counter(table: &dyn StateTable, key: &[u8]) -> Result<u64, heed::Error> {
+    Ok(match table.get(key)? {
         Some(bytes) => match state::decode_global(bytes) {
             Ok(StoredGlobal::Counter(n)) => n,
             _ => 0,
@@ -142,15 +139,10 @@ fn counter(txn: &RwTxn, db: Database<Bytes, Bytes>, key: &[u8]) -> Result<u64, h
     })
 }
 
-fn set_counter(
-    txn: &mut RwTxn,
-    db: Database<Bytes, Bytes>,
-    key: &[u8],
-    n: u64,
-) -> Result<(), heed::Error> {
+fn set_counter(table: &mut dyn StateTable, key: &[u8], n: u64) -> Result<(), heed::Error> {
     let bytes = state::encode_global(&StoredGlobal::Counter(n))
         .map_err(|e| heed::Error::Encoding(Box::new(e)))?;
-    db.put(txn, key, &bytes)
+    table.put(key, &bytes)
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ pub(crate) mod committed;
 pub mod customers;
 mod dedup;
 mod dlq;
+mod engine_table;
 mod env;
 pub(crate) mod keys;
 mod meta;

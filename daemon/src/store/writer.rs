@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use super::customers::{self, Admission, CustomerDbs, CustomerError};
 use super::dedup::Dedup;
+use super::engine_table::LmdbTable;
 use super::env::{is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
@@ -33,7 +34,7 @@ use super::rewards::{self, RewardDbs, RewardError};
 use super::rule_stats;
 use super::stats::StoreStats;
 use super::{dlq, Clock, StoreError};
-use crate::engine::{ApplyError, Emitted, Engine, EngineDbs, Output, ProgressNote};
+use crate::engine::{ApplyError, Emitted, Engine, Output, ProgressNote};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use touchline_proto::{CustomerErased, RecordBody};
 
@@ -527,7 +528,11 @@ impl Writer {
         if meta != self.meta {
             meta::save(self.dbs.meta, &mut txn, &meta)?;
         }
-        self.engine.flush(&mut txn, self.engine_dbs())?;
+        self.engine.flush(&mut LmdbTable::new(
+            &mut txn,
+            self.dbs.rule_state,
+            self.dbs.profiles,
+        ))?;
         txn.commit()?;
         self.engine.committed();
         self.nba.committed();
@@ -584,8 +589,7 @@ impl Writer {
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
                 Admission::Track(profile) => {
                     self.engine.apply(
-                        txn,
-                        self.engine_dbs(),
+                        &mut LmdbTable::new(txn, self.dbs.rule_state, self.dbs.profiles),
                         event,
                         profile.as_ref(),
                         now_ms,
@@ -595,7 +599,10 @@ impl Writer {
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
-                    self.engine.erase(txn, self.engine_dbs(), &customer)?;
+                    self.engine.erase(
+                        &mut LmdbTable::new(txn, self.dbs.rule_state, self.dbs.profiles),
+                        &customer,
+                    )?;
                     self.nba.erase(txn, &customer)?;
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
@@ -662,13 +669,6 @@ impl Writer {
             });
         }
         Ok(Ok(outcomes))
-    }
-
-    fn engine_dbs(&self) -> EngineDbs {
-        EngineDbs {
-            state: self.dbs.rule_state,
-            profiles: self.dbs.profiles,
-        }
     }
 
     fn reward_dbs(&self) -> RewardDbs {

@@ -1,0 +1,125 @@
+//! Where the engine keeps its state: a sorted key-value table.
+//!
+//! The engine decides; the table remembers. Keeping the two apart lets
+//! the engine run without I/O: in the daemon the table is the writer's
+//! LMDB transaction (the store's `engine_table`), so an event's state
+//! changes commit or roll back with the event; [`MemoryTable`] keeps
+//! everything in process, for measuring the engine alone.
+//!
+//! Errors are LMDB's: the memory table never fails, and the writer maps
+//! LMDB's (a full map above all) to its own.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::ApplyError;
+
+/// A profile, as the engine reads it for a customer other than the
+/// event's subject (a referral's credited customer).
+pub type Profile = Map<String, Value>;
+
+/// A key and its value, as a prefix scan returns them.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// The engine's view of its storage.
+pub trait StateTable {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error>;
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error>;
+    fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error>;
+    /// Every entry whose key starts with `prefix`, in key order. For the
+    /// rare scans (erasure, a goal's members, a period's summaries).
+    fn prefixed(&self, prefix: &[u8]) -> Result<Vec<Entry>, heed::Error>;
+    /// A customer's stored profile, `None` when they have none.
+    fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError>;
+}
+
+/// Engine state held in process: no I/O, nothing durable.
+#[derive(Debug, Default)]
+pub struct MemoryTable {
+    state: BTreeMap<Vec<u8>, Vec<u8>>,
+    profiles: HashMap<String, Profile>,
+}
+
+impl MemoryTable {
+    pub fn new() -> MemoryTable {
+        MemoryTable::default()
+    }
+
+    /// Sets a customer's profile (what a `customer.profile` event does in
+    /// the daemon, which keeps profiles in the store).
+    pub fn set_profile(&mut self, customer: &str, profile: Profile) {
+        self.profiles.insert(customer.to_string(), profile);
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.state.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.is_empty()
+    }
+}
+
+impl StateTable for MemoryTable {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
+        Ok(self.state.get(key).map(Vec::as_slice))
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {
+        match self.state.get_mut(key) {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(value);
+            }
+            None => {
+                self.state.insert(key.to_vec(), value.to_vec());
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
+        self.state.remove(key);
+        Ok(())
+    }
+
+    fn prefixed(&self, prefix: &[u8]) -> Result<Vec<Entry>, heed::Error> {
+        Ok(self
+            .state
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError> {
+        Ok(self.profiles.get(customer).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_table_scans_only_its_prefix_in_order() {
+        let mut t = MemoryTable::new();
+        for k in [&b"ab2"[..], b"ab1", b"a", b"b", b"ab"] {
+            t.put(k, k).unwrap();
+        }
+        t.put(b"ab1", b"x").unwrap();
+        let keys: Vec<Vec<u8>> = t
+            .prefixed(b"ab")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, vec![b"ab".to_vec(), b"ab1".to_vec(), b"ab2".to_vec()]);
+        assert_eq!(t.get(b"ab1").unwrap(), Some(&b"x"[..]));
+        t.delete(b"ab1").unwrap();
+        assert_eq!(t.get(b"ab1").unwrap(), None);
+        assert_eq!(t.len(), 4);
+    }
+}

@@ -1,28 +1,33 @@
 //! The engine benchmark: 100 mixed rules over 20 event types, 100,000
 //! customers, measured in one run on this machine.
 //!
-//! 1. Engine alone (no network): pre-built events submitted straight to a
-//!    store (`sync = "none"`) in batches of 4,096; the store's writer is
-//!    one thread, so this is events/s on one core. The same events also go
+//! 1. Engine alone (no I/O): pre-built events through the engine on this
+//!    thread, its state in an in-process table, profiles in a map, one
+//!    begin/flush per 4,096 events as the store's commits do: events/s on
+//!    one core.
+//! 2. The engine in the store: the same events submitted straight to a
+//!    store (`sync = "none"`) in batches of 4,096, the engine's state in
+//!    LMDB; the store's writer is one thread. The same events also go
 //!    through a store with no rules (the store's own cost: dedup, profile
 //!    lookup, commit) so the engine's share shows as a ratio.
-//! 2. CEL cost per predicate: the same rules with every `when` rewritten to
-//!    one of the same shape that always holds, against the same rules with
-//!    no `when` at all. Both do identical state work, so the difference in
-//!    time divided by the predicate evaluations is what a predicate costs
-//!    (including building its `data` variable).
-//! 3. Full pipeline: the daemon in-process with HTTP ingest, batches of
+//! 3. CEL cost per predicate: the engine alone with every `when` rewritten
+//!    to one of the same shape that always holds, against the same rules
+//!    with no `when` at all. Both do identical state work, so the
+//!    difference in time divided by the predicate evaluations is what a
+//!    predicate costs (including building its `data` variable).
+//! 4. Full pipeline: the daemon in-process with HTTP ingest, batches of
 //!    1,000 CloudEvents JSON from 4 concurrent clients.
-//! 4. Resident memory of that daemon before and after 100,000 customers
+//! 5. Resident memory of that daemon before and after 100,000 customers
 //!    have profiles and state in the rules.
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
-//! smaller run). The engine modes run twice, alternating, and the faster
+//! smaller run, `-- --alone` for one round of the engine-alone modes only). The engine modes run twice, alternating, and the faster
 //! run of each is reported. Absolute numbers on a shared machine are
 //! noisy; the ratios are the figures to compare across machines.
 
 mod support;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +36,8 @@ use anyhow::{bail, Context};
 use edge_config::{RuleBundle, SiteConfig};
 use serde_json::{json, Value};
 use touchline::app::Daemon;
+use touchline::engine::table::{MemoryTable, Profile};
+use touchline::engine::{Engine, Output, Pseudonymizer};
 use touchline::event::{Event, EventOutcome};
 use touchline::store::{Store, StoreHandle, StoreOptions};
 
@@ -359,6 +366,55 @@ async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> a
     Ok(run)
 }
 
+/// The engine alone: `events` through the engine over an in-process
+/// table on this thread (profiles and the period start loaded untimed).
+fn memory_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Result<Run> {
+    let dir = tempfile::tempdir()?;
+    let (_, bundle) = site(dir.path(), Some(rules), "")?;
+    let mut engine = Engine::new(&bundle, Pseudonymizer::keyed(b"bench"))?;
+    let mut table = MemoryTable::new();
+    let mut profiles: HashMap<String, Profile> = HashMap::new();
+    let mut out = Output::default();
+    let now_ms = touchline::clock::now_ms();
+    engine.begin();
+    for e in warmup_events(start_ms) {
+        match (&e.subject, &e.data) {
+            (Some(customer), Value::Object(data)) => {
+                profiles.insert(customer.clone(), data.clone());
+            }
+            _ => engine.apply(&mut table, &e, None, now_ms, &mut out)?,
+        }
+    }
+    engine.flush(&mut table)?;
+    engine.committed();
+    let mut records = 0u64;
+    let started = Instant::now();
+    for batch in events.chunks(SUBMIT_BATCH) {
+        engine.begin();
+        for e in batch {
+            let profile = e.subject.as_ref().and_then(|c| profiles.get(c));
+            engine.apply(&mut table, e, profile, now_ms, &mut out)?;
+            records += out.records.len() as u64;
+            out.records.clear();
+            out.progress.clear();
+        }
+        engine.flush(&mut table)?;
+        engine.committed();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = engine.stats();
+    let rules = stats.rules();
+    Ok(Run {
+        seconds,
+        matched: rules.iter().map(|r| r.matched()).sum(),
+        awards: rules.iter().map(|r| r.awards()).sum(),
+        late: rules.iter().map(|r| r.late()).sum(),
+        limited: rules.iter().map(|r| r.limited()).sum(),
+        predicate_errors: stats.predicate_errors(),
+        records,
+    })
+}
+
 fn cloud_event(e: &Event) -> Value {
     let mut v = json!({"specversion": "1.0", "id": e.id, "source": e.source, "type": e.kind,
         "time": touchline::clock::format_ms(e.time_ms), "data": e.data});
@@ -429,6 +485,8 @@ fn mib(kib: u64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    // Only the engine-alone modes, one round: for profiling the engine.
+    let alone_only = std::env::args().any(|a| a == "--alone");
     let (engine_events, http_events) = if quick {
         (200_000, 150_000)
     } else {
@@ -457,23 +515,32 @@ fn main() -> anyhow::Result<()> {
         );
 
         // Two rounds, modes alternating, so machine noise hits all of them.
-        let modes: [(&str, Option<&str>); 4] = [
-            ("no rules", None),
-            ("100 rules", Some(&selective)),
-            ("100 rules, `when` always true", Some(&pass)),
-            ("100 rules, no `when`", Some(&absent)),
+        // The engine-alone modes run on this thread; the store modes on
+        // the store's writer thread.
+        let modes: [(&str, Option<&str>, bool); 5] = [
+            ("engine alone, 100 rules", Some(&selective), true),
+            ("engine alone, `when` always true", Some(&pass), true),
+            ("engine alone, no `when`", Some(&absent), true),
+            ("store, no rules", None, false),
+            ("store, 100 rules", Some(&selective), false),
         ];
         let mut best: Vec<Option<Run>> = (0..modes.len()).map(|_| None).collect();
         let mut predicate_evals = 0;
         for round in 1..=2 {
-            for (m, (label, rules)) in modes.iter().enumerate() {
+            for (m, (label, rules, alone)) in modes.iter().enumerate() {
+                if alone_only && (!alone || round > 1) {
+                    continue;
+                }
                 let events = main_events(engine_events, start_ms);
-                if m == 2 {
+                if m == 1 {
                     predicate_evals = evaluations(&events, &pass_evals);
                 }
-                let run = engine_run(*rules, events, start_ms).await?;
+                let run = match (rules, alone) {
+                    (Some(rules), true) => memory_run(rules, &events, start_ms)?,
+                    _ => engine_run(*rules, events, start_ms).await?,
+                };
                 println!(
-                    "  round {round}: {label:<32} {:>7.2} s  {:>9.0} events/s  matched {} awards {} late {} limited {} predicate errors {}",
+                    "  round {round}: {label:<34} {:>7.2} s  {:>9.0} events/s  matched {} awards {} late {} limited {} predicate errors {}",
                     run.seconds,
                     engine_events as f64 / run.seconds,
                     run.matched,
@@ -487,45 +554,58 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+        if alone_only {
+            return Ok(());
+        }
         let best: Vec<Run> = best.into_iter().flatten().collect();
         let rate = |r: &Run| engine_events as f64 / r.seconds;
+        if best[0].awards != best[4].awards {
+            bail!(
+                "the engine alone awarded {} and the engine in the store {}: they must agree",
+                best[0].awards,
+                best[4].awards
+            );
+        }
 
         let events = main_events(http_events, start_ms);
         let http = http_run(&selective, &events, start_ms).await?;
         drop(events);
 
-        let cel_ns = (best[2].seconds - best[3].seconds) * 1e9 / predicate_evals as f64;
+        let cel_ns = (best[1].seconds - best[2].seconds) * 1e9 / predicate_evals as f64;
         println!();
-        println!("summary (best of 2 rounds per engine mode; a 2-core machine shared with other work: expect noise)");
+        println!("summary (best of 2 rounds per mode; a 2-core machine shared with other work: expect noise)");
         println!("  rules: {RULES} (count, sum, distinct, max, streak, sequence, group, limits, sources; lifetime/day/period/tumbling/rolling)");
         println!("  customers: {CUSTOMERS}, each with a profile; events: {engine_events} per engine run, {http_events} over HTTP");
         println!(
-            "  1. engine alone, one writer thread (sync none): {:.0} events/s (target ≥ 300,000/s); {} awards, {} records",
-            rate(&best[1]),
-            best[1].awards,
-            best[1].records
-        );
-        println!(
-            "     store alone, no rules: {:.0} events/s → with 100 rules at {:.2}× the no-rules rate ({:.2} µs/event of rules on top of {:.2} µs/event of store)",
+            "  1. engine alone (no I/O, one thread): {:.0} events/s (target ≥ 300,000/s); {:.2} µs per event; {} awards, {} records",
             rate(&best[0]),
-            rate(&best[1]) / rate(&best[0]),
-            (best[1].seconds - best[0].seconds) * 1e6 / engine_events as f64,
-            best[0].seconds * 1e6 / engine_events as f64
+            best[0].seconds * 1e6 / engine_events as f64,
+            best[0].awards,
+            best[0].records
         );
         println!(
-            "  2. CEL: {predicate_evals} predicate evaluations ({:.2} per event); `when` always true {:.0} events/s vs no `when` {:.0} events/s → {cel_ns:.0} ns per predicate",
+            "  2. engine in the store (LMDB, sync none, one writer thread): {:.0} events/s; store alone, no rules: {:.0} events/s ({:.2} µs/event of rules on top of {:.2} µs/event of store); {} awards, {} records",
+            rate(&best[4]),
+            rate(&best[3]),
+            (best[4].seconds - best[3].seconds) * 1e6 / engine_events as f64,
+            best[3].seconds * 1e6 / engine_events as f64,
+            best[4].awards,
+            best[4].records
+        );
+        println!(
+            "  3. CEL: {predicate_evals} predicate evaluations ({:.2} per event); engine alone with `when` always true {:.0} events/s vs no `when` {:.0} events/s → {cel_ns:.0} ns per predicate",
             predicate_evals as f64 / engine_events as f64,
-            rate(&best[2]),
-            rate(&best[3])
+            rate(&best[1]),
+            rate(&best[2])
         );
         println!(
-            "  3. full pipeline, HTTP (sync full, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): {:.0} events/s (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
+            "  4. full pipeline, HTTP (sync full, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): {:.0} events/s (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
             http_events as f64 / http.seconds,
             http.awards,
             http.predicate_errors
         );
         println!(
-            "  4. resident memory: {:.1} MiB idle → {:.1} MiB with {CUSTOMERS} active customers: +{:.1} MiB per 100,000 customers (anonymous +{:.1} MiB, LMDB mapped pages +{:.1} MiB)",
+            "  5. resident memory: {:.1} MiB idle → {:.1} MiB with {CUSTOMERS} active customers: +{:.1} MiB per 100,000 customers (anonymous +{:.1} MiB, LMDB mapped pages +{:.1} MiB)",
             mib(http.idle.total),
             mib(http.loaded.total),
             mib(http.loaded.total.saturating_sub(http.idle.total)) * 100_000.0 / CUSTOMERS as f64,

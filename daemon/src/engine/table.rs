@@ -9,7 +9,10 @@
 //! Errors are LMDB's: the memory table never fails, and the writer maps
 //! LMDB's (a full map above all) to its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
 
 use serde_json::{Map, Value};
 
@@ -34,11 +37,22 @@ pub trait StateTable {
     fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError>;
 }
 
-/// Engine state held in process: no I/O, nothing durable.
+/// Engine state held in process: no I/O, nothing durable. Values live in
+/// a hash map (the engine's reads and writes are point lookups). Only the
+/// rare prefix scans need the keys in order, so new keys wait in a list
+/// and are sorted into the ordered set by the next scan.
 #[derive(Debug, Default)]
 pub struct MemoryTable {
-    state: BTreeMap<Vec<u8>, Vec<u8>>,
+    values: FxHashMap<Vec<u8>, Vec<u8>>,
+    order: RefCell<Order>,
     profiles: HashMap<String, Profile>,
+}
+
+/// Keys in order, and keys not yet placed.
+#[derive(Debug, Default)]
+struct Order {
+    sorted: BTreeSet<Vec<u8>>,
+    pending: Vec<Vec<u8>>,
 }
 
 impl MemoryTable {
@@ -54,43 +68,50 @@ impl MemoryTable {
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.state.len()
+        self.values.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.state.is_empty()
+        self.values.is_empty()
     }
 }
 
 impl StateTable for MemoryTable {
     fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
-        Ok(self.state.get(key).map(Vec::as_slice))
+        Ok(self.values.get(key).map(Vec::as_slice))
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {
-        match self.state.get_mut(key) {
+        match self.values.get_mut(key) {
             Some(v) => {
                 v.clear();
                 v.extend_from_slice(value);
             }
             None => {
-                self.state.insert(key.to_vec(), value.to_vec());
+                self.values.insert(key.to_vec(), value.to_vec());
+                self.order.get_mut().pending.push(key.to_vec());
             }
         }
         Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
-        self.state.remove(key);
+        if self.values.remove(key).is_some() {
+            let Order { sorted, pending } = self.order.get_mut();
+            sorted.extend(pending.drain(..));
+            sorted.remove(key);
+        }
         Ok(())
     }
 
     fn prefixed(&self, prefix: &[u8]) -> Result<Vec<Entry>, heed::Error> {
-        Ok(self
-            .state
+        let mut order = self.order.borrow_mut();
+        let Order { sorted, pending } = &mut *order;
+        sorted.extend(pending.drain(..));
+        Ok(sorted
             .range(prefix.to_vec()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .take_while(|k| k.starts_with(prefix))
+            .filter_map(|k| self.values.get(k).map(|v| (k.clone(), v.clone())))
             .collect())
     }
 

@@ -1,22 +1,33 @@
-//! The next-best-action benchmark: what a decision costs inside the
-//! store's writer, measured in process on a real LMDB store on disk
-//! (`store.sync = "full"`).
+//! The next-best-action benchmark: the daemon in process on a real LMDB
+//! store on disk (`store.sync = "full"`), publishing to a real Mosquitto on
+//! loopback, with a venue-app subscriber on every customer's offers topic.
+//! "Published" below means received by that subscriber through the broker.
 //!
 //! 1. One venue-wide trigger fanning out to N present customers with 20
 //!    offers: time from submission until every decision, instance, timer,
 //!    outbox record and MQTT publication is committed (the submission's
-//!    answer). Publishing to the broker afterwards is not included.
-//! 2. Per-customer triggers at a steady 1,000/s: submission → commit
-//!    latency, p50 and p99 (decision committed, publication queued).
+//!    answer), and until the subscriber has every offer message.
+//! 2. Per-customer triggers at a steady 1,000/s: trigger submitted → offer
+//!    message at the subscriber, p50 and p99 (and → committed).
+//! 3. For scale: a bare rumqttc publisher sending as many QoS 1 messages
+//!    of the same size as the fan-out showed, through the same broker to
+//!    the same subscriber: what the broker and one subscriber take.
 //!
 //! `cargo bench -p touchline --bench nba` (add `-- --quick` for 20,000
 //! customers instead of 100,000).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{bail, Context};
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::json;
+use tokio::sync::mpsc;
+use touchline::app::Daemon;
 use touchline::event::Event;
-use touchline::store::Store;
+use touchline::store::StoreHandle;
+use touchline_tests::mosquitto::Mosquitto;
 
 const SITE: &str = "bench-arena";
 
@@ -39,34 +50,140 @@ fn event(id: String, kind: &str, subject: Option<String>, data: serde_json::Valu
         source: "bench".into(),
         kind: kind.into(),
         subject,
-        time_ms: now_ms(),
+        time_ms: touchline::clock::now_ms(),
         data,
     }
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0),
-    )
-    .unwrap_or(0)
+async fn submit(store: &StoreHandle, events: Vec<Event>) -> anyhow::Result<()> {
+    store
+        .submit(events)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// An offer message at the subscriber: the customer (from the topic),
+/// when it arrived, its payload size.
+type Arrival = (String, Instant, usize);
+
+/// A venue app subscribed to every customer's offers: each message's
+/// customer (from the topic) and arrival time.
+async fn subscriber(port: u16) -> anyhow::Result<mpsc::UnboundedReceiver<Arrival>> {
+    let mut opts = MqttOptions::new("bench-venue-app", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    client
+        .subscribe(
+            format!("touchline/{SITE}/customers/+/offers"),
+            QoS::AtLeastOnce,
+        )
+        .await?;
+    tokio::spawn(async move {
+        // The client lives as long as its event loop.
+        let _client = client;
+        let mut subscribed = Some(subscribed_tx);
+        while let Ok(ev) = eventloop.poll().await {
+            match ev {
+                MqttEvent::Incoming(Packet::SubAck(_)) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(());
+                    }
+                }
+                MqttEvent::Incoming(Packet::Publish(p)) => {
+                    let customer = p.topic.split('/').nth(3).unwrap_or_default().to_string();
+                    if tx
+                        .send((customer, Instant::now(), p.payload.len()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+        .await
+        .context("no SUBACK from the broker")??;
+    Ok(rx)
+}
+
+/// Waits for `n` messages; returns the arrival of the last one and the
+/// largest payload.
+async fn receive(
+    rx: &mut mpsc::UnboundedReceiver<Arrival>,
+    n: u64,
+    within: Duration,
+) -> anyhow::Result<(Instant, usize)> {
+    let deadline = Instant::now() + within;
+    let mut last = Instant::now();
+    let mut largest = 0;
+    for got in 0..n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((_, at, size))) => {
+                last = at;
+                largest = largest.max(size);
+            }
+            _ => bail!("{got} of {n} offer messages arrived within {within:?}"),
+        }
+    }
+    Ok((last, largest))
+}
+
+/// A bare publisher: `n` QoS 1 messages of `size` bytes to customers'
+/// offer topics, as fast as rumqttc takes them; returns the time until
+/// the subscriber has them all.
+async fn bare_publish(
+    port: u16,
+    rx: &mut mpsc::UnboundedReceiver<Arrival>,
+    n: u64,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let mut opts = MqttOptions::new("bench-bare-publisher", "127.0.0.1", port);
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+    let poller = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let payload = vec![b'x'; size];
+    let started = Instant::now();
+    for i in 0..n {
+        client
+            .publish(
+                format!("touchline/{SITE}/customers/fan-{i}/offers"),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await?;
+    }
+    let (last, _) = receive(rx, n, Duration::from_secs(120)).await?;
+    poller.abort();
+    Ok(last.duration_since(started))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let customers: usize = if quick { 20_000 } else { 100_000 };
+    let broker = Mosquitto::start()?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("rules"))?;
     std::fs::write(dir.path().join("rules/offers.toml"), offers())?;
-    // An [ingest.mqtt] section makes the store queue offer publications;
-    // nothing connects to it here.
     let config = format!(
         "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = [\"rules/*.toml\"]\n\n\
          [store]\nmap_size = \"8GiB\"\n\n[outbox]\nmax_bytes = \"4GiB\"\n\n\
-         [ingest.mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nclient_id = \"bench\"\ntopics = [\"x\"]\n\n\
-         [nba]\nmax_per_customer = \"100/1h\"\n"
+         [ingest.mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"bench-daemon\"\ntopics = [\"bench/none\"]\n\n\
+         [nba]\nmax_per_customer = \"100/1h\"\n",
+        broker.port
     );
     let path = dir.path().join("site.toml");
     std::fs::write(&path, config)?;
@@ -77,7 +194,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let (store, writer) = Store::open(&site, &rules)?;
+        let mut messages = subscriber(broker.port).await?;
+        let daemon = Daemon::start(site, rules).await?;
+        let store = daemon.store().clone();
         // The crowd: every customer present with a profile, 90 % Team A.
         let profiles: Vec<Event> = (0..customers)
             .map(|n| {
@@ -91,80 +210,124 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         for chunk in profiles.chunks(4096) {
-            store
-                .submit(chunk.to_vec())
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            submit(&store, chunk.to_vec()).await?;
         }
+        // One offer end to end first: the publisher is connected and the
+        // path is warm. Team B fans see none of the fan-out's offers.
+        let nba = store.nba_stats();
+        let mut warm = 0;
+        while nba.decisions() == 0 && warm < 50 {
+            let fan = format!("fan-{}", warm * 10);
+            let data = json!({ "team": "B", "minute": 1 });
+            submit(&store, vec![event(format!("w-{warm}"), "match.chance_missed", Some(fan), data)]).await?;
+            warm += 1;
+        }
+        receive(&mut messages, nba.decisions(), Duration::from_secs(30)).await?;
 
         // 1. Fan-out.
+        let shown_before = nba.decisions();
+        let control_before = nba.control();
         let started = Instant::now();
-        store
-            .submit(vec![event(
+        submit(
+            &store,
+            vec![event(
                 "chance-1".into(),
                 "match.chance_missed",
                 None,
                 json!({ "team": "A", "minute": 85 }),
-            )])
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let fanout = started.elapsed();
-        let nba = store.nba_stats();
-        let decided = nba.decisions() + nba.control();
+            )],
+        )
+        .await?;
+        let committed = started.elapsed();
+        let shown = nba.decisions() - shown_before;
+        let (last, offer_size) = receive(&mut messages, shown, Duration::from_secs(120)).await?;
+        let published = last.duration_since(started);
+        let fanout_shown = shown;
         println!(
             "fan-out: 1 venue-wide trigger, {customers} present customers, 20 offers: \
-             {decided} decisions ({} shown, {} control) committed with their publications in {} ms",
-            nba.decisions(),
-            nba.control(),
-            fanout.as_millis()
+             {} decisions ({shown} shown, {} control): all committed with their publications in {} ms, \
+             every offer message at the subscriber in {} ms",
+            shown + nba.control() - control_before,
+            nba.control() - control_before,
+            committed.as_millis(),
+            published.as_millis()
         );
 
-        // 2. Per-customer triggers at 1,000/s for 5 s, each for a customer
-        //    without an open offer of that kind (Team B fans, for Team B).
-        let mut latencies = Vec::new();
+        // 2. Per-customer triggers at 1,000/s, each for a Team B fan
+        //    without an open offer of that kind (the warm-up used the
+        //    first `warm`).
+        let n = if quick { 1_000 } else { 5_000 };
+        let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+        let shown_before = nba.decisions();
         let mut tasks = Vec::new();
         let tick = Duration::from_millis(1);
         let mut next = Instant::now();
-        let n = if quick { 1_000 } else { 5_000 };
         for i in 0..n {
             next += tick;
             tokio::time::sleep_until(next.into()).await;
-            let fan = format!("fan-{}", (i * 10) % customers);
-            let s = store.clone();
+            let fan = format!("fan-{}", ((warm + i) * 10) % customers);
             let e = event(
                 format!("c-{i}"),
                 "match.chance_missed",
-                Some(fan),
+                Some(fan.clone()),
                 json!({ "team": "B", "minute": 10 }),
             );
+            let s = store.clone();
+            let sent = sent.clone();
             tasks.push(tokio::spawn(async move {
                 let t = Instant::now();
+                if let Ok(mut map) = sent.lock() {
+                    map.insert(fan, t);
+                }
                 let r = s.submit(vec![e]).await;
                 (t.elapsed(), r.is_ok())
             }));
         }
+        let mut commits = Vec::new();
         for t in tasks {
             let (d, ok) = t.await?;
             if ok {
-                latencies.push(d);
+                commits.push(d);
             }
         }
-        latencies.sort();
-        let pct = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-        };
+        let shown = nba.decisions() - shown_before;
+        let mut delivered = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (delivered.len() as u64) < shown {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some((customer, at, _))) = tokio::time::timeout(left, messages.recv()).await
+            else {
+                bail!("{} of {shown} per-customer offers arrived", delivered.len());
+            };
+            let sent_at = sent.lock().ok().and_then(|m| m.get(&customer).copied());
+            match sent_at {
+                Some(t) => delivered.push(at.duration_since(t)),
+                None => bail!("an offer for {customer}, who had no trigger"),
+            }
+        }
+        commits.sort();
+        delivered.sort();
         println!(
-            "per-customer triggers at 1,000/s ({} of {n} committed): trigger → decision committed \
-             and publication queued p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-            latencies.len(),
-            pct(0.50),
-            pct(0.99),
-            pct(1.0)
+            "per-customer triggers at 1,000/s ({n} triggers, {} committed, {shown} offers shown, the rest control): \
+             trigger → offer message at the subscriber p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+             trigger → committed p50 {:.2} ms, p99 {:.2} ms",
+            commits.len(),
+            percentile(&delivered, 0.50),
+            percentile(&delivered, 0.99),
+            percentile(&delivered, 1.0),
+            percentile(&commits, 0.50),
+            percentile(&commits, 0.99),
         );
-        store.shutdown().await;
-        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        daemon.shutdown(Duration::from_millis(100)).await;
+
+        // 3. The broker and the subscriber alone, for scale.
+        let bare = bare_publish(broker.port, &mut messages, fanout_shown, offer_size).await?;
+        println!(
+            "bare rumqttc publisher, same broker and subscriber: {fanout_shown} QoS 1 messages of {offer_size} bytes \
+             at the subscriber in {} ms (the daemon's fan-out: {} ms after its commit)",
+            bare.as_millis(),
+            published.saturating_sub(committed).as_millis()
+        );
         anyhow::Ok(())
     })
 }

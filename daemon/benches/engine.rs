@@ -37,7 +37,7 @@ use edge_config::{RuleBundle, SiteConfig};
 use serde_json::{json, Value};
 use touchline::app::Daemon;
 use touchline::engine::table::{MemoryTable, Profile};
-use touchline::engine::{Engine, Output, Pseudonymizer};
+use touchline::engine::{Engine, EngineStats, Output, Pseudonymizer};
 use touchline::event::{Event, EventOutcome};
 use touchline::store::{Store, StoreHandle, StoreOptions};
 
@@ -337,6 +337,22 @@ struct Run {
     records: u64,
 }
 
+impl Run {
+    /// The rules' counters after a run of `seconds`.
+    fn new(seconds: f64, stats: &EngineStats, records: u64) -> Run {
+        let rules = stats.rules();
+        Run {
+            seconds,
+            matched: rules.iter().map(|r| r.matched()).sum(),
+            awards: rules.iter().map(|r| r.awards()).sum(),
+            late: rules.iter().map(|r| r.late()).sum(),
+            limited: rules.iter().map(|r| r.limited()).sum(),
+            predicate_errors: stats.predicate_errors(),
+            records,
+        }
+    }
+}
+
 /// Opens a fresh store with `rules`, loads the profiles (untimed), then
 /// times `events` through it.
 async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> anyhow::Result<Run> {
@@ -348,17 +364,11 @@ async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> a
     let started = Instant::now();
     submit_all(&store, events, 4).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let stats = store.engine_stats();
-    let rules = stats.rules();
-    let run = Run {
+    let run = Run::new(
         seconds,
-        matched: rules.iter().map(|r| r.matched()).sum(),
-        awards: rules.iter().map(|r| r.awards()).sum(),
-        late: rules.iter().map(|r| r.late()).sum(),
-        limited: rules.iter().map(|r| r.limited()).sum(),
-        predicate_errors: stats.predicate_errors(),
-        records: store.stats().records_appended() - records_before,
-    };
+        &store.engine_stats(),
+        store.stats().records_appended() - records_before,
+    );
     store.shutdown().await;
     writer
         .join()
@@ -402,17 +412,7 @@ fn memory_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Result<Ru
         engine.committed();
     }
     let seconds = started.elapsed().as_secs_f64();
-    let stats = engine.stats();
-    let rules = stats.rules();
-    Ok(Run {
-        seconds,
-        matched: rules.iter().map(|r| r.matched()).sum(),
-        awards: rules.iter().map(|r| r.awards()).sum(),
-        late: rules.iter().map(|r| r.late()).sum(),
-        limited: rules.iter().map(|r| r.limited()).sum(),
-        predicate_errors: stats.predicate_errors(),
-        records,
-    })
+    Ok(Run::new(seconds, &engine.stats(), records))
 }
 
 fn cloud_event(e: &Event) -> Value {

@@ -21,8 +21,9 @@
 //!    have profiles and state in the rules.
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
-//! smaller run, `-- --alone` for one round of the engine-alone modes only). The engine modes run twice, alternating, and the faster
-//! run of each is reported. Absolute numbers on a shared machine are
+//! smaller run, `-- --alone` for one round of the engine-alone modes
+//! only). The engine modes run twice, alternating, and the faster run of
+//! each is reported. Absolute numbers on a shared machine are
 //! noisy; the ratios are the figures to compare across machines.
 
 mod support;

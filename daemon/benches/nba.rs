@@ -112,12 +112,13 @@ async fn subscriber(port: u16) -> anyhow::Result<mpsc::UnboundedReceiver<Arrival
     Ok(rx)
 }
 
-/// Waits for `n` messages; returns the arrival of the last one and the
-/// largest payload.
+/// Waits for `n` messages, handing each to `each`; returns the arrival of
+/// the last one and the largest payload.
 async fn receive(
     rx: &mut mpsc::UnboundedReceiver<Arrival>,
     n: u64,
     within: Duration,
+    mut each: impl FnMut(&str, Instant) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Instant, usize)> {
     let deadline = Instant::now() + within;
     let mut last = Instant::now();
@@ -125,7 +126,8 @@ async fn receive(
     for got in 0..n {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, rx.recv()).await {
-            Ok(Some((_, at, size))) => {
+            Ok(Some((customer, at, size))) => {
+                each(&customer, at)?;
                 last = at;
                 largest = largest.max(size);
             }
@@ -133,6 +135,11 @@ async fn receive(
         }
     }
     Ok((last, largest))
+}
+
+/// For `receive` when only the count matters.
+fn any(_: &str, _: Instant) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// A bare publisher: `n` QoS 1 messages of `size` bytes to customers'
@@ -160,7 +167,7 @@ async fn bare_publish(
             )
             .await?;
     }
-    let (last, _) = receive(rx, n, Duration::from_secs(120)).await?;
+    let (last, _) = receive(rx, n, Duration::from_secs(120), any).await?;
     poller.abort();
     Ok(last.duration_since(started))
 }
@@ -219,10 +226,14 @@ fn main() -> anyhow::Result<()> {
         while nba.decisions() == 0 && warm < 50 {
             let fan = format!("fan-{}", warm * 10);
             let data = json!({ "team": "B", "minute": 1 });
-            submit(&store, vec![event(format!("w-{warm}"), "match.chance_missed", Some(fan), data)]).await?;
+            let trigger = event(format!("w-{warm}"), "match.chance_missed", Some(fan), data);
+            submit(&store, vec![trigger]).await?;
             warm += 1;
         }
-        receive(&mut messages, nba.decisions(), Duration::from_secs(30)).await?;
+        if nba.decisions() == 0 {
+            bail!("no warm-up trigger of {warm} led to an offer");
+        }
+        receive(&mut messages, nba.decisions(), Duration::from_secs(30), any).await?;
 
         // 1. Fan-out.
         let shown_before = nba.decisions();
@@ -240,7 +251,8 @@ fn main() -> anyhow::Result<()> {
         .await?;
         let committed = started.elapsed();
         let shown = nba.decisions() - shown_before;
-        let (last, offer_size) = receive(&mut messages, shown, Duration::from_secs(120)).await?;
+        let (last, offer_size) =
+            receive(&mut messages, shown, Duration::from_secs(120), any).await?;
         let published = last.duration_since(started);
         let fanout_shown = shown;
         println!(
@@ -292,19 +304,15 @@ fn main() -> anyhow::Result<()> {
         }
         let shown = nba.decisions() - shown_before;
         let mut delivered = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while (delivered.len() as u64) < shown {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some((customer, at, _))) = tokio::time::timeout(left, messages.recv()).await
-            else {
-                bail!("{} of {shown} per-customer offers arrived", delivered.len());
-            };
-            let sent_at = sent.lock().ok().and_then(|m| m.get(&customer).copied());
+        receive(&mut messages, shown, Duration::from_secs(30), |customer, at| {
+            let sent_at = sent.lock().ok().and_then(|m| m.get(customer).copied());
             match sent_at {
                 Some(t) => delivered.push(at.duration_since(t)),
                 None => bail!("an offer for {customer}, who had no trigger"),
             }
-        }
+            Ok(())
+        })
+        .await?;
         commits.sort();
         delivered.sort();
         println!(

@@ -10,7 +10,7 @@
 //! LMDB's (a full map above all) to its own.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
@@ -41,11 +41,14 @@ pub trait StateTable {
 /// a hash map (the engine's reads and writes are point lookups). Only the
 /// rare prefix scans need the keys in order, so new keys wait in a list
 /// and are sorted into the ordered set by the next scan.
+///
+/// It keeps no profiles: the caller passes the subject's profile to
+/// [`super::Engine::apply`], and a credited customer (referrals) reads as
+/// one without a stored profile, which the engine tracks.
 #[derive(Debug, Default)]
 pub struct MemoryTable {
     values: FxHashMap<Vec<u8>, Vec<u8>>,
     order: RefCell<Order>,
-    profiles: HashMap<String, Profile>,
 }
 
 /// Keys in order, and keys not yet placed.
@@ -58,12 +61,6 @@ struct Order {
 impl MemoryTable {
     pub fn new() -> MemoryTable {
         MemoryTable::default()
-    }
-
-    /// Sets a customer's profile (what a `customer.profile` event does in
-    /// the daemon, which keeps profiles in the store).
-    pub fn set_profile(&mut self, customer: &str, profile: Profile) {
-        self.profiles.insert(customer.to_string(), profile);
     }
 
     /// Entries held.
@@ -115,8 +112,8 @@ impl StateTable for MemoryTable {
             .collect())
     }
 
-    fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError> {
-        Ok(self.profiles.get(customer).cloned())
+    fn profile(&mut self, _customer: &str) -> Result<Option<Profile>, ApplyError> {
+        Ok(None)
     }
 }
 

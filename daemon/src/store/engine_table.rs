@@ -9,6 +9,7 @@ use heed::types::Bytes;
 use heed::{Database, RwTxn};
 
 use super::customers;
+use super::env::Dbs;
 use super::keys::KeyBuf;
 use crate::engine::table::{Entry, Profile, StateTable};
 use crate::engine::ApplyError;
@@ -22,15 +23,11 @@ pub(crate) struct LmdbTable<'t, 'e> {
 }
 
 impl<'t, 'e> LmdbTable<'t, 'e> {
-    pub(crate) fn new(
-        txn: &'t mut RwTxn<'e>,
-        state: Database<Bytes, Bytes>,
-        profiles: Database<Bytes, Bytes>,
-    ) -> Self {
+    pub(crate) fn new(txn: &'t mut RwTxn<'e>, dbs: &Dbs) -> Self {
         LmdbTable {
             txn,
-            state,
-            profiles,
+            state: dbs.rule_state,
+            profiles: dbs.profiles,
             key: KeyBuf::default(),
         }
     }

@@ -528,11 +528,8 @@ impl Writer {
         if meta != self.meta {
             meta::save(self.dbs.meta, &mut txn, &meta)?;
         }
-        self.engine.flush(&mut LmdbTable::new(
-            &mut txn,
-            self.dbs.rule_state,
-            self.dbs.profiles,
-        ))?;
+        self.engine
+            .flush(&mut LmdbTable::new(&mut txn, &self.dbs))?;
         txn.commit()?;
         self.engine.committed();
         self.nba.committed();
@@ -589,7 +586,7 @@ impl Writer {
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
                 Admission::Track(profile) => {
                     self.engine.apply(
-                        &mut LmdbTable::new(txn, self.dbs.rule_state, self.dbs.profiles),
+                        &mut LmdbTable::new(txn, &self.dbs),
                         event,
                         profile.as_ref(),
                         now_ms,
@@ -599,10 +596,8 @@ impl Writer {
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
-                    self.engine.erase(
-                        &mut LmdbTable::new(txn, self.dbs.rule_state, self.dbs.profiles),
-                        &customer,
-                    )?;
+                    self.engine
+                        .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;
                     self.nba.erase(txn, &customer)?;
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;

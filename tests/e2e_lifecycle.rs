@@ -218,6 +218,18 @@ async fn sigterm_answers_503_drains_and_loses_nothing() {
         .expect("events accepted");
 
     daemon.signal("TERM").unwrap();
+    // The signal is handled asynchronously: a request that lands before the
+    // daemon shut its input is legitimately accepted (and committed), so
+    // probe only once the daemon says input is closed.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !daemon.log_text().contains("input closed") && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        daemon.log_text().contains("input closed"),
+        "no 'input closed' after SIGTERM\n{}",
+        daemon.log_text()
+    );
     // During the drain, new input is refused with 503 and Retry-After.
     let probe = vec![cheer(1_000_000, 1, 3)];
     let mut refused = None;

@@ -302,6 +302,9 @@ impl Daemon {
     pub async fn shutdown(mut self, drain: Duration) {
         self.observed.set_stopping();
         self.gate.close();
+        // Said once the gate is shut, so anyone watching the log knows that
+        // from here on new input is refused.
+        info!("input closed: new events are refused while the drain runs");
         self.stop_mqtt.cancel();
         if let Some(task) = self.mqtt_task.take() {
             if let Err(e) = task.await {

@@ -29,13 +29,13 @@ pub mod vouchers;
 pub mod window;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use edge_config::{AchievementRule, Measure, RuleBundle, Scope, TimeZone, Voucher, Window};
+use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 use touchline_proto::{AchievementAwarded, RecordBody};
 use tracing::warn;
@@ -281,7 +281,9 @@ pub struct Engine {
     root: cel::Context<'static, 'static>,
     rules: Vec<CompiledRule>,
     logs: Vec<RuleLogs>,
-    by_type: HashMap<String, TypeEntry>,
+    /// Looked up once per event. Built from the rules and never grown by
+    /// input, so a fast hash is safe here.
+    by_type: FxHashMap<String, TypeEntry>,
     pseudonymizer: Pseudonymizer,
     pools: Pools,
     timezone: TimeZone,
@@ -293,6 +295,8 @@ pub struct Engine {
     /// a period event forgets them all.
     active: Committed<String>,
     key: KeyBuf,
+    state_key: KeyBuf,
+    names: window::Names,
     value: Vec<u8>,
 }
 
@@ -302,6 +306,10 @@ const ACTIVE_CACHE_MAX: usize = 1_000_000;
 /// Everything but the rules, borrowed while one rule is applied.
 pub(crate) struct Work<'a> {
     pub key: &'a mut KeyBuf,
+    /// The key of the rule state being updated, apart from `key`, which
+    /// the update's awards use.
+    pub state_key: &'a mut KeyBuf,
+    pub names: &'a mut window::Names,
     pub value: &'a mut Vec<u8>,
     pub pseudonymizer: &'a Pseudonymizer,
     pub pools: &'a Pools,
@@ -316,7 +324,7 @@ impl Engine {
         let compiled = compile_all(&bundle.achievements)?;
         let pools = Pools::load(&bundle.voucher_pools)?;
         let mut rules = Vec::with_capacity(bundle.achievements.len());
-        let mut by_type: HashMap<String, TypeEntry> = HashMap::new();
+        let mut by_type: FxHashMap<String, TypeEntry> = FxHashMap::default();
         for (idx, (rule, exprs)) in bundle.achievements.iter().zip(compiled).enumerate() {
             let needs = exprs.needs();
             for kind in rule.event_types() {
@@ -398,6 +406,8 @@ impl Engine {
             working: None,
             active: Committed::new(ACTIVE_CACHE_MAX),
             key: KeyBuf::default(),
+            state_key: KeyBuf::default(),
+            names: window::Names::default(),
             value: Vec::new(),
         })
     }
@@ -498,6 +508,8 @@ impl Engine {
             working,
             active,
             key,
+            state_key,
+            names,
             value,
             ..
         } = self;
@@ -517,6 +529,8 @@ impl Engine {
             let none = Periods::default();
             let mut work = Work {
                 key,
+                state_key,
+                names,
                 value,
                 pseudonymizer,
                 pools,
@@ -531,6 +545,8 @@ impl Engine {
         };
         let mut work = Work {
             key,
+            state_key,
+            names,
             value,
             pseudonymizer,
             pools,
@@ -664,7 +680,10 @@ fn apply_rule(
         count(&ctx.counters.limited);
         return Ok(0);
     }
-    let Some(place) = window::place(&rule.window, ctx.timezone, work.periods, event.time_ms) else {
+    let Some(place) = work
+        .names
+        .place(&rule.window, ctx.timezone, work.periods, event.time_ms)
+    else {
         // A `period` rule's event outside every period.
         return Ok(0);
     };
@@ -687,8 +706,8 @@ fn apply_rule(
     // A streak counts instances of `every`, whatever its (lifetime) window.
     let ordinal = match measure::every(&rule.measure) {
         Some(edge_config::Every::Day) => window::day(ctx.timezone, event.time_ms).ordinal,
-        Some(edge_config::Every::Period) => match work.periods.at(event.time_ms) {
-            Some(p) => p.ordinal,
+        Some(edge_config::Every::Period) => match work.periods.covering(event.time_ms) {
+            Some((i, _)) => i as i64,
             None => return Ok(0),
         },
         None => place.ordinal,
@@ -834,8 +853,14 @@ fn update_customer(
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
     let time_ms = ctx.event.time_ms;
-    let key = state::key(work.key, target, &rule.id, rule.version, &step.place.name).to_vec();
-    let mut state = read_state(c, logs, table, &key, time_ms)?;
+    let key = state::key(
+        work.state_key,
+        target,
+        &rule.id,
+        rule.version,
+        &step.place.name,
+    );
+    let mut state = read_state(c, logs, table, key, time_ms)?;
     let before = if state.measure.is_empty() {
         0.0
     } else {
@@ -861,7 +886,7 @@ fn update_customer(
             MeasureState::Rolling { start_ms, .. } => *start_ms,
             _ => time_ms,
         };
-        (value, window::rolling_name(start))
+        (value, Arc::from(window::rolling_name(start)))
     } else {
         let input = if let MeasureState::Sequence { next, .. } = &state.measure {
             let next = *next as usize;
@@ -911,7 +936,14 @@ fn update_customer(
             out.progress.push(note);
         }
     }
-    write_state(table, work.value, &key, StoredState::V1(state))?;
+    let key = state::key(
+        work.state_key,
+        target,
+        &rule.id,
+        rule.version,
+        &step.place.name,
+    );
+    write_state(table, work.value, key, StoredState::V1(state))?;
     Ok(awarded)
 }
 

@@ -149,7 +149,7 @@ fn current_instance(
     match rule.window {
         Window::Period => periods.latest().map(|p| window::period_name(&p.id)),
         Window::Rolling(_) => Some(window::ROLLING_KEY.to_string()),
-        w => window::place(&w, bundle.timezone, periods, now_ms).map(|p| p.name),
+        w => window::place(&w, bundle.timezone, periods, now_ms).map(|p| p.name.to_string()),
     }
 }
 

@@ -41,7 +41,7 @@ pub(crate) fn update(
         _ => String::new(),
     };
     let min = rule.scope.min_contribution().unwrap_or(1.0);
-    let window = step.place.name.as_str();
+    let window: &str = &step.place.name;
     let time_ms = ctx.event.time_ms;
     let customer = ctx.customer;
 

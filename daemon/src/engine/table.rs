@@ -11,6 +11,8 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::ops::Bound;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -40,22 +42,23 @@ pub trait StateTable {
 /// Engine state held in process: no I/O, nothing durable. Values live in
 /// a hash map (the engine's reads and writes are point lookups). Only the
 /// rare prefix scans need the keys in order, so new keys wait in a list
-/// and are sorted into the ordered set by the next scan.
+/// and are sorted into the ordered set by the next scan. The map and the
+/// order share each key's bytes.
 ///
 /// It keeps no profiles: the caller passes the subject's profile to
 /// [`super::Engine::apply`], and a credited customer (referrals) reads as
 /// one without a stored profile, which the engine tracks.
 #[derive(Debug, Default)]
 pub struct MemoryTable {
-    values: FxHashMap<Vec<u8>, Vec<u8>>,
+    values: FxHashMap<Arc<[u8]>, Vec<u8>>,
     order: RefCell<Order>,
 }
 
 /// Keys in order, and keys not yet placed.
 #[derive(Debug, Default)]
 struct Order {
-    sorted: BTreeSet<Vec<u8>>,
-    pending: Vec<Vec<u8>>,
+    sorted: BTreeSet<Arc<[u8]>>,
+    pending: Vec<Arc<[u8]>>,
 }
 
 impl MemoryTable {
@@ -85,8 +88,9 @@ impl StateTable for MemoryTable {
                 v.extend_from_slice(value);
             }
             None => {
-                self.values.insert(key.to_vec(), value.to_vec());
-                self.order.get_mut().pending.push(key.to_vec());
+                let key: Arc<[u8]> = Arc::from(key);
+                self.values.insert(key.clone(), value.to_vec());
+                self.order.get_mut().pending.push(key);
             }
         }
         Ok(())
@@ -106,9 +110,9 @@ impl StateTable for MemoryTable {
         let Order { sorted, pending } = &mut *order;
         sorted.extend(pending.drain(..));
         Ok(sorted
-            .range(prefix.to_vec()..)
+            .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|k| k.starts_with(prefix))
-            .filter_map(|k| self.values.get(k).map(|v| (k.clone(), v.clone())))
+            .filter_map(|k| self.values.get(k).map(|v| (k.to_vec(), v.clone())))
             .collect())
     }
 

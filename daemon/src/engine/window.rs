@@ -8,7 +8,10 @@
 //! Periods (matches, concerts) are not computed from the clock but opened
 //! and closed by venue events; [`Periods`] is their registry.
 
+use std::sync::Arc;
+
 use edge_config::{TimeZone, Window};
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -28,8 +31,9 @@ pub const MAX_PERIOD_ID: usize = 128;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     /// The instance's state key component (and the award's window name,
-    /// except for `rolling`, whose award names the run's start).
-    pub name: String,
+    /// except for `rolling`, whose award names the run's start). Shared:
+    /// every rule in the same instance holds the same name.
+    pub name: Arc<str>,
     /// The instance's position in its sequence (day number, period
     /// ordinal, span number): what streaks count over.
     pub ordinal: i64,
@@ -50,30 +54,105 @@ impl Placement {
 /// The instance of `window` an event at `time_ms` falls into, or `None`
 /// for a `period` window when no period covers the time.
 pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> Option<Placement> {
-    match window {
-        Window::Lifetime => Some(Placement {
-            name: LIFETIME.to_string(),
-            ordinal: 0,
-            end_ms: None,
-        }),
-        Window::Day => Some(day(tz, time_ms)),
-        Window::Period => periods.at(time_ms),
-        Window::Tumbling(span) => {
-            let span_ms = duration_ms(*span);
-            let n = time_ms.div_euclid(span_ms);
-            let start = n.saturating_mul(span_ms);
-            Some(Placement {
-                name: format!("{}/{}", rfc3339(start), duration_text(span_ms)),
-                ordinal: n,
-                end_ms: Some(start.saturating_add(span_ms)),
-            })
+    Names::default().place(window, tz, periods, time_ms)
+}
+
+/// Instance names already formatted. Every rule an event matches needs
+/// its instance's name (it is part of the state key), and formatting a
+/// date for each one was a good part of the engine's time; consecutive
+/// events nearly always fall in the same few instances.
+#[derive(Debug, Default)]
+pub struct Names {
+    memo: FxHashMap<(Kind, i64), Arc<str>>,
+}
+
+/// Which sequence of instances an ordinal counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    Lifetime,
+    Rolling,
+    Day,
+    Tumbling(i64),
+    Period,
+}
+
+/// Names remembered before the memo starts over: a handful of windows,
+/// each with the few instances events are arriving for.
+const NAMES_MAX: usize = 4096;
+
+impl Names {
+    /// [`place`], naming each instance once.
+    pub fn place(
+        &mut self,
+        window: &Window,
+        tz: TimeZone,
+        periods: &Periods,
+        time_ms: i64,
+    ) -> Option<Placement> {
+        match window {
+            Window::Lifetime => Some(Placement {
+                name: self.name(Kind::Lifetime, 0, || LIFETIME.to_string()),
+                ordinal: 0,
+                end_ms: None,
+            }),
+            Window::Day => {
+                let n = tz.day_of(time_ms);
+                Some(Placement {
+                    name: self.name(Kind::Day, n, || day_name(n)),
+                    ordinal: n,
+                    end_ms: Some(tz.day_start_ms(n + 1)),
+                })
+            }
+            Window::Period => {
+                let (i, p) = periods.covering(time_ms)?;
+                let ordinal = i as i64;
+                // A period that starts earlier than a known one is
+                // inserted before it, so an ordinal can come to mean
+                // another period: check the name still fits.
+                let fits = self
+                    .memo
+                    .get(&(Kind::Period, ordinal))
+                    .is_some_and(|n| n.strip_prefix("period:") == Some(p.id.as_str()));
+                if !fits {
+                    self.memo.remove(&(Kind::Period, ordinal));
+                }
+                Some(Placement {
+                    name: self.name(Kind::Period, ordinal, || period_name(&p.id)),
+                    ordinal,
+                    end_ms: p.end_ms,
+                })
+            }
+            Window::Tumbling(span) => {
+                let span_ms = duration_ms(*span);
+                let n = time_ms.div_euclid(span_ms);
+                let start = n.saturating_mul(span_ms);
+                Some(Placement {
+                    name: self.name(Kind::Tumbling(span_ms), n, || {
+                        format!("{}/{}", rfc3339(start), duration_text(span_ms))
+                    }),
+                    ordinal: n,
+                    end_ms: Some(start.saturating_add(span_ms)),
+                })
+            }
+            Window::Rolling(span) => Some(Placement {
+                name: self.name(Kind::Rolling, 0, || ROLLING_KEY.to_string()),
+                ordinal: 0,
+                // The event leaves the window `span` after it happened.
+                end_ms: Some(time_ms.saturating_add(duration_ms(*span))),
+            }),
         }
-        Window::Rolling(span) => Some(Placement {
-            name: ROLLING_KEY.to_string(),
-            ordinal: 0,
-            // The event leaves the window `span` after it happened.
-            end_ms: Some(time_ms.saturating_add(duration_ms(*span))),
-        }),
+    }
+
+    fn name(&mut self, kind: Kind, ordinal: i64, format: impl FnOnce() -> String) -> Arc<str> {
+        if let Some(name) = self.memo.get(&(kind, ordinal)) {
+            return name.clone();
+        }
+        if self.memo.len() >= NAMES_MAX {
+            self.memo.clear();
+        }
+        let name: Arc<str> = Arc::from(format());
+        self.memo.insert((kind, ordinal), name.clone());
+        name
     }
 }
 
@@ -81,7 +160,7 @@ pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> 
 pub fn day(tz: TimeZone, time_ms: i64) -> Placement {
     let n = tz.day_of(time_ms);
     Placement {
-        name: day_name(n),
+        name: Arc::from(day_name(n)),
         ordinal: n,
         end_ms: Some(tz.day_start_ms(n + 1)),
     }
@@ -153,7 +232,7 @@ impl Periods {
     /// overlap, the one that started last.
     pub fn at(&self, time_ms: i64) -> Option<Placement> {
         self.covering(time_ms).map(|(i, p)| Placement {
-            name: period_name(&p.id),
+            name: Arc::from(period_name(&p.id)),
             ordinal: i as i64,
             end_ms: p.end_ms,
         })
@@ -227,12 +306,12 @@ mod tests {
         let periods = Periods::default();
         let utc = TimeZone::UTC;
         let d = place(&Window::Day, utc, &periods, T).unwrap();
-        assert_eq!(d.name, "2025-06-15");
+        assert_eq!(&*d.name, "2025-06-15");
         assert_eq!(d.end_ms, Some(1_750_032_000_000));
         let london = TimeZone::parse("Europe/London").unwrap();
         // 23:30 UTC is already the next day in London (BST).
         let late = place(&Window::Day, london, &periods, 1_750_030_200_000).unwrap();
-        assert_eq!(late.name, "2025-06-16");
+        assert_eq!(&*late.name, "2025-06-16");
         let t = place(
             &Window::Tumbling(Duration::from_secs(900)),
             utc,
@@ -240,7 +319,7 @@ mod tests {
             T,
         )
         .unwrap();
-        assert_eq!(t.name, "2025-06-15T15:00:00Z/15m");
+        assert_eq!(&*t.name, "2025-06-15T15:00:00Z/15m");
         assert_eq!(t.end_ms, Some(1_750_000_500_000));
         assert!(!t.late(1_750_000_500_000 + 30_000, 30_000));
         assert!(t.late(1_750_000_500_000 + 30_001, 30_000));
@@ -251,12 +330,52 @@ mod tests {
     }
 
     #[test]
+    fn remembered_names_match_fresh_ones_even_when_ordinals_shift() {
+        let utc = TimeZone::UTC;
+        let mut names = Names::default();
+        let mut periods = Periods::default();
+        periods.open("m2", T);
+        let windows = [
+            Window::Lifetime,
+            Window::Day,
+            Window::Period,
+            Window::Tumbling(Duration::from_secs(900)),
+            Window::Rolling(Duration::from_secs(600)),
+        ];
+        let check = |names: &mut Names, periods: &Periods, t: i64| {
+            for w in &windows {
+                assert_eq!(
+                    names.place(w, utc, periods, t),
+                    place(w, utc, periods, t),
+                    "{w:?} at {t}"
+                );
+            }
+        };
+        for t in [T, T + 1, T + 900_000, T + 86_400_000] {
+            check(&mut names, &periods, t);
+        }
+        // A period announced late but starting earlier takes ordinal 0:
+        // the remembered name for ordinal 0 must not be reused for it.
+        periods.open("m1", T - 10_000);
+        periods.close("m1", T - 5_000);
+        check(&mut names, &periods, T - 7_000);
+        check(&mut names, &periods, T + 1);
+        assert_eq!(
+            &*names
+                .place(&Window::Period, utc, &periods, T - 7_000)
+                .unwrap()
+                .name,
+            "period:m1"
+        );
+    }
+
+    #[test]
     fn periods_open_close_and_cover() {
         let mut p = Periods::default();
         assert!(p.at(T).is_none());
         assert!(p.open("m1", T));
         assert!(!p.open("m1", T + 5));
-        assert_eq!(p.at(T + 10).unwrap().name, "period:m1");
+        assert_eq!(&*p.at(T + 10).unwrap().name, "period:m1");
         assert!(p.at(T - 1).is_none());
         assert!(p.close("m1", T + 100));
         assert!(!p.close("m1", T + 200));

@@ -34,6 +34,8 @@ use crate::store::StoreHandle;
 const READ_BATCH: usize = 256;
 /// How often the feeder looks even without a commit notification.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How long acknowledged messages wait to be deleted together.
+const ACK_LINGER: Duration = Duration::from_millis(50);
 /// Room in rumqttc's request channel beyond the in-flight window.
 const REQUEST_SLACK: usize = 16;
 
@@ -158,11 +160,27 @@ async fn feed(store: StoreHandle, tx: mpsc::Sender<(u64, Publication)>, cancel: 
     }
 }
 
-/// Deletes acknowledged messages, coalescing acks that arrive together.
+/// Deletes acknowledged messages, gathering the acks of up to
+/// [`ACK_LINGER`] into one deletion.
+///
+/// A deletion need not be durable at once: a message whose ack a crash
+/// loses is published again, and apps drop the copy by its id. Each
+/// deletion is a store transaction with its fsyncs, though, and the
+/// offers and awards queued behind it wait for them: deleting per PUBACK
+/// doubled the commits of a steady stream of triggers.
 async fn acknowledge(store: StoreHandle, mut rx: mpsc::UnboundedReceiver<u64>) {
     while let Some(mut through) = rx.recv().await {
-        while let Ok(next) = rx.try_recv() {
-            through = through.max(next);
+        let linger = tokio::time::sleep(ACK_LINGER);
+        tokio::pin!(linger);
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    Some(n) => through = through.max(n),
+                    // Stopping: write what we have now.
+                    None => break,
+                },
+                () = &mut linger => break,
+            }
         }
         if let Err(e) = store.ack_publications(through).await {
             // The message stays queued and is published again after a

@@ -289,40 +289,22 @@ fn site(dir: &Path, rules: Option<&str>, extra: &str) -> anyhow::Result<(SiteCon
     Ok((site, bundle))
 }
 
-/// Submits `events` in batches, `in_flight` batches queued at once, and
-/// checks each was committed.
-async fn submit_all(
-    store: &StoreHandle,
-    events: Vec<Event>,
-    in_flight: usize,
-) -> anyhow::Result<()> {
-    let mut batches: Vec<Vec<Event>> = Vec::new();
+/// Submits `events` in order, one batch at a time, and checks each was
+/// committed. In order so that the writer sees the events as the engine
+/// alone does (sequences and streaks depend on it, and the bench compares
+/// their awards); one batch keeps the writer busy for far longer than the
+/// hand-over to the next takes.
+async fn submit_all(store: &StoreHandle, events: Vec<Event>) -> anyhow::Result<()> {
     let mut rest = events.into_iter().peekable();
     while rest.peek().is_some() {
-        batches.push(rest.by_ref().take(SUBMIT_BATCH).collect());
-    }
-    let mut lanes: Vec<Vec<Vec<Event>>> = (0..in_flight).map(|_| Vec::new()).collect();
-    for (k, b) in batches.into_iter().enumerate() {
-        lanes[k % in_flight].push(b);
-    }
-    let mut tasks = Vec::new();
-    for lane in lanes {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            for batch in lane {
-                let outcomes = store.submit(batch).await?;
-                if let Some(o) = outcomes
-                    .iter()
-                    .find(|o| !matches!(o, EventOutcome::Committed { .. }))
-                {
-                    bail!("event not committed: {o:?}");
-                }
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
+        let batch: Vec<Event> = rest.by_ref().take(SUBMIT_BATCH).collect();
+        let outcomes = store.submit(batch).await?;
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| !matches!(o, EventOutcome::Committed { .. }))
+        {
+            bail!("event not committed: {o:?}");
+        }
     }
     Ok(())
 }
@@ -360,10 +342,10 @@ async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> a
     let dir = tempfile::tempdir()?;
     let (site, bundle) = site(dir.path(), rules, "sync = \"none\"\n")?;
     let (store, writer) = Store::open_with(&site, &bundle, StoreOptions::default())?;
-    submit_all(&store, warmup_events(start_ms), 4).await?;
+    submit_all(&store, warmup_events(start_ms)).await?;
     let records_before = store.stats().records_appended();
     let started = Instant::now();
-    submit_all(&store, events, 4).await?;
+    submit_all(&store, events).await?;
     let seconds = started.elapsed().as_secs_f64();
     let run = Run::new(
         seconds,

@@ -853,8 +853,11 @@ fn update_customer(
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
     let time_ms = ctx.event.time_ms;
+    // Borrowed out of `work` (awards below need it whole) and put back
+    // at the end, so the buffer is reused.
+    let mut key_buf = std::mem::take(work.state_key);
     let key = state::key(
-        work.state_key,
+        &mut key_buf,
         target,
         &rule.id,
         rule.version,
@@ -936,14 +939,8 @@ fn update_customer(
             out.progress.push(note);
         }
     }
-    let key = state::key(
-        work.state_key,
-        target,
-        &rule.id,
-        rule.version,
-        &step.place.name,
-    );
     write_state(table, work.value, key, StoredState::V1(state))?;
+    *work.state_key = key_buf;
     Ok(awarded)
 }
 

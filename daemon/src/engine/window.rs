@@ -156,16 +156,6 @@ impl Names {
     }
 }
 
-/// The local day (site time zone) of `time_ms`, named `YYYY-MM-DD`.
-pub fn day(tz: TimeZone, time_ms: i64) -> Placement {
-    let n = tz.day_of(time_ms);
-    Placement {
-        name: Arc::from(day_name(n)),
-        ordinal: n,
-        end_ms: Some(tz.day_start_ms(n + 1)),
-    }
-}
-
 /// `YYYY-MM-DD` of day number `n` (days since 1970-01-01).
 pub fn day_name(n: i64) -> String {
     let date = OffsetDateTime::UNIX_EPOCH + time::Duration::days(n);
@@ -228,17 +218,8 @@ pub struct Periods {
 }
 
 impl Periods {
-    /// The period covering `time_ms` (`start <= t < end`); when periods
-    /// overlap, the one that started last.
-    pub fn at(&self, time_ms: i64) -> Option<Placement> {
-        self.covering(time_ms).map(|(i, p)| Placement {
-            name: Arc::from(period_name(&p.id)),
-            ordinal: i as i64,
-            end_ms: p.end_ms,
-        })
-    }
-
-    /// The period covering `time_ms` and its ordinal, without naming it.
+    /// The period covering `time_ms` (`start <= t < end`) and its
+    /// ordinal; when periods overlap, the one that started last.
     pub fn covering(&self, time_ms: i64) -> Option<(usize, &Period)> {
         self.list
             .iter()
@@ -372,17 +353,18 @@ mod tests {
     #[test]
     fn periods_open_close_and_cover() {
         let mut p = Periods::default();
-        assert!(p.at(T).is_none());
+        let at = |p: &Periods, t: i64| place(&Window::Period, TimeZone::UTC, p, t);
+        assert!(at(&p, T).is_none());
         assert!(p.open("m1", T));
         assert!(!p.open("m1", T + 5));
-        assert_eq!(&*p.at(T + 10).unwrap().name, "period:m1");
-        assert!(p.at(T - 1).is_none());
+        assert_eq!(&*at(&p, T + 10).unwrap().name, "period:m1");
+        assert!(at(&p, T - 1).is_none());
         assert!(p.close("m1", T + 100));
         assert!(!p.close("m1", T + 200));
-        assert!(p.at(T + 100).is_none());
-        assert_eq!(p.at(T + 99).unwrap().end_ms, Some(T + 100));
+        assert!(at(&p, T + 100).is_none());
+        assert_eq!(at(&p, T + 99).unwrap().end_ms, Some(T + 100));
         assert!(p.open("m2", T + 1000));
-        assert_eq!(p.at(T + 1001).unwrap().ordinal, 1);
+        assert_eq!(at(&p, T + 1001).unwrap().ordinal, 1);
         assert_eq!(p.ordinal_of("m2"), Some(1));
     }
 }

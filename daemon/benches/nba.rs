@@ -271,6 +271,7 @@ fn main() -> anyhow::Result<()> {
         let n = if quick { 1_000 } else { 5_000 };
         let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
         let shown_before = nba.decisions();
+        let commits_before = store.stats().commit_duration();
         let mut tasks = Vec::new();
         let tick = Duration::from_millis(1);
         let mut next = Instant::now();
@@ -303,6 +304,12 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let shown = nba.decisions() - shown_before;
+        // How much of a trigger's time is the commit itself (start of the
+        // write transaction to durable), and how many commits it shares.
+        let commits_after = store.stats().commit_duration();
+        let transactions = commits_after.count() - commits_before.count();
+        let mean_commit_ms =
+            (commits_after.sum - commits_before.sum) * 1e3 / transactions.max(1) as f64;
         let mut delivered = Vec::new();
         receive(&mut messages, shown, Duration::from_secs(30), |customer, at| {
             let sent_at = sent.lock().ok().and_then(|m| m.get(customer).copied());
@@ -318,13 +325,15 @@ fn main() -> anyhow::Result<()> {
         println!(
             "per-customer triggers at 1,000/s ({n} triggers, {} committed, {shown} offers shown, the rest control): \
              trigger → offer message at the subscriber p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
-             trigger → committed p50 {:.2} ms, p99 {:.2} ms",
+             trigger → committed p50 {:.2} ms, p99 {:.2} ms; \
+             {transactions} write transactions meanwhile ({:.2} per trigger), {mean_commit_ms:.2} ms each on average",
             commits.len(),
             percentile(&delivered, 0.50),
             percentile(&delivered, 0.99),
             percentile(&delivered, 1.0),
             percentile(&commits, 0.50),
             percentile(&commits, 0.99),
+            transactions as f64 / n as f64,
         );
         daemon.shutdown(Duration::from_millis(100)).await;
 

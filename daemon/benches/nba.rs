@@ -14,7 +14,8 @@
 //!    the same subscriber: what the broker and one subscriber take.
 //!
 //! `cargo bench -p touchline --bench nba` (add `-- --quick` for 20,000
-//! customers instead of 100,000).
+//! customers instead of 100,000, `-- --sync no-meta-sync` or `none` for a
+//! store that syncs less than the default `full`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -179,15 +180,26 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--sync <mode>`: the store's durability (default `full`), to see
+    // what the disk's fdatasyncs cost the per-customer latency.
+    let sync = match args.iter().position(|a| a == "--sync") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some(mode @ ("full" | "no-meta-sync" | "none")) => mode.to_string(),
+            other => bail!("--sync wants full, no-meta-sync or none, not {other:?}"),
+        },
+        None => "full".to_string(),
+    };
     let customers: usize = if quick { 20_000 } else { 100_000 };
+    println!("touchline next-best-action benchmark, store.sync = {sync}");
     let broker = Mosquitto::start()?;
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("rules"))?;
     std::fs::write(dir.path().join("rules/offers.toml"), offers())?;
     let config = format!(
         "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = [\"rules/*.toml\"]\n\n\
-         [store]\nmap_size = \"8GiB\"\n\n[outbox]\nmax_bytes = \"4GiB\"\n\n\
+         [store]\nmap_size = \"8GiB\"\nsync = \"{sync}\"\n\n[outbox]\nmax_bytes = \"4GiB\"\n\n\
          [ingest.mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nclient_id = \"bench-daemon\"\ntopics = [\"bench/none\"]\n\n\
          [nba]\nmax_per_customer = \"100/1h\"\n",
         broker.port

@@ -221,12 +221,10 @@ async fn sigterm_answers_503_drains_and_loses_nothing() {
     // The signal is handled asynchronously: a request that lands before the
     // daemon shut its input is legitimately accepted (and committed), so
     // probe only once the daemon says input is closed.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !daemon.log_text().contains("input closed") && tokio::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     assert!(
-        daemon.log_text().contains("input closed"),
+        wait_until(Duration::from_secs(10), || daemon
+            .log_text()
+            .contains("input closed")),
         "no 'input closed' after SIGTERM\n{}",
         daemon.log_text()
     );

@@ -39,8 +39,8 @@ use serde_json::{json, Value};
 use touchline::app::Daemon;
 use touchline::engine::table::{MemoryTable, Profile};
 use touchline::engine::{Engine, EngineStats, Output, Pseudonymizer};
-use touchline::event::{Event, EventOutcome};
-use touchline::store::{Store, StoreHandle, StoreOptions};
+use touchline::event::Event;
+use touchline::store::{Store, StoreOptions};
 
 const SITE: &str = "bench-arena";
 const CUSTOMERS: usize = 100_000;
@@ -289,26 +289,6 @@ fn site(dir: &Path, rules: Option<&str>, extra: &str) -> anyhow::Result<(SiteCon
     Ok((site, bundle))
 }
 
-/// Submits `events` in order, one batch at a time, and checks each was
-/// committed. In order so that the writer sees the events as the engine
-/// alone does (sequences and streaks depend on it, and the bench compares
-/// their awards); one batch keeps the writer busy for far longer than the
-/// hand-over to the next takes.
-async fn submit_all(store: &StoreHandle, events: Vec<Event>) -> anyhow::Result<()> {
-    let mut rest = events.into_iter().peekable();
-    while rest.peek().is_some() {
-        let batch: Vec<Event> = rest.by_ref().take(SUBMIT_BATCH).collect();
-        let outcomes = store.submit(batch).await?;
-        if let Some(o) = outcomes
-            .iter()
-            .find(|o| !matches!(o, EventOutcome::Committed { .. }))
-        {
-            bail!("event not committed: {o:?}");
-        }
-    }
-    Ok(())
-}
-
 /// One engine-alone run's figures.
 struct Run {
     seconds: f64,
@@ -342,10 +322,10 @@ async fn engine_run(rules: Option<&str>, events: Vec<Event>, start_ms: i64) -> a
     let dir = tempfile::tempdir()?;
     let (site, bundle) = site(dir.path(), rules, "sync = \"none\"\n")?;
     let (store, writer) = Store::open_with(&site, &bundle, StoreOptions::default())?;
-    submit_all(&store, warmup_events(start_ms)).await?;
+    support::submit_committed(&store, warmup_events(start_ms), SUBMIT_BATCH).await?;
     let records_before = store.stats().records_appended();
     let started = Instant::now();
-    submit_all(&store, events).await?;
+    support::submit_committed(&store, events, SUBMIT_BATCH).await?;
     let seconds = started.elapsed().as_secs_f64();
     let run = Run::new(
         seconds,

@@ -17,6 +17,8 @@
 //! customers instead of 100,000, `-- --sync no-meta-sync` or `none` for a
 //! store that syncs less than the default `full`).
 
+mod support;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +29,6 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use touchline::app::Daemon;
 use touchline::event::Event;
-use touchline::store::StoreHandle;
 use touchline_tests::mosquitto::Mosquitto;
 
 const SITE: &str = "bench-arena";
@@ -54,14 +55,6 @@ fn event(id: String, kind: &str, subject: Option<String>, data: serde_json::Valu
         time_ms: touchline::clock::now_ms(),
         data,
     }
-}
-
-async fn submit(store: &StoreHandle, events: Vec<Event>) -> anyhow::Result<()> {
-    store
-        .submit(events)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
 }
 
 /// An offer message at the subscriber: the customer (from the topic),
@@ -228,9 +221,7 @@ fn main() -> anyhow::Result<()> {
                 )
             })
             .collect();
-        for chunk in profiles.chunks(4096) {
-            submit(&store, chunk.to_vec()).await?;
-        }
+        support::submit_committed(&store, profiles, 4096).await?;
         // One offer end to end first: the publisher is connected and the
         // path is warm. Team B fans see none of the fan-out's offers.
         let nba = store.nba_stats();
@@ -239,7 +230,7 @@ fn main() -> anyhow::Result<()> {
             let fan = format!("fan-{}", warm * 10);
             let data = json!({ "team": "B", "minute": 1 });
             let trigger = event(format!("w-{warm}"), "match.chance_missed", Some(fan), data);
-            submit(&store, vec![trigger]).await?;
+            support::submit_committed(&store, vec![trigger], 1).await?;
             warm += 1;
         }
         if nba.decisions() == 0 {
@@ -251,7 +242,7 @@ fn main() -> anyhow::Result<()> {
         let shown_before = nba.decisions();
         let control_before = nba.control();
         let started = Instant::now();
-        submit(
+        support::submit_committed(
             &store,
             vec![event(
                 "chance-1".into(),
@@ -259,6 +250,7 @@ fn main() -> anyhow::Result<()> {
                 None,
                 json!({ "team": "A", "minute": 85 }),
             )],
+            1,
         )
         .await?;
         let committed = started.elapsed();

@@ -1,8 +1,37 @@
-//! Load generation the benchmarks share.
+//! Load generation and submission the benchmarks share.
+
+// Each bench compiles this module and uses part of it.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 
 use anyhow::bail;
+use touchline::event::{Event, EventOutcome};
+use touchline::store::StoreHandle;
+
+/// Submits `events` straight to a store in order, `batch` at a time, one
+/// batch after the other, and fails unless every event was committed.
+/// In order, so order-dependent rules (sequences, streaks) see what a
+/// reference run sees; one large batch keeps the writer busy far longer
+/// than the hand-over to the next takes.
+pub async fn submit_committed(
+    store: &StoreHandle,
+    events: Vec<Event>,
+    batch: usize,
+) -> anyhow::Result<()> {
+    let mut rest = events.into_iter().peekable();
+    while rest.peek().is_some() {
+        let chunk: Vec<Event> = rest.by_ref().take(batch).collect();
+        let outcomes = store.submit(chunk).await?;
+        if let Some(o) = outcomes
+            .iter()
+            .find(|o| !matches!(o, EventOutcome::Committed { .. }))
+        {
+            bail!("event not committed: {o:?}");
+        }
+    }
+    Ok(())
+}
 
 /// Posts every body (a CloudEvents JSON batch) to `url` from `clients`
 /// concurrent clients, each taking every `clients`-th body; fails on the

@@ -60,7 +60,8 @@ pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> 
 /// Instance names already formatted. Every rule an event matches needs
 /// its instance's name (it is part of the state key), and formatting a
 /// date for each one was a good part of the engine's time; consecutive
-/// events nearly always fall in the same few instances.
+/// events nearly always fall in the same few instances. Day names depend
+/// on the time zone, so one `Names` serves one zone (the engine's).
 #[derive(Debug, Default)]
 pub struct Names {
     memo: FxHashMap<(Kind, i64), Arc<str>>,
@@ -112,7 +113,7 @@ impl Names {
                 let fits = self
                     .memo
                     .get(&(Kind::Period, ordinal))
-                    .is_some_and(|n| n.strip_prefix("period:") == Some(p.id.as_str()));
+                    .is_some_and(|n| names_period(n, &p.id));
                 if !fits {
                     self.memo.remove(&(Kind::Period, ordinal));
                 }
@@ -174,7 +175,14 @@ pub fn rolling_name(start_ms: i64) -> String {
 
 /// The name of period `id`'s instance.
 pub fn period_name(id: &str) -> String {
-    format!("period:{id}")
+    format!("{PERIOD_PREFIX}{id}")
+}
+
+const PERIOD_PREFIX: &str = "period:";
+
+/// Whether `name` is [`period_name`] of `id`, without formatting it.
+fn names_period(name: &str, id: &str) -> bool {
+    name.strip_prefix(PERIOD_PREFIX) == Some(id)
 }
 
 pub fn duration_ms(d: std::time::Duration) -> i64 {

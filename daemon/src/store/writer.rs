@@ -941,8 +941,7 @@ impl Writer {
             }
             let (_, mut queue) = self.nba_queue(&mut meta, &mut tally);
             queue.drain(&mut txn, &mut out)?;
-            let records = queue.records as u64;
-            tally.records = records;
+            tally.records = queue.records as u64;
             if meta != self.meta {
                 meta::save(self.dbs.meta, &mut txn, &meta)?;
             }

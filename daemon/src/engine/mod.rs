@@ -22,6 +22,7 @@ pub mod periods;
 pub(crate) mod predicate;
 pub mod progress;
 pub mod pseudonym;
+mod record;
 mod shared;
 pub mod state;
 pub mod table;
@@ -295,7 +296,9 @@ pub struct Engine {
     /// a period event forgets them all.
     active: Committed<String>,
     key: KeyBuf,
-    state_key: KeyBuf,
+    /// The records of the customers the current event touches.
+    records: record::Records,
+    slot: Vec<u8>,
     names: window::Names,
     value: Vec<u8>,
 }
@@ -306,9 +309,10 @@ const ACTIVE_CACHE_MAX: usize = 1_000_000;
 /// Everything but the rules, borrowed while one rule is applied.
 pub(crate) struct Work<'a> {
     pub key: &'a mut KeyBuf,
-    /// The key of the rule state being updated, apart from `key`, which
-    /// the update's awards use.
-    pub state_key: &'a mut KeyBuf,
+    /// Customers' rule states, read and written once per event.
+    pub records: &'a mut record::Records,
+    /// The slot of the rule state being updated in its record.
+    pub slot: &'a mut Vec<u8>,
     pub names: &'a mut window::Names,
     pub value: &'a mut Vec<u8>,
     pub pseudonymizer: &'a Pseudonymizer,
@@ -406,7 +410,8 @@ impl Engine {
             working: None,
             active: Committed::new(ACTIVE_CACHE_MAX),
             key: KeyBuf::default(),
-            state_key: KeyBuf::default(),
+            records: record::Records::default(),
+            slot: Vec::new(),
             names: window::Names::default(),
             value: Vec::new(),
         })
@@ -424,6 +429,7 @@ impl Engine {
     /// commit, so a transaction that rolls back leaves no trace in it.
     pub fn begin(&mut self) {
         self.working = self.committed.clone();
+        self.records.clear();
         self.active.rollback();
     }
 
@@ -458,6 +464,7 @@ impl Engine {
     /// those records.
     pub fn erase(&mut self, table: &mut dyn StateTable, customer: &str) -> Result<(), ApplyError> {
         self.active.forget(customer);
+        self.records.clear();
         let prefix = self.key.start(customer).finish(usize::MAX).to_vec();
         // Keys first, deletes after; one customer's state is small.
         let mut doomed = Vec::new();
@@ -508,7 +515,8 @@ impl Engine {
             working,
             active,
             key,
-            state_key,
+            records,
+            slot,
             names,
             value,
             ..
@@ -529,7 +537,8 @@ impl Engine {
             let none = Periods::default();
             let mut work = Work {
                 key,
-                state_key,
+                records,
+                slot,
                 names,
                 value,
                 pseudonymizer,
@@ -545,7 +554,8 @@ impl Engine {
         };
         let mut work = Work {
             key,
-            state_key,
+            records,
+            slot,
             names,
             value,
             pseudonymizer,
@@ -596,6 +606,7 @@ impl Engine {
                 counters.awards.fetch_add(awards, Ordering::Relaxed);
             }
         }
+        records.write_back(table, globals.watermark, &globals.periods)?;
         Ok(())
     }
 }
@@ -805,8 +816,18 @@ pub(crate) fn read_state(
     key: &[u8],
     time_ms: i64,
 ) -> Result<RuleState, ApplyError> {
+    state_or_fresh(c, logs, table.get(key)?, time_ms)
+}
+
+/// A stored rule state (see [`read_state`]), or a fresh one.
+fn state_or_fresh(
+    c: &CompiledRule,
+    logs: &mut RuleLogs,
+    stored: Option<&[u8]>,
+    time_ms: i64,
+) -> Result<RuleState, ApplyError> {
     let rolling = c.rolling_span().is_some() && matches!(c.rule.scope, Scope::Customer);
-    let mut state = match table.get(key)? {
+    let mut state = match stored {
         Some(bytes) => match state::decode(bytes) {
             Ok(StoredState::V1(s)) => s,
             Ok(_) => RuleState::new(MeasureState::initial(&c.rule.measure, rolling), time_ms),
@@ -855,15 +876,10 @@ fn update_customer(
     let time_ms = ctx.event.time_ms;
     // Borrowed out of `work` (awards below need it whole) and put back
     // at the end, so the buffer is reused.
-    let mut key_buf = std::mem::take(work.state_key);
-    let key = state::key(
-        &mut key_buf,
-        target,
-        &rule.id,
-        rule.version,
-        &step.place.name,
-    );
-    let mut state = read_state(c, logs, table, key, time_ms)?;
+    let mut slot = std::mem::take(work.slot);
+    record::slot(&mut slot, &rule.id, rule.version, &step.place.name);
+    let stored = work.records.get(table, target, &slot)?;
+    let mut state = state_or_fresh(c, logs, stored, time_ms)?;
     let before = if state.measure.is_empty() {
         0.0
     } else {
@@ -939,8 +955,14 @@ fn update_customer(
             out.progress.push(note);
         }
     }
-    write_state(table, work.value, key, StoredState::V1(state))?;
-    *work.state_key = key_buf;
+    state::encode(&StoredState::V1(state), work.value)
+        .map_err(|e| heed::Error::Encoding(Box::new(e)))?;
+    let expiry = record::Expiry {
+        end_ms: step.place.end_ms,
+        lateness_ms: c.lateness_ms,
+    };
+    work.records.put(table, target, &slot, expiry, work.value)?;
+    *work.slot = slot;
     Ok(awarded)
 }
 

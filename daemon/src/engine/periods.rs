@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use touchline_proto::{PeriodSummary, RecordBody, RuleProgress};
 use tracing::{info, warn};
 
+use super::record;
 use super::state::{self, Activity, StoredGlobal, StoredState};
 use super::table::StateTable;
 use super::window::{self, Periods, MAX_PERIOD_ID};
@@ -231,13 +232,17 @@ fn summarize(
             None => Activity::default(),
         };
         let mut progress = Vec::new();
+        let states = table
+            .get(record::key(work.key, &customer))?
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
         for c in rules {
             let rule = &c.rule;
             if rule.window != Window::Period || !matches!(rule.scope, Scope::Customer) {
                 continue;
             }
-            let k = state::key(work.key, &customer, &rule.id, rule.version, &window).to_vec();
-            let Some(bytes) = table.get(&k)? else {
+            record::slot(work.slot, &rule.id, rule.version, &window);
+            let Some(bytes) = record::find(&states, work.slot) else {
                 continue;
             };
             let Ok(StoredState::V1(s)) = state::decode(bytes) else {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::measure::MeasureState;
+use super::record;
 use super::state::{self, StoredGlobal, StoredState};
 use super::window::{self, Periods};
 use crate::store::keys::KeyBuf;
@@ -60,6 +61,9 @@ pub fn query(
         },
         None => Periods::default(),
     };
+    // Customer-scope states are all in the customer's record.
+    let states = db.get(txn, record::key(&mut key, customer))?;
+    let mut slot = Vec::new();
     let mut views = Vec::with_capacity(bundle.achievements.len());
     for rule in &bundle.achievements {
         let instance = current_instance(rule, bundle, &periods, now_ms);
@@ -78,8 +82,14 @@ pub fn query(
             rewards: Vec::new(),
         };
         if let Some(instance) = &instance {
-            let k = state::key(&mut key, customer, &rule.id, rule.version, instance).to_vec();
-            match db.get(txn, &k)?.map(state::decode) {
+            let stored = if matches!(rule.scope, Scope::Customer) {
+                record::slot(&mut slot, &rule.id, rule.version, instance);
+                states.and_then(|r| record::find(r, &slot))
+            } else {
+                let k = state::key(&mut key, customer, &rule.id, rule.version, instance);
+                db.get(txn, k)?
+            };
+            match stored.map(state::decode) {
                 Some(Ok(StoredState::V1(s))) => {
                     view.value = match &s.measure {
                         MeasureState::Rolling { latest_ms, .. } => {

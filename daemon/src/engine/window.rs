@@ -182,7 +182,12 @@ const PERIOD_PREFIX: &str = "period:";
 
 /// Whether `name` is [`period_name`] of `id`, without formatting it.
 fn names_period(name: &str, id: &str) -> bool {
-    name.strip_prefix(PERIOD_PREFIX) == Some(id)
+    period_id(name) == Some(id)
+}
+
+/// The period a [`period_name`] names; `None` for other windows.
+pub fn period_id(name: &str) -> Option<&str> {
+    name.strip_prefix(PERIOD_PREFIX)
 }
 
 pub fn duration_ms(d: std::time::Duration) -> i64 {

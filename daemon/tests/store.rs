@@ -1141,3 +1141,63 @@ async fn throughput() {
     );
     close(h, w).await;
 }
+
+/// Offer expressions read a fan's achievement progress: `progress.<rule>`
+/// is the rule's value in the instance the trigger falls in, read from
+/// the state the same transaction has just updated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offer_audiences_read_achievement_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.nba.control_share = 0.0;
+    let mut rules = bundle(vec![rule("cheers", "fan.cheer", None, &[10.0])]);
+    rules.offers = edge_config::parse_offers(
+        r#"
+[[offer]]
+id = "almost-there"
+on = ["match.chance_missed"]
+audience = "progress.cheers >= 2.0 && progress.cheers < 10.0"
+consent = "marketing"
+value = 5.0
+expires_after = "5m"
+payload = { title = "Two more cheers" }
+"#,
+        Path::new("rules/offers.toml"),
+    )
+    .unwrap();
+    let (h, w) = open(&cfg, &rules);
+    let fans = [("fan-1", 3), ("fan-2", 1), ("fan-3", 10), ("fan-4", 0)];
+    let mut events = Vec::new();
+    for (fan, cheers) in fans {
+        let consent = json!({ "consent": { "marketing": true } });
+        events.push(ev(
+            &format!("p-{fan}"),
+            "customer.profile",
+            Some(fan),
+            consent,
+        ));
+        for i in 0..cheers {
+            events.push(cheer(&format!("c-{fan}-{i}"), fan));
+        }
+        let chance = json!({ "team": "A" });
+        events.push(ev(
+            &format!("t-{fan}"),
+            "match.chance_missed",
+            Some(fan),
+            chance,
+        ));
+    }
+    h.submit(events).await.unwrap();
+
+    let decided: Vec<String> = all_records(&h)
+        .await
+        .into_iter()
+        .filter_map(|r| match r.body {
+            RecordBody::OfferDecision(d) => Some(d.customer),
+            _ => None,
+        })
+        .collect();
+    // fan-2 has too little, fan-3 reached the tier, fan-4 never cheered.
+    assert_eq!(decided, vec![pseudonym(&cfg, "fan-1")]);
+    close(h, w).await;
+}

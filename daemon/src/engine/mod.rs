@@ -22,7 +22,7 @@ pub mod periods;
 pub(crate) mod predicate;
 pub mod progress;
 pub mod pseudonym;
-mod record;
+pub(crate) mod record;
 mod shared;
 pub mod state;
 pub mod table;
@@ -456,6 +456,47 @@ impl Engine {
             self.committed = Some(g);
         }
         self.active.committed();
+    }
+
+    /// A customer's progress as offer expressions see it: for every
+    /// customer-scope rule, its value in the window instance `time_ms`
+    /// falls in (0 when nothing counted there yet), from the customer's
+    /// stored record (`None`: no record). Shared goals are not included.
+    pub(crate) fn progress_of(&self, record: Option<&[u8]>, time_ms: i64) -> Map<String, Value> {
+        let none = Periods::default();
+        let periods = self
+            .working
+            .as_ref()
+            .or(self.committed.as_ref())
+            .map_or(&none, |g| &g.periods);
+        let mut slot = Vec::new();
+        let mut out = Map::new();
+        for c in &self.rules {
+            let rule = &c.rule;
+            if !matches!(rule.scope, Scope::Customer) {
+                continue;
+            }
+            let place = window::place(&rule.window, self.timezone, periods, time_ms);
+            let stored = match (record, place) {
+                (Some(record), Some(place)) => {
+                    record::slot(&mut slot, &rule.id, rule.version, &place.name);
+                    record::find(record, &slot).map(state::decode)
+                }
+                _ => None,
+            };
+            let value = match stored {
+                Some(Ok(StoredState::V1(s))) => match &s.measure {
+                    MeasureState::Rolling { latest_ms, .. } => {
+                        progress::rolling_value(&s.measure, time_ms.max(*latest_ms), rule)
+                    }
+                    m => m.value(),
+                },
+                _ => 0.0,
+            };
+            let number = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
+            out.insert(rule.id.clone(), number);
+        }
+        out
     }
 
     /// Deletes everything the engine keeps about `customer`: their key

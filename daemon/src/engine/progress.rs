@@ -165,7 +165,7 @@ fn current_instance(
 
 /// A rolling window's value as of `now_ms` (buckets that slid out of the
 /// window no longer count).
-fn rolling_value(measure: &MeasureState, now_ms: i64, rule: &AchievementRule) -> f64 {
+pub(crate) fn rolling_value(measure: &MeasureState, now_ms: i64, rule: &AchievementRule) -> f64 {
     let (MeasureState::Rolling { buckets, .. }, Window::Rolling(span)) = (measure, rule.window)
     else {
         return 0.0;

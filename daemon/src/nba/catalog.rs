@@ -43,6 +43,8 @@ pub struct Catalog {
     by_escalation: HashMap<String, Vec<usize>>,
     by_conversion: HashMap<String, Vec<usize>>,
     by_id: HashMap<String, usize>,
+    /// Whether any offer expression reads `progress`.
+    reads_progress: bool,
     pub site: SiteLimits,
     pub control: ControlGroup,
     pub top_k: usize,
@@ -122,7 +124,20 @@ impl Catalog {
                 )
             })
             .collect();
+        let reads_progress = compiled.iter().any(|c| {
+            [
+                &c.audience,
+                &c.weight,
+                &c.segment,
+                &c.escalate_when,
+                &c.conversion_when,
+            ]
+            .into_iter()
+            .flatten()
+            .any(Expr::reads_progress)
+        });
         Ok(Catalog {
+            reads_progress,
             offers: compiled,
             by_trigger,
             deciding_fields,
@@ -148,6 +163,11 @@ impl Catalog {
 
     pub fn is_empty(&self) -> bool {
         self.offers.is_empty()
+    }
+
+    /// Whether any offer expression reads the customer's `progress`.
+    pub fn reads_progress(&self) -> bool {
+        self.reads_progress
     }
 
     /// Offers triggered by an event type.

@@ -148,7 +148,10 @@ impl<'c> Memo<'c> {
             self.key.push(0x1f);
         }
         if !self.answers.contains_key(&self.key) {
-            let scope = expr::customer_scope(event_scope, profile);
+            // The memo serves only offers that read profile fields alone,
+            // so no progress.
+            let no_progress = Map::new();
+            let scope = expr::customer_scope(event_scope, profile, &no_progress);
             self.answers.insert(self.key.clone(), evaluate(&scope));
         }
         self.answers.get(&self.key).unwrap_or(&NOTHING)
@@ -216,7 +219,13 @@ mod tests {
         let mut evaluations = 0;
         for fan in fans {
             let p = profile(fan);
-            let direct = evaluate(&catalog, &expr::customer_scope(&scope, &p), &p, triggered);
+            let none = Map::new();
+            let direct = evaluate(
+                &catalog,
+                &expr::customer_scope(&scope, &p, &none),
+                &p,
+                triggered,
+            );
             let remembered = memo
                 .get(&scope, &p, |s| {
                     evaluations += 1;

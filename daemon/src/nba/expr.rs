@@ -6,13 +6,14 @@
 //! (`profile.team == data.team`), and one trigger evaluated for many
 //! customers (a venue-wide moment fans out to every present fan). So the
 //! scope is built in two layers: the trigger's `data` and `event` once per
-//! event, then a thin child scope per customer holding only `profile`
-//! (and `progress`, empty for now). Converting the trigger's JSON once is
-//! what keeps a 100,000-customer fan-out affordable.
+//! event, then a thin child scope per customer holding only `profile` and
+//! `progress` (the customer's achievement progress, read only for offer
+//! sets that mention it). Converting the trigger's JSON once is what
+//! keeps a 100,000-customer fan-out affordable.
 
 use std::collections::BTreeSet;
 
-use cel::common::ast::{EntryExpr, Expr as Ast, IdedExpr};
+use cel::common::ast::{EntryExpr, Expr as Ast, IdedEntryExpr, IdedExpr};
 use cel::common::types::CelMap;
 use cel::{Context, Program, Value};
 use serde_json::Map;
@@ -30,6 +31,9 @@ pub struct Expr {
     /// alike in these fields get the same result for the same trigger,
     /// which is what lets a fan-out evaluate once per kind of customer.
     profile_fields: Option<BTreeSet<String>>,
+    /// Whether the expression mentions `progress`: reading a customer's
+    /// progress costs a state read, so it is done only when needed.
+    reads_progress: bool,
 }
 
 impl std::fmt::Debug for Expr {
@@ -60,11 +64,18 @@ impl Expr {
         let program = Program::compile(source).map_err(|e| e.to_string())?;
         let mut fields = BTreeSet::new();
         let profile_fields = customer_reads(program.expression(), &mut fields).then_some(fields);
+        let reads_progress = mentions(program.expression(), "progress");
         Ok(Expr {
             program,
             source: source.to_owned(),
             profile_fields,
+            reads_progress,
         })
+    }
+
+    /// See [`Expr::reads_progress`](Expr#structfield.reads_progress).
+    pub fn reads_progress(&self) -> bool {
+        self.reads_progress
     }
 
     /// See [`Expr::profile_fields`](Expr#structfield.profile_fields).
@@ -172,6 +183,42 @@ fn customer_reads(e: &IdedExpr, fields: &mut BTreeSet<String>) -> bool {
     }
 }
 
+/// Whether identifier `name` occurs anywhere in `e` (a loop variable of
+/// that name counts too: erring towards yes only costs a read).
+fn mentions(e: &IdedExpr, name: &str) -> bool {
+    let entries = |entries: &[IdedEntryExpr]| {
+        entries.iter().any(|x| match &x.expr {
+            EntryExpr::MapEntry(m) => mentions(&m.key, name) || mentions(&m.value, name),
+            EntryExpr::StructField(f) => mentions(&f.value, name),
+        })
+    };
+    match &e.expr {
+        Ast::Ident(n) => n == name,
+        Ast::Select(select) => mentions(&select.operand, name),
+        Ast::Call(call) => {
+            call.target.as_deref().is_some_and(|t| mentions(t, name))
+                || call.args.iter().any(|a| mentions(a, name))
+        }
+        Ast::Comprehension(c) => {
+            c.iter_var == name
+                || c.accu_var == name
+                || [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ]
+                .into_iter()
+                .any(|x| mentions(x, name))
+        }
+        Ast::List(list) => list.elements.iter().any(|x| mentions(x, name)),
+        Ast::Map(map) => entries(&map.entries),
+        Ast::Struct(st) => entries(&st.entries),
+        Ast::Literal(_) | Ast::Unspecified => false,
+    }
+}
+
 /// The root every scope derives from; built once per offer set (it
 /// registers every built-in function, which is the expensive part).
 pub fn root() -> Context<'static, 'static> {
@@ -193,16 +240,21 @@ pub fn event_scope<'r, 'e>(
 }
 
 /// The customer's layer on top of an event scope: `profile` and
-/// `progress`.
+/// `progress` (rule id → value in the instance the trigger falls in; an
+/// empty map when no expression of the offer set reads it).
 pub fn customer_scope<'s, 'v>(
     parent: &'s Context<'s, 'v>,
     profile: &'v Map<String, serde_json::Value>,
+    progress: &'v Map<String, serde_json::Value>,
 ) -> Context<'s, 'v> {
     let mut scope = parent.new_inner_scope();
     scope.add_variable_as_val("profile", object(profile));
-    // Achievement progress is not exposed to offers yet: an empty map
-    // keeps `has(progress.x)` well-defined.
-    scope.add_variable_as_val("progress", Box::new(CelMap::default()));
+    if progress.is_empty() {
+        // Keeps `has(progress.x)` well-defined without converting a map.
+        scope.add_variable_as_val("progress", Box::new(CelMap::default()));
+    } else {
+        scope.add_variable_as_val("progress", object(progress));
+    }
     scope
 }
 
@@ -239,12 +291,19 @@ mod tests {
             Expr::compile("data.minute > 80 ? 1.5 : 1.0").unwrap_or_else(|e| panic!("{e}"));
         let a = profile(json!({ "team": "A" }));
         let b = profile(json!({ "team": "B" }));
-        assert_eq!(audience.eval_bool(&customer_scope(&scope, &a)), Ok(true));
-        assert_eq!(audience.eval_bool(&customer_scope(&scope, &b)), Ok(false));
-        assert_eq!(weight.eval_f64(&customer_scope(&scope, &a)), Ok(1.5));
+        let none = Map::new();
+        assert_eq!(
+            audience.eval_bool(&customer_scope(&scope, &a, &none)),
+            Ok(true)
+        );
+        assert_eq!(
+            audience.eval_bool(&customer_scope(&scope, &b, &none)),
+            Ok(false)
+        );
+        assert_eq!(weight.eval_f64(&customer_scope(&scope, &a, &none)), Ok(1.5));
         let segment = Expr::compile("profile.team").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            segment.eval_string(&customer_scope(&scope, &a)),
+            segment.eval_string(&customer_scope(&scope, &a, &none)),
             Ok("A".to_owned())
         );
     }
@@ -281,18 +340,58 @@ mod tests {
     }
 
     #[test]
+    fn progress_is_read_only_where_mentioned() {
+        let reads = |src: &str| {
+            Expr::compile(src)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .reads_progress()
+        };
+        assert!(reads("progress.explorer >= 3.0"));
+        assert!(reads("has(progress.loyal) && profile.team == 'A'"));
+        assert!(reads("progress['early-bird'] == 0.0 || data.minute > 80"));
+        assert!(reads("[1].exists(x, x < progress.explorer)"));
+        assert!(!reads("profile.team == data.team"));
+        assert!(!reads("data.progress > 1"));
+
+        let root = root();
+        let ev = event(json!({}));
+        let scope = event_scope(&root, &ev);
+        let fan = Map::new();
+        let close = profile(json!({ "explorer": 4.0, "early-bird": 0.0 }));
+        let none = Map::new();
+        let audience = Expr::compile(
+            "has(progress.explorer) && progress.explorer >= 4.0 && progress['early-bird'] == 0.0",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            audience.eval_bool(&customer_scope(&scope, &fan, &close)),
+            Ok(true)
+        );
+        assert_eq!(
+            audience.eval_bool(&customer_scope(&scope, &fan, &none)),
+            Ok(false)
+        );
+    }
+
+    #[test]
     fn errors_and_wrong_types_are_errors() {
         let root = root();
         let ev = event(json!({}));
         let scope = event_scope(&root, &ev);
         let empty = Map::new();
+        let none = Map::new();
         let missing = Expr::compile("profile.team == 'A'").unwrap_or_else(|e| panic!("{e}"));
-        assert!(missing.eval_bool(&customer_scope(&scope, &empty)).is_err());
+        assert!(missing
+            .eval_bool(&customer_scope(&scope, &empty, &none))
+            .is_err());
         let number = Expr::compile("1 + 1").unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(
-            number.eval_bool(&customer_scope(&scope, &empty)),
+            number.eval_bool(&customer_scope(&scope, &empty, &none)),
             Err(ExprError::WrongType { .. })
         ));
-        assert_eq!(number.eval_f64(&customer_scope(&scope, &empty)), Ok(2.0));
+        assert_eq!(
+            number.eval_f64(&customer_scope(&scope, &empty, &none)),
+            Ok(2.0)
+        );
     }
 }

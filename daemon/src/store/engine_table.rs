@@ -3,16 +3,18 @@
 //! The engine reads and writes its state through [`StateTable`]; here that
 //! table is the `rule_state` database in the transaction that also holds
 //! the event's dedup key and the records the event causes, so they commit
-//! or roll back together.
+//! or roll back together. Offers read customers' progress from the same
+//! state through [`ProgressView`].
 
 use heed::types::Bytes;
-use heed::{Database, RwTxn};
+use heed::{Database, RoTxn, RwTxn};
 
 use super::customers;
 use super::env::Dbs;
 use super::keys::KeyBuf;
+use crate::engine::record;
 use crate::engine::table::{Entry, Profile, StateTable};
-use crate::engine::ApplyError;
+use crate::engine::{ApplyError, Engine};
 
 /// The state and profile databases inside the writer's transaction.
 pub(crate) struct LmdbTable<'t, 'e> {
@@ -58,5 +60,34 @@ impl StateTable for LmdbTable<'_, '_> {
     fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError> {
         customers::load(self.profiles, self.txn, &mut self.key, customer)
             .map_err(|e| ApplyError::Customer(e.to_string()))
+    }
+}
+
+/// A customer's achievement progress, as offer expressions read it, from
+/// the engine's state in the writer's transaction.
+#[derive(Clone, Copy)]
+pub(crate) struct ProgressView<'a> {
+    engine: &'a Engine,
+    states: Database<Bytes, Bytes>,
+}
+
+impl<'a> ProgressView<'a> {
+    pub(crate) fn new(engine: &'a Engine, dbs: &Dbs) -> Self {
+        ProgressView {
+            engine,
+            states: dbs.rule_state,
+        }
+    }
+
+    /// Rule id → value in the instance `time_ms` falls in.
+    pub(crate) fn read(
+        &self,
+        txn: &RoTxn,
+        customer: &str,
+        time_ms: i64,
+    ) -> Result<Profile, heed::Error> {
+        let mut key = KeyBuf::default();
+        let record = self.states.get(txn, record::key(&mut key, customer))?;
+        Ok(self.engine.progress_of(record, time_ms))
     }
 }

@@ -35,6 +35,7 @@ use tracing::warn;
 
 use super::committed::Committed;
 use super::customers;
+use super::engine_table::ProgressView;
 use super::keys::KeyBuf;
 use super::publications::{topic_level, Publication};
 use super::ratelimit::LogLimiter;
@@ -276,12 +277,14 @@ pub(crate) struct Nba {
 const PRESENCE_CACHE_MAX: usize = 1_000_000;
 
 /// Other stages' tables next best action reads (profiles, for fan-outs
-/// and escalations) or credits (rewards, for accepts and referrals), as
-/// the writer hands them over for one event.
+/// and escalations; achievement progress, for expressions that read it)
+/// or credits (rewards, for accepts and referrals), as the writer hands
+/// them over for one event.
 #[derive(Clone, Copy)]
-pub(crate) struct Neighbours {
+pub(crate) struct Neighbours<'a> {
     pub profiles: Database<Bytes, Bytes>,
     pub rewards: RewardDbs,
+    pub progress: ProgressView<'a>,
 }
 
 impl Nba {
@@ -420,13 +423,17 @@ impl Nba {
     pub(crate) fn on_event(
         &mut self,
         txn: &mut RwTxn,
-        neighbours: Neighbours,
+        neighbours: Neighbours<'_>,
         event: &Event,
         profile: Option<&Map<String, Value>>,
         out: &mut Output,
         drain: &mut dyn Drain,
     ) -> Result<(), NbaError> {
-        let Neighbours { profiles, rewards } = neighbours;
+        let Neighbours {
+            profiles,
+            rewards,
+            progress,
+        } = neighbours;
         if let Some(customer) = event.subject.as_deref() {
             self.touch_presence(txn, customer, event.time_ms)?;
             if let Some(outcome) = Outcome::from_event_type(&event.kind) {
@@ -440,15 +447,22 @@ impl Nba {
         let scope = expr::event_scope(&catalog.root, event);
         let empty = Map::new();
         let profile = profile.unwrap_or(&empty);
+        let reads_progress = catalog.reads_progress();
+        let subject_progress = match event.subject.as_deref() {
+            Some(customer) if reads_progress => progress.read(txn, customer, event.time_ms)?,
+            _ => Map::new(),
+        };
         // The subject's scope serves conversions and decisions alike.
-        let subject = event
-            .subject
-            .as_deref()
-            .map(|customer| (customer, expr::customer_scope(&scope, profile)));
+        let subject = event.subject.as_deref().map(|customer| {
+            (
+                customer,
+                expr::customer_scope(&scope, profile, &subject_progress),
+            )
+        });
         if let Some((customer, cscope)) = &subject {
             self.convert(txn, &catalog, cscope, event, customer, out)?;
         }
-        self.escalate(txn, profiles, &catalog, &scope, event, out)?;
+        self.escalate(txn, neighbours, &catalog, &scope, event, out)?;
         let triggered = catalog.triggered_by(&event.kind);
         if triggered.is_empty() {
             return Ok(());
@@ -480,12 +494,20 @@ impl Nba {
                         continue;
                     }
                     let fresh;
+                    let customer_progress;
                     let eligibility = match &mut memo {
+                        // Only when no expression reads more than profile
+                        // fields (so none reads progress).
                         Some(memo) => memo.get(&scope, &profile, |cscope| {
                             eligibility::evaluate(&catalog, cscope, &profile, triggered)
                         }),
                         None => {
-                            let cscope = expr::customer_scope(&scope, &profile);
+                            customer_progress = if reads_progress {
+                                progress.read(txn, &customer, event.time_ms)?
+                            } else {
+                                Map::new()
+                            };
+                            let cscope = expr::customer_scope(&scope, &profile, &customer_progress);
                             fresh = eligibility::evaluate(&catalog, &cscope, &profile, triggered);
                             &fresh
                         }
@@ -998,7 +1020,7 @@ impl Nba {
     fn escalate(
         &mut self,
         txn: &mut RwTxn,
-        profiles: Database<Bytes, Bytes>,
+        neighbours: Neighbours<'_>,
         catalog: &Catalog,
         scope: &cel::Context<'_, '_>,
         event: &Event,
@@ -1050,13 +1072,21 @@ impl Nba {
             };
             if let Some(when) = &c.escalate_when {
                 if !profile_cache.contains_key(&inst.customer) {
-                    let p = customers::load(profiles, txn, &mut self.key, &inst.customer)?
-                        .unwrap_or_default();
+                    let p =
+                        customers::load(neighbours.profiles, txn, &mut self.key, &inst.customer)?
+                            .unwrap_or_default();
                     profile_cache.insert(inst.customer.clone(), p);
                 }
+                let progress = if catalog.reads_progress() {
+                    neighbours
+                        .progress
+                        .read(txn, &inst.customer, event.time_ms)?
+                } else {
+                    Map::new()
+                };
                 let empty = Map::new();
                 let profile = profile_cache.get(&inst.customer).unwrap_or(&empty);
-                let cscope = expr::customer_scope(scope, profile);
+                let cscope = expr::customer_scope(scope, profile, &progress);
                 match when.eval_bool(&cscope) {
                     Ok(true) => {}
                     Ok(false) => continue,

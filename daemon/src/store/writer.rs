@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 
 use super::customers::{self, Admission, CustomerDbs, CustomerError};
 use super::dedup::Dedup;
-use super::engine_table::LmdbTable;
+use super::engine_table::{LmdbTable, ProgressView};
 use super::env::{is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
@@ -891,11 +891,13 @@ impl Writer {
         profile: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<usize, GroupError> {
         let mut out = super::nba::Output::default();
+        let rewards = self.reward_dbs();
+        let (nba, mut queue, engine) = self.nba_queue(meta, tally);
         let neighbours = super::nba::Neighbours {
-            profiles: self.dbs.profiles,
-            rewards: self.reward_dbs(),
+            profiles: queue.dbs.profiles,
+            rewards,
+            progress: ProgressView::new(engine, queue.dbs),
         };
-        let (nba, mut queue) = self.nba_queue(meta, tally);
         nba.on_event(txn, neighbours, event, profile, &mut out, &mut queue)?;
         queue.drain(txn, &mut out)?;
         Ok(queue.records)
@@ -907,7 +909,7 @@ impl Writer {
         &'w mut self,
         meta: &'w mut Meta,
         tally: &'w mut Tally,
-    ) -> (&'w mut Nba, NbaQueue<'w>) {
+    ) -> (&'w mut Nba, NbaQueue<'w>, &'w Engine) {
         let queue = NbaQueue {
             outbox: &mut self.outbox,
             publications: &mut self.publications,
@@ -917,7 +919,7 @@ impl Writer {
             tally,
             records: 0,
         };
-        (&mut self.nba, queue)
+        (&mut self.nba, queue, &self.engine)
     }
 
     /// Expires due offer instances and queues offer statistics when their
@@ -939,7 +941,7 @@ impl Writer {
             if force {
                 self.nba.close_stats(&mut txn, now_ms, &mut out)?;
             }
-            let (_, mut queue) = self.nba_queue(&mut meta, &mut tally);
+            let (_, mut queue, _) = self.nba_queue(&mut meta, &mut tally);
             queue.drain(&mut txn, &mut out)?;
             tally.records = queue.records as u64;
             if meta != self.meta {

@@ -134,88 +134,66 @@ impl Expr {
 /// Collects the `profile.<field>` selections of `e` into `fields`; false
 /// when `e` reads the customer in any other way.
 fn customer_reads(e: &IdedExpr, fields: &mut BTreeSet<String>) -> bool {
+    // A loop variable named like a customer variable would hide it; rare
+    // enough to just give up on.
+    let shadows = |v: &str| v == "profile" || v == "progress";
     match &e.expr {
-        Ast::Ident(name) => name != "profile" && name != "progress",
-        Ast::Select(select) => match &select.operand.expr {
-            Ast::Ident(name) if name == "profile" => {
-                fields.insert(select.field.clone());
-                true
-            }
-            _ => customer_reads(&select.operand, fields),
-        },
-        Ast::Call(call) => {
-            call.target
-                .as_deref()
-                .is_none_or(|t| customer_reads(t, fields))
-                && call.args.iter().all(|a| customer_reads(a, fields))
+        Ast::Ident(name) => !shadows(name),
+        Ast::Select(select) if matches!(&select.operand.expr, Ast::Ident(n) if n == "profile") => {
+            fields.insert(select.field.clone());
+            true
         }
-        Ast::Comprehension(c) => {
-            // A loop variable named like a customer variable would hide
-            // it; rare enough to just give up on.
-            let shadows = |v: &str| v == "profile" || v == "progress";
-            !shadows(&c.iter_var)
-                && !c.iter_var2.as_deref().is_some_and(shadows)
-                && !shadows(&c.accu_var)
-                && [
-                    &c.iter_range,
-                    &c.accu_init,
-                    &c.loop_cond,
-                    &c.loop_step,
-                    &c.result,
-                ]
-                .into_iter()
-                .all(|x| customer_reads(x, fields))
+        Ast::Comprehension(c)
+            if shadows(&c.iter_var)
+                || c.iter_var2.as_deref().is_some_and(shadows)
+                || shadows(&c.accu_var) =>
+        {
+            false
         }
-        Ast::List(list) => list.elements.iter().all(|x| customer_reads(x, fields)),
-        Ast::Map(map) => map.entries.iter().all(|x| match &x.expr {
-            EntryExpr::MapEntry(m) => {
-                customer_reads(&m.key, fields) && customer_reads(&m.value, fields)
-            }
-            EntryExpr::StructField(f) => customer_reads(&f.value, fields),
-        }),
-        Ast::Struct(st) => st.entries.iter().all(|x| match &x.expr {
-            EntryExpr::MapEntry(m) => {
-                customer_reads(&m.key, fields) && customer_reads(&m.value, fields)
-            }
-            EntryExpr::StructField(f) => customer_reads(&f.value, fields),
-        }),
-        Ast::Literal(_) | Ast::Unspecified => true,
+        _ => children(e).into_iter().all(|x| customer_reads(x, fields)),
     }
 }
 
 /// Whether identifier `name` occurs anywhere in `e` (a loop variable of
 /// that name counts too: erring towards yes only costs a read).
 fn mentions(e: &IdedExpr, name: &str) -> bool {
-    let entries = |entries: &[IdedEntryExpr]| {
-        entries.iter().any(|x| match &x.expr {
-            EntryExpr::MapEntry(m) => mentions(&m.key, name) || mentions(&m.value, name),
-            EntryExpr::StructField(f) => mentions(&f.value, name),
-        })
-    };
     match &e.expr {
         Ast::Ident(n) => n == name,
-        Ast::Select(select) => mentions(&select.operand, name),
-        Ast::Call(call) => {
-            call.target.as_deref().is_some_and(|t| mentions(t, name))
-                || call.args.iter().any(|a| mentions(a, name))
-        }
-        Ast::Comprehension(c) => {
-            c.iter_var == name
-                || c.accu_var == name
-                || [
-                    &c.iter_range,
-                    &c.accu_init,
-                    &c.loop_cond,
-                    &c.loop_step,
-                    &c.result,
-                ]
-                .into_iter()
-                .any(|x| mentions(x, name))
-        }
-        Ast::List(list) => list.elements.iter().any(|x| mentions(x, name)),
+        Ast::Comprehension(c) if c.iter_var == name || c.accu_var == name => true,
+        _ => children(e).into_iter().any(|x| mentions(x, name)),
+    }
+}
+
+/// The direct sub-expressions of `e`.
+fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
+    fn entries(entries: &[IdedEntryExpr]) -> Vec<&IdedExpr> {
+        entries
+            .iter()
+            .flat_map(|x| match &x.expr {
+                EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
+                EntryExpr::StructField(f) => vec![&f.value],
+            })
+            .collect()
+    }
+    match &e.expr {
+        Ast::Select(select) => vec![&*select.operand],
+        Ast::Call(call) => call
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(&call.args)
+            .collect(),
+        Ast::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Ast::List(list) => list.elements.iter().collect(),
         Ast::Map(map) => entries(&map.entries),
         Ast::Struct(st) => entries(&st.entries),
-        Ast::Literal(_) | Ast::Unspecified => false,
+        Ast::Ident(_) | Ast::Literal(_) | Ast::Unspecified => Vec::new(),
     }
 }
 

@@ -485,12 +485,7 @@ impl Engine {
                 _ => None,
             };
             let value = match stored {
-                Some(Ok(StoredState::V1(s))) => match &s.measure {
-                    MeasureState::Rolling { latest_ms, .. } => {
-                        progress::rolling_value(&s.measure, time_ms.max(*latest_ms), rule)
-                    }
-                    m => m.value(),
-                },
+                Some(Ok(StoredState::V1(s))) => progress::value_at(&s.measure, time_ms, rule),
                 _ => 0.0,
             };
             let number = serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number);
@@ -896,9 +891,14 @@ pub(crate) fn write_state(
     key: &[u8],
     state: StoredState,
 ) -> Result<(), ApplyError> {
-    state::encode(&state, buf).map_err(|e| heed::Error::Encoding(Box::new(e)))?;
+    encode_state(&state, buf)?;
     table.put(key, buf)?;
     Ok(())
+}
+
+/// Encodes `state` into `buf`, as the store writes it.
+fn encode_state(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), ApplyError> {
+    state::encode(state, buf).map_err(|e| ApplyError::Lmdb(heed::Error::Encoding(Box::new(e))))
 }
 
 /// A customer-scope update: the target's own state in the instance.
@@ -915,11 +915,10 @@ fn update_customer(
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
     let time_ms = ctx.event.time_ms;
-    // Borrowed out of `work` (awards below need it whole) and put back
-    // at the end, so the buffer is reused.
-    let mut slot = std::mem::take(work.slot);
-    record::slot(&mut slot, &rule.id, rule.version, &step.place.name);
-    let stored = work.records.get(table, target, &slot)?;
+    // Awards below leave `work.slot` alone: it still names this state
+    // when the state is put back.
+    record::slot(work.slot, &rule.id, rule.version, &step.place.name);
+    let stored = work.records.get(table, target, work.slot)?;
     let mut state = state_or_fresh(c, logs, stored, time_ms)?;
     let before = if state.measure.is_empty() {
         0.0
@@ -996,14 +995,13 @@ fn update_customer(
             out.progress.push(note);
         }
     }
-    state::encode(&StoredState::V1(state), work.value)
-        .map_err(|e| heed::Error::Encoding(Box::new(e)))?;
+    encode_state(&StoredState::V1(state), work.value)?;
     let expiry = record::Expiry {
         end_ms: step.place.end_ms,
         lateness_ms: c.lateness_ms,
     };
-    work.records.put(table, target, &slot, expiry, work.value)?;
-    *work.slot = slot;
+    work.records
+        .put(table, target, work.slot, expiry, work.value)?;
     Ok(awarded)
 }
 

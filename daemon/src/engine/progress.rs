@@ -91,12 +91,7 @@ pub fn query(
             };
             match stored.map(state::decode) {
                 Some(Ok(StoredState::V1(s))) => {
-                    view.value = match &s.measure {
-                        MeasureState::Rolling { latest_ms, .. } => {
-                            rolling_value(&s.measure, now_ms.max(*latest_ms), rule)
-                        }
-                        m => m.value(),
-                    };
+                    view.value = value_at(&s.measure, now_ms, rule);
                     if let MeasureState::Rolling { start_ms, .. } = &s.measure {
                         view.window = Some(window::rolling_name(*start_ms));
                     }
@@ -163,9 +158,20 @@ fn current_instance(
     }
 }
 
+/// A stored measure's value as of `at_ms`: a rolling window's sum of what
+/// is still in it, any other measure's value.
+pub(crate) fn value_at(measure: &MeasureState, at_ms: i64, rule: &AchievementRule) -> f64 {
+    match measure {
+        MeasureState::Rolling { latest_ms, .. } => {
+            rolling_value(measure, at_ms.max(*latest_ms), rule)
+        }
+        m => m.value(),
+    }
+}
+
 /// A rolling window's value as of `now_ms` (buckets that slid out of the
 /// window no longer count).
-pub(crate) fn rolling_value(measure: &MeasureState, now_ms: i64, rule: &AchievementRule) -> f64 {
+fn rolling_value(measure: &MeasureState, now_ms: i64, rule: &AchievementRule) -> f64 {
     let (MeasureState::Rolling { buckets, .. }, Window::Rolling(span)) = (measure, rule.window)
     else {
         return 0.0;

@@ -237,35 +237,38 @@ impl Records {
 /// Removes the entries of instances that ended more than their lateness
 /// before the watermark; resolves the end of periods that have ended.
 fn prune(bytes: &mut Vec<u8>, out: &mut Vec<u8>, watermark_ms: i64, periods: &Periods) {
-    let mut changed = false;
+    let over = |e: &Entry, end_ms: i64| {
+        end_ms != i64::MAX && watermark_ms > end_ms.saturating_add(e.lateness_ms)
+    };
+    // Most writes change nothing here: look before copying the record.
+    let stale = entries(bytes).any(|e| {
+        let end_ms = resolved_end(bytes, &e, periods);
+        end_ms != e.end_ms || over(&e, end_ms)
+    });
+    if !stale {
+        return;
+    }
     out.clear();
     out.push(TAG);
     for e in entries(bytes) {
-        let mut end_ms = e.end_ms;
-        if end_ms == i64::MAX {
-            if let Some(end) = std::str::from_utf8(slot_window(&bytes[e.slot.clone()]))
-                .ok()
-                .and_then(|name| ended_period(name, periods))
-            {
-                end_ms = end;
-                changed = true;
-            }
+        let end_ms = resolved_end(bytes, &e, periods);
+        if !over(&e, end_ms) {
+            let (slot, value) = (&bytes[e.slot.clone()], &bytes[e.value.clone()]);
+            push_entry(out, slot, end_ms, e.lateness_ms, value);
         }
-        if end_ms != i64::MAX && watermark_ms > end_ms.saturating_add(e.lateness_ms) {
-            changed = true;
-            continue;
-        }
-        push_entry(
-            out,
-            &bytes[e.slot.clone()],
-            end_ms,
-            e.lateness_ms,
-            &bytes[e.value.clone()],
-        );
     }
-    if changed {
-        std::mem::swap(bytes, out);
+    std::mem::swap(bytes, out);
+}
+
+/// The entry's end, or its period's once the period has ended.
+fn resolved_end(bytes: &[u8], e: &Entry, periods: &Periods) -> i64 {
+    if e.end_ms != i64::MAX {
+        return e.end_ms;
     }
+    std::str::from_utf8(slot_window(&bytes[e.slot.clone()]))
+        .ok()
+        .and_then(|name| ended_period(name, periods))
+        .unwrap_or(i64::MAX)
 }
 
 /// The end of the period `name` names, once it has ended.

@@ -20,6 +20,7 @@
 //! way, and a restart changes nothing. The site seed is drawn once and
 //! stored.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -226,6 +227,24 @@ pub(crate) struct Output {
     /// (event time, record) for the outbox.
     pub records: Vec<(i64, RecordBody)>,
     pub publications: Vec<Publication>,
+}
+
+/// A customer's profile and progress, as offer expressions read them.
+type CustomerView = (Map<String, Value>, Map<String, Value>);
+
+/// `customer`'s achievement progress for offer expressions: read only
+/// when one of the catalog's expressions mentions it, else empty.
+fn progress_for(
+    catalog: &Catalog,
+    view: ProgressView<'_>,
+    txn: &RoTxn,
+    customer: &str,
+    at_ms: i64,
+) -> Result<Map<String, Value>, NbaError> {
+    if !catalog.reads_progress() {
+        return Ok(Map::new());
+    }
+    Ok(view.read(txn, customer, at_ms)?)
 }
 
 /// Where the output goes, in the same transaction. A venue-wide fan-out
@@ -447,10 +466,9 @@ impl Nba {
         let scope = expr::event_scope(&catalog.root, event);
         let empty = Map::new();
         let profile = profile.unwrap_or(&empty);
-        let reads_progress = catalog.reads_progress();
         let subject_progress = match event.subject.as_deref() {
-            Some(customer) if reads_progress => progress.read(txn, customer, event.time_ms)?,
-            _ => Map::new(),
+            Some(customer) => progress_for(&catalog, progress, txn, customer, event.time_ms)?,
+            None => Map::new(),
         };
         // The subject's scope serves conversions and decisions alike.
         let subject = event.subject.as_deref().map(|customer| {
@@ -502,11 +520,8 @@ impl Nba {
                             eligibility::evaluate(&catalog, cscope, &profile, triggered)
                         }),
                         None => {
-                            customer_progress = if reads_progress {
-                                progress.read(txn, &customer, event.time_ms)?
-                            } else {
-                                Map::new()
-                            };
+                            customer_progress =
+                                progress_for(&catalog, progress, txn, &customer, event.time_ms)?;
                             let cscope = expr::customer_scope(&scope, &profile, &customer_progress);
                             fresh = eligibility::evaluate(&catalog, &cscope, &profile, triggered);
                             &fresh
@@ -1051,7 +1066,8 @@ impl Nba {
                 ids
             }
         };
-        let mut profile_cache: HashMap<String, Map<String, Value>> = HashMap::new();
+        // Profile and progress of each customer with an open instance.
+        let mut readings: HashMap<String, CustomerView> = HashMap::new();
         for id in ids {
             let Some(bytes) = self.dbs.instances.get(txn, &id)? else {
                 continue;
@@ -1071,22 +1087,23 @@ impl Nba {
                 continue;
             };
             if let Some(when) = &c.escalate_when {
-                if !profile_cache.contains_key(&inst.customer) {
-                    let p =
-                        customers::load(neighbours.profiles, txn, &mut self.key, &inst.customer)?
-                            .unwrap_or_default();
-                    profile_cache.insert(inst.customer.clone(), p);
-                }
-                let progress = if catalog.reads_progress() {
-                    neighbours
-                        .progress
-                        .read(txn, &inst.customer, event.time_ms)?
-                } else {
-                    Map::new()
+                let (profile, progress) = match readings.entry(inst.customer.clone()) {
+                    Entry::Occupied(known) => known.into_mut(),
+                    Entry::Vacant(new) => {
+                        let profile =
+                            customers::load(neighbours.profiles, txn, &mut self.key, new.key())?
+                                .unwrap_or_default();
+                        let progress = progress_for(
+                            catalog,
+                            neighbours.progress,
+                            txn,
+                            new.key(),
+                            event.time_ms,
+                        )?;
+                        new.insert((profile, progress))
+                    }
                 };
-                let empty = Map::new();
-                let profile = profile_cache.get(&inst.customer).unwrap_or(&empty);
-                let cscope = expr::customer_scope(scope, profile, &progress);
+                let cscope = expr::customer_scope(scope, profile, progress);
                 match when.eval_bool(&cscope) {
                     Ok(true) => {}
                     Ok(false) => continue,

@@ -18,6 +18,7 @@
 
 pub mod limits;
 pub mod measure;
+mod native;
 pub mod periods;
 pub(crate) mod predicate;
 pub mod progress;
@@ -608,7 +609,7 @@ impl Engine {
         let Some(entry) = by_type.get(event.kind.as_str()) else {
             return Ok(());
         };
-        let scope = predicate::scope(root, event, profile, entry.needs);
+        let vars = predicate::Vars::new(root, event, profile, entry.needs);
         for &idx in &entry.rules {
             let compiled = &rules[idx];
             let logs = &mut logs[idx];
@@ -618,7 +619,7 @@ impl Engine {
                 customer,
                 watermark,
                 timezone: *timezone,
-                scope: &scope,
+                vars: &vars,
                 counters,
             };
             let awards = match apply_rule(compiled, logs, &ctx, &mut work, table, out) {
@@ -648,12 +649,12 @@ impl Engine {
 }
 
 /// The event's context while one rule is applied.
-pub(crate) struct Ctx<'a, 's> {
+pub(crate) struct Ctx<'a, 's, 'e> {
     pub event: &'a Event,
     pub customer: &'a str,
     pub watermark: i64,
     pub timezone: TimeZone,
-    pub scope: &'a cel::Context<'s, 'a>,
+    pub vars: &'a predicate::Vars<'s, 'e>,
     pub counters: &'a RuleStats,
 }
 
@@ -707,7 +708,7 @@ fn count(counter: &AtomicU64) {
 fn apply_rule(
     c: &CompiledRule,
     logs: &mut RuleLogs,
-    ctx: &Ctx<'_, '_>,
+    ctx: &Ctx<'_, '_, '_>,
     work: &mut Work<'_>,
     table: &mut dyn StateTable,
     out: &mut Output,
@@ -717,7 +718,7 @@ fn apply_rule(
     let sequence = matches!(rule.measure, Measure::Sequence { .. });
     if !sequence {
         if let Some(when) = &c.when {
-            if !when.eval(ctx.scope)? {
+            if !when.eval(ctx.vars)? {
                 return Ok(0);
             }
         }
@@ -740,14 +741,14 @@ fn apply_rule(
     }
     let input = match (&rule.measure, &c.expr) {
         (Measure::Sum { .. } | Measure::Max { .. } | Measure::Min { .. }, Some(expr)) => {
-            let v = expr.number(ctx.scope)?;
+            let v = expr.number(ctx.vars)?;
             if rule.limits.max_value.is_some_and(|max| v > max) {
                 count(&ctx.counters.limited);
                 return Ok(0);
             }
             Input::Number(v)
         }
-        (Measure::Distinct { .. }, Some(expr)) => Input::Key(expr.key(ctx.scope)?),
+        (Measure::Distinct { .. }, Some(expr)) => Input::Key(expr.key(ctx.vars)?),
         _ => Input::Unit,
     };
     // A streak counts instances of `every`, whatever its (lifetime) window.
@@ -761,7 +762,7 @@ fn apply_rule(
     };
     let target = match (&rule.referral, &c.credit) {
         (Some(_), Some(credit)) => {
-            let credited = credit.key(ctx.scope)?;
+            let credited = credit.key(ctx.vars)?;
             if credited.is_empty()
                 || credited == ctx.customer
                 || credited.len() > crate::store::customers::MAX_CUSTOMER_LEN
@@ -829,7 +830,7 @@ pub(crate) struct Step<'p> {
 }
 
 /// Whether the event satisfies sequence step `i` (its type and `when`).
-fn step_matches(c: &CompiledRule, i: usize, ctx: &Ctx<'_, '_>) -> Result<bool, EvalError> {
+fn step_matches(c: &CompiledRule, i: usize, ctx: &Ctx<'_, '_, '_>) -> Result<bool, EvalError> {
     let Some(step) = c.steps.get(i) else {
         return Ok(false);
     };
@@ -837,7 +838,7 @@ fn step_matches(c: &CompiledRule, i: usize, ctx: &Ctx<'_, '_>) -> Result<bool, E
         return Ok(false);
     }
     match &step.when {
-        Some(when) => when.eval(ctx.scope),
+        Some(when) => when.eval(ctx.vars),
         None => Ok(true),
     }
 }
@@ -906,7 +907,7 @@ fn encode_state(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), ApplyError
 fn update_customer(
     c: &CompiledRule,
     logs: &mut RuleLogs,
-    ctx: &Ctx<'_, '_>,
+    ctx: &Ctx<'_, '_, '_>,
     work: &mut Work<'_>,
     table: &mut dyn StateTable,
     out: &mut Output,

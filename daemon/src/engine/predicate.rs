@@ -1,13 +1,20 @@
 //! CEL expressions of rules (`when`, `value`, `key`, `group_by`,
 //! `credit`): compiled once at load, evaluated per event.
 //!
+//! Expressions in the plain part of CEL (fields compared with literals,
+//! `&&`, `in` a list, ...) run natively over the event's JSON
+//! ([`native`]); the interpreter runs the rest, and decides wherever the
+//! native plan cannot (see there).
+//!
 //! Building a CEL root context registers every built-in function (tens of
 //! microseconds), so the engine builds one at load and evaluates in a cheap
 //! child scope per event. The child scope's variables borrow the event
-//! (strings and map keys are not copied) and are built once per event, only
-//! those some matching predicate references, and shared by every rule the
-//! event meets.
+//! (strings and map keys are not copied) and are built at most once per
+//! event, only when some expression needs the interpreter, holding only
+//! the variables the event's matching rules reference, and shared by
+//! every rule the event meets.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -19,6 +26,7 @@ use cel::{Context, Program, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use super::native::{self, Plan, Val as Native};
 use crate::event::Event;
 
 /// Which variables a predicate (or a set of them) reads.
@@ -42,6 +50,7 @@ impl Needs {
 /// A compiled `when` expression.
 pub(crate) struct Predicate {
     program: Program,
+    plan: Option<Plan>,
     pub needs: Needs,
 }
 
@@ -49,6 +58,7 @@ pub(crate) struct Predicate {
 /// `credit`).
 pub(crate) struct Expr {
     program: Program,
+    plan: Option<Plan>,
     pub needs: Needs,
 }
 
@@ -91,12 +101,23 @@ impl Expr {
     pub(crate) fn compile(source: &str) -> Result<Expr, String> {
         let program = Program::compile(source).map_err(|e| e.to_string())?;
         let needs = needs_of(&program);
-        Ok(Expr { program, needs })
+        let plan = Plan::compile(program.expression());
+        Ok(Expr {
+            program,
+            plan,
+            needs,
+        })
     }
 
     /// The result as a finite number (`int`, `uint` or `double`).
-    pub(crate) fn number(&self, scope: &Context<'_, '_>) -> Result<f64, EvalError> {
-        match run(&self.program, scope)? {
+    pub(crate) fn number(&self, vars: &Vars<'_, '_>) -> Result<f64, EvalError> {
+        match self.plan.as_ref().and_then(|p| p.eval(&vars.input)) {
+            Some(Native::Int(i)) => return Ok(i as f64),
+            Some(Native::UInt(u)) => return Ok(u as f64),
+            Some(Native::Double(f)) if f.is_finite() => return Ok(f),
+            _ => {}
+        }
+        match run(&self.program, vars.cel())? {
             Value::Int(i) => Ok(i as f64),
             Value::UInt(u) => Ok(u as f64),
             Value::Float(f) if f.is_finite() => Ok(f),
@@ -106,18 +127,41 @@ impl Expr {
 
     /// The result as a key: strings as they are, numbers and bools in
     /// their canonical text (`1` and `1.0` are the same key).
-    pub(crate) fn key(&self, scope: &Context<'_, '_>) -> Result<String, EvalError> {
-        match run(&self.program, scope)? {
+    pub(crate) fn key(&self, vars: &Vars<'_, '_>) -> Result<String, EvalError> {
+        if let Some(native) = self.plan.as_ref().and_then(|p| p.eval(&vars.input)) {
+            let key = match native {
+                Native::Str(s) => Some(s.to_owned()),
+                Native::Int(i) => Some(i.to_string()),
+                Native::UInt(u) => Some(u.to_string()),
+                Native::Double(f) => float_key(f),
+                Native::Bool(b) => Some(b.to_string()),
+                Native::Null | Native::Composite(_) => None,
+            };
+            if let Some(key) = key {
+                return Ok(key);
+            }
+        }
+        match run(&self.program, vars.cel())? {
             Value::String(s) => Ok(s.as_str().to_string()),
             Value::Int(i) => Ok(i.to_string()),
             Value::UInt(u) => Ok(u.to_string()),
-            Value::Float(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
-                Ok((f as i64).to_string())
+            Value::Float(f) => {
+                float_key(f).ok_or_else(|| EvalError::NotKey(format!("{:?}", Value::Float(f))))
             }
-            Value::Float(f) if f.is_finite() => Ok(f.to_string()),
             Value::Bool(b) => Ok(b.to_string()),
             other => Err(EvalError::NotKey(format!("{other:?}"))),
         }
+    }
+}
+
+/// A finite double as a key: whole numbers as integers (`1.0` is `1`).
+fn float_key(f: f64) -> Option<String> {
+    if !f.is_finite() {
+        None
+    } else if f.fract() == 0.0 && f.abs() < 9.0e15 {
+        Some((f as i64).to_string())
+    } else {
+        Some(f.to_string())
     }
 }
 
@@ -127,12 +171,20 @@ impl Predicate {
     pub(crate) fn compile(source: &str) -> Result<Predicate, String> {
         let program = Program::compile(source).map_err(|e| e.to_string())?;
         let needs = needs_of(&program);
-        Ok(Predicate { program, needs })
+        let plan = Plan::compile(program.expression());
+        Ok(Predicate {
+            program,
+            plan,
+            needs,
+        })
     }
 
-    /// Evaluates against a scope built by [`scope`].
-    pub(crate) fn eval(&self, scope: &Context<'_, '_>) -> Result<bool, EvalError> {
-        match run(&self.program, scope)? {
+    /// Evaluates against an event's variables.
+    pub(crate) fn eval(&self, vars: &Vars<'_, '_>) -> Result<bool, EvalError> {
+        if let Some(Native::Bool(b)) = self.plan.as_ref().and_then(|p| p.eval(&vars.input)) {
+            return Ok(b);
+        }
+        match run(&self.program, vars.cel())? {
             Value::Bool(b) => Ok(b),
             other => Err(EvalError::NotBool(format!("{other:?}"))),
         }
@@ -142,6 +194,40 @@ impl Predicate {
 /// The root context every evaluation scope derives from.
 pub(crate) fn root() -> Context<'static, 'static> {
     Context::default()
+}
+
+/// An event's variables for the rules it meets: read natively where an
+/// expression allows, and as a CEL scope built on first need.
+pub(crate) struct Vars<'r, 'e> {
+    root: &'r Context<'static, 'static>,
+    input: native::Input<'e>,
+    needs: Needs,
+    cel: OnceCell<Context<'r, 'e>>,
+}
+
+impl<'r, 'e> Vars<'r, 'e> {
+    /// `needs` says which variables the CEL scope must hold, should an
+    /// expression need it.
+    pub(crate) fn new(
+        root: &'r Context<'static, 'static>,
+        event: &'e Event,
+        profile: Option<&'e serde_json::Map<String, serde_json::Value>>,
+        needs: Needs,
+    ) -> Vars<'r, 'e> {
+        Vars {
+            root,
+            input: native::Input { event, profile },
+            needs,
+            cel: OnceCell::new(),
+        }
+    }
+
+    fn cel(&self) -> &Context<'r, 'e> {
+        self.cel.get_or_init(|| {
+            let native::Input { event, profile } = self.input;
+            scope(self.root, event, profile, self.needs)
+        })
+    }
 }
 
 /// A child scope of `root` holding the variables in `needs`, borrowing
@@ -256,8 +342,8 @@ mod tests {
         let root = root();
         let p = Predicate::compile(src).unwrap();
         let ev = event(data);
-        let scope = scope(&root, &ev, None, p.needs);
-        p.eval(&scope)
+        let vars = Vars::new(&root, &ev, None, p.needs);
+        p.eval(&vars)
     }
 
     #[test]
@@ -268,7 +354,7 @@ mod tests {
         let profile = profile.as_object();
         let p = Predicate::compile("profile.team == 'A'").unwrap();
         assert!(p.needs.profile);
-        let sc = scope(
+        let sc = Vars::new(
             &root,
             &ev,
             profile,

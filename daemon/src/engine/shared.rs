@@ -29,7 +29,7 @@ use edge_config::Scope;
 pub(crate) fn update(
     c: &CompiledRule,
     logs: &mut RuleLogs,
-    ctx: &Ctx<'_, '_>,
+    ctx: &Ctx<'_, '_, '_>,
     work: &mut Work<'_>,
     table: &mut dyn StateTable,
     out: &mut Output,
@@ -37,7 +37,7 @@ pub(crate) fn update(
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
     let group = match (&rule.scope, &c.group_by) {
-        (Scope::Group { .. }, Some(expr)) => bounded(expr.key(ctx.scope)?),
+        (Scope::Group { .. }, Some(expr)) => bounded(expr.key(ctx.vars)?),
         _ => String::new(),
     };
     let min = rule.scope.min_contribution().unwrap_or(1.0);

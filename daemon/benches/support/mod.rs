@@ -3,6 +3,10 @@
 // Each bench compiles this module and uses part of it.
 #![allow(dead_code)]
 
+/// The benches run the daemon with the allocator its binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use anyhow::bail;

@@ -926,7 +926,9 @@ fn update_customer(
     } else {
         state.measure.value()
     };
-    let (value, window) = if let Some(span) = c.rolling_span() {
+    // A rolling instance is named by its start, formatted only when an
+    // award or a progress note needs the name.
+    let (value, rolling_start) = if let Some(span) = c.rolling_span() {
         let amount = match step.input {
             Input::Number(v) => v,
             _ => 1.0,
@@ -946,7 +948,7 @@ fn update_customer(
             MeasureState::Rolling { start_ms, .. } => *start_ms,
             _ => time_ms,
         };
-        (value, Arc::from(window::rolling_name(start)))
+        (value, Some(start))
     } else {
         let input = if let MeasureState::Sequence { next, .. } = &state.measure {
             let next = *next as usize;
@@ -971,30 +973,35 @@ fn update_customer(
         else {
             return Ok(0);
         };
-        (value, step.place.name.clone())
+        (value, None)
+    };
+    let window = || match rolling_start {
+        Some(start) => Arc::from(window::rolling_name(start)),
+        None => step.place.name.clone(),
     };
     state.updated_ms = time_ms;
     let mut awarded = 0u64;
-    while c.reached(state.tiers_awarded as usize, value) {
-        award(
-            c,
-            logs,
-            work,
-            table,
-            out,
-            target,
-            state.tiers_awarded as usize,
-            &window,
-            value,
-            time_ms,
-        )?;
-        state.tiers_awarded += 1;
-        awarded += 1;
-    }
-    if awarded == 0 {
-        if let Some(note) = progress_note(c, target, &window, before, value, state.tiers_awarded) {
-            out.progress.push(note);
+    if c.reached(state.tiers_awarded as usize, value) {
+        let window = window();
+        while c.reached(state.tiers_awarded as usize, value) {
+            award(
+                c,
+                logs,
+                work,
+                table,
+                out,
+                target,
+                state.tiers_awarded as usize,
+                &window,
+                value,
+                time_ms,
+            )?;
+            state.tiers_awarded += 1;
+            awarded += 1;
         }
+    } else if let Some(note) = progress_note(c, target, window, before, value, state.tiers_awarded)
+    {
+        out.progress.push(note);
     }
     encode_state(&StoredState::V1(state), work.value)?;
     let expiry = record::Expiry {
@@ -1072,7 +1079,7 @@ pub(crate) fn award(
 fn progress_note(
     c: &CompiledRule,
     customer: &str,
-    window: &str,
+    window: impl FnOnce() -> Arc<str>,
     before: f64,
     after: f64,
     awarded: u32,
@@ -1089,7 +1096,7 @@ fn progress_note(
         customer: customer.to_string(),
         rule: c.rule.id.clone(),
         version: c.rule.version,
-        window: window.to_string(),
+        window: String::from(&*window()),
         value: after,
         next_at: next.at,
         percent,

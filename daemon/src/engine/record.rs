@@ -265,16 +265,11 @@ fn resolved_end(bytes: &[u8], e: &Entry, periods: &Periods) -> i64 {
     if e.end_ms != i64::MAX {
         return e.end_ms;
     }
-    std::str::from_utf8(slot_window(&bytes[e.slot.clone()]))
-        .ok()
-        .and_then(|name| ended_period(name, periods))
+    // Called for every entry on every write: no text decoding.
+    window::period_id_bytes(slot_window(&bytes[e.slot.clone()]))
+        .and_then(|id| periods.list.iter().find(|p| p.id.as_bytes() == id))
+        .and_then(|p| p.end_ms)
         .unwrap_or(i64::MAX)
-}
-
-/// The end of the period `name` names, once it has ended.
-fn ended_period(name: &str, periods: &Periods) -> Option<i64> {
-    let id = window::period_id(name)?;
-    periods.list.iter().find(|p| p.id == id)?.end_ms
 }
 
 #[cfg(test)]

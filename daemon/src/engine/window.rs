@@ -190,6 +190,11 @@ pub fn period_id(name: &str) -> Option<&str> {
     name.strip_prefix(PERIOD_PREFIX)
 }
 
+/// [`period_id`] of a name still in bytes, as stored.
+pub fn period_id_bytes(name: &[u8]) -> Option<&[u8]> {
+    name.strip_prefix(PERIOD_PREFIX.as_bytes())
+}
+
 pub fn duration_ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
 }

@@ -54,7 +54,12 @@ impl Placement {
 /// The instance of `window` an event at `time_ms` falls into, or `None`
 /// for a `period` window when no period covers the time.
 pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> Option<Placement> {
-    Names::default().place(window, tz, periods, time_ms)
+    // One lookup: remembering the name would only allocate a table to drop.
+    let mut once = Names {
+        memo: FxHashMap::default(),
+        keep: false,
+    };
+    once.place(window, tz, periods, time_ms)
 }
 
 /// Instance names already formatted. Every rule an event matches needs
@@ -62,9 +67,20 @@ pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> 
 /// date for each one was a good part of the engine's time; consecutive
 /// events nearly always fall in the same few instances. Day names depend
 /// on the time zone, so one `Names` serves one zone (the engine's).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Names {
     memo: FxHashMap<(Kind, i64), Arc<str>>,
+    /// Whether names are remembered (not for [`place`]'s single lookup).
+    keep: bool,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            memo: FxHashMap::default(),
+            keep: true,
+        }
+    }
 }
 
 /// Which sequence of instances an ordinal counts in.
@@ -148,11 +164,13 @@ impl Names {
         if let Some(name) = self.memo.get(&(kind, ordinal)) {
             return name.clone();
         }
-        if self.memo.len() >= NAMES_MAX {
-            self.memo.clear();
-        }
         let name: Arc<str> = Arc::from(format());
-        self.memo.insert((kind, ordinal), name.clone());
+        if self.keep {
+            if self.memo.len() >= NAMES_MAX {
+                self.memo.clear();
+            }
+            self.memo.insert((kind, ordinal), name.clone());
+        }
         name
     }
 }

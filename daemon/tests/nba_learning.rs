@@ -130,7 +130,8 @@ impl Simulation {
         self.explored += usize::from(result.explored);
         self.stats
             .update(OFFERS[i].0, 1, |c| c.record_decision(group));
-        let mut attribution = Attribution::new(now, group);
+        let mut attribution =
+            Attribution::new(now, group, format!("{}.{}", OFFERS[i].0, self.picks.len()));
 
         // Control customers see nothing, so only the base rate converts.
         let answered = now + SECOND;

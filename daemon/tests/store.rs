@@ -1201,3 +1201,109 @@ payload = { title = "Two more cheers" }
     assert_eq!(decided, vec![pseudonym(&cfg, "fan-1")]);
     close(h, w).await;
 }
+
+/// A conversion names the decision it follows: its outcome record carries
+/// the decision's instance id (treated and control alike), once per
+/// decision, and a purchase without a decision converts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversions_name_the_decision_they_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.nba.control_share = 0.5;
+    let mut rules = bundle(Vec::new());
+    rules.offers = edge_config::parse_offers(
+        r#"
+[[offer]]
+id = "jersey"
+on = ["match.chance_missed"]
+consent = "marketing"
+value = 5.0
+expires_after = "5m"
+payload = { title = "Jersey" }
+conversion = { on = ["shop.purchase"], window = "1h" }
+"#,
+        Path::new("rules/offers.toml"),
+    )
+    .unwrap();
+    // Decisions are stamped with the store's clock; conversions count
+    // only after them.
+    let (h, w) = open_with_clock(&cfg, &rules, Arc::new(AtomicI64::new(T0)));
+    let fans: Vec<String> = (0..12).map(|i| format!("fan-{i}")).collect();
+    let mut events = Vec::new();
+    for fan in &fans {
+        let consent = json!({ "consent": { "marketing": true } });
+        events.push(ev(
+            &format!("p-{fan}"),
+            "customer.profile",
+            Some(fan),
+            consent,
+        ));
+        events.push(ev(
+            &format!("t-{fan}"),
+            "match.chance_missed",
+            Some(fan),
+            json!({}),
+        ));
+    }
+    h.submit(events).await.unwrap();
+    let mut purchases = vec![ev(
+        "buy-stranger",
+        "shop.purchase",
+        Some("stranger"),
+        json!({}),
+    )];
+    for fan in &fans {
+        for n in 0..2 {
+            purchases.push(ev(
+                &format!("buy-{n}-{fan}"),
+                "shop.purchase",
+                Some(fan),
+                json!({}),
+            ));
+        }
+    }
+    h.submit(purchases).await.unwrap();
+
+    let records = all_records(&h).await;
+    let decisions: BTreeMap<String, (String, bool)> = records
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::OfferDecision(d) => {
+                Some((d.customer.clone(), (d.instance.clone(), d.control)))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decisions.len(), fans.len(), "one decision per fan");
+    let mut converted: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for r in &records {
+        if let RecordBody::OfferOutcome(o) = &r.body {
+            if o.outcome.starts_with("converted") {
+                converted
+                    .entry(o.customer.clone())
+                    .or_default()
+                    .push((o.instance.clone(), o.outcome.clone()));
+            }
+        }
+    }
+    assert!(!converted.contains_key(&pseudonym(&cfg, "stranger")));
+    assert_eq!(converted.len(), fans.len(), "every decided fan converted");
+    let mut groups = (0, 0);
+    for (customer, (instance, control)) in &decisions {
+        let expected = if *control {
+            groups.1 += 1;
+            "converted_control"
+        } else {
+            groups.0 += 1;
+            "converted"
+        };
+        assert!(!instance.is_empty());
+        assert_eq!(
+            converted.get(customer),
+            Some(&vec![(instance.clone(), expected.to_owned())]),
+            "{customer}: one conversion, naming its decision"
+        );
+    }
+    assert!(groups.0 > 0 && groups.1 > 0, "both groups seen: {groups:?}");
+    close(h, w).await;
+}

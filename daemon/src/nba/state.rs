@@ -75,10 +75,52 @@ envelope!(
     /// A customer's site-wide contact state.
     StoredCustomerContact(CustomerContact)
 );
-envelope!(
-    /// Per (customer, offer) state.
-    StoredOfferState(OfferState)
-);
+/// Per (customer, offer) state. Version 2 added the decision's instance
+/// id to the attribution; version 1 values decode with an empty one.
+#[derive(Debug, Deserialize)]
+enum StoredOfferState {
+    V1(OfferStateV1),
+    V2(OfferState),
+}
+
+/// [`OfferState`] as version 1 stored it.
+#[derive(Debug, Deserialize)]
+struct OfferStateV1 {
+    contact: OfferContact,
+    attribution: Option<AttributionV1>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AttributionV1 {
+    decided_ms: i64,
+    group: super::stats::Group,
+    converted: bool,
+}
+
+/// The version byte [`OfferState`] is written with: postcard encodes the
+/// envelope's variant index as a varint, one byte below 128.
+const OFFER_STATE_V2: u8 = 1;
+
+impl Persist for OfferState {
+    fn to_bytes(&self) -> Result<Vec<u8>, StateError> {
+        postcard::to_extend(self, vec![OFFER_STATE_V2]).map_err(StateError::Encode)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<OfferState, StateError> {
+        match postcard::from_bytes::<StoredOfferState>(bytes).map_err(StateError::Decode)? {
+            StoredOfferState::V1(old) => Ok(OfferState {
+                contact: old.contact,
+                attribution: old.attribution.map(|a| Attribution {
+                    decided_ms: a.decided_ms,
+                    group: a.group,
+                    converted: a.converted,
+                    instance: String::new(),
+                }),
+            }),
+            StoredOfferState::V2(state) => Ok(state),
+        }
+    }
+}
 envelope!(
     /// An offer instance, open or closed, until its expiry.
     StoredInstance(OfferInstance)
@@ -97,10 +139,46 @@ mod tests {
 
     #[track_caller]
     fn round_trip<T: Persist + PartialEq + std::fmt::Debug>(value: T) {
+        round_trip_version(value, 0);
+    }
+
+    #[track_caller]
+    fn round_trip_version<T: Persist + PartialEq + std::fmt::Debug>(value: T, version: u8) {
         let bytes = value.to_bytes().unwrap_or_default();
-        assert_eq!(bytes.first(), Some(&0), "version byte first");
+        assert_eq!(bytes.first(), Some(&version), "version byte first");
         match T::from_bytes(&bytes) {
             Ok(back) => assert_eq!(back, value),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Offer state written before attributions named their decision
+    /// still decodes: the same contact and attribution, no instance.
+    #[test]
+    fn version_1_offer_state_decodes_without_an_instance() {
+        let contact = OfferContact {
+            shown_ms: vec![5, 9],
+            open_until_ms: None,
+            closed_ms: Some(12),
+            ignores_in_row: 1,
+        };
+        // Variant 0, then the fields in order; the attribution is an
+        // option of (decided_ms, group, converted).
+        let v1 = postcard::to_allocvec(&(0u8, &contact, Some((5i64, Group::Treated, true))))
+            .unwrap_or_default();
+        match OfferState::from_bytes(&v1) {
+            Ok(state) => assert_eq!(
+                state,
+                OfferState {
+                    contact,
+                    attribution: Some(Attribution {
+                        decided_ms: 5,
+                        group: Group::Treated,
+                        converted: true,
+                        instance: String::new(),
+                    }),
+                }
+            ),
             Err(e) => panic!("{e}"),
         }
     }
@@ -115,15 +193,18 @@ mod tests {
             shown_ms: vec![1, 2, 3],
             last_accept_ms: Some(9),
         });
-        round_trip(OfferState {
-            contact: OfferContact {
-                shown_ms: vec![5],
-                open_until_ms: Some(300_005),
-                closed_ms: None,
-                ignores_in_row: 2,
+        round_trip_version(
+            OfferState {
+                contact: OfferContact {
+                    shown_ms: vec![5],
+                    open_until_ms: Some(300_005),
+                    closed_ms: None,
+                    ignores_in_row: 2,
+                },
+                attribution: Some(Attribution::new(5, Group::Control, "arena-01.7".into())),
             },
-            attribution: Some(Attribution::new(5, Group::Control)),
-        });
+            OFFER_STATE_V2,
+        );
         round_trip(OfferInstance {
             id: "arena-01.1".to_owned(),
             customer: "fan-1".to_owned(),

@@ -229,19 +229,25 @@ impl Uplift {
 
 /// The link between a decision and a later conversion, kept per
 /// (customer, offer) so each decision converts at most once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attribution {
     pub decided_ms: i64,
     pub group: Group,
     pub converted: bool,
+    /// The decision's instance id (the would-have-been instance for a
+    /// control customer), so the central side can join the conversion to
+    /// the decision it follows. Empty for decisions stored before
+    /// attributions kept it.
+    pub instance: String,
 }
 
 impl Attribution {
-    pub fn new(decided_ms: i64, group: Group) -> Attribution {
+    pub fn new(decided_ms: i64, group: Group, instance: String) -> Attribution {
         Attribution {
             decided_ms,
             group,
             converted: false,
+            instance,
         }
     }
 
@@ -406,7 +412,7 @@ mod tests {
 
     #[test]
     fn a_decision_converts_once_within_its_window() {
-        let mut a = Attribution::new(1_000, Group::Control);
+        let mut a = Attribution::new(1_000, Group::Control, "i-1".to_owned());
         assert_eq!(a.convert(999, 10_000), None);
         assert_eq!(a.convert(20_000, 10_000), None);
         assert_eq!(a.convert(11_000, 10_000), Some(Group::Control));

@@ -843,7 +843,7 @@ impl Nba {
                 now,
             );
             if let Some(state) = &mut states[w.index] {
-                state.attribution = Some(Attribution::new(now, group));
+                state.attribution = Some(Attribution::new(now, group, inst.id.clone()));
             }
             self.book
                 .update(&o.id, o.version, |c| c.record_decision(group));
@@ -1173,6 +1173,7 @@ impl Nba {
             let Some(group) = attribution.convert(event.time_ms, millis(conv.window)) else {
                 continue;
             };
+            let instance = attribution.instance.clone();
             self.dbs.offer_state.put(txn, &k, &state.to_bytes()?)?;
             self.book
                 .update(&c.offer.id, c.offer.version, |s| s.record_conversion(group));
@@ -1183,7 +1184,7 @@ impl Nba {
                     customer: self.pseudonymizer.pseudonym(customer),
                     offer: c.offer.id.clone(),
                     version: c.offer.version,
-                    instance: String::new(),
+                    instance,
                     outcome: match group {
                         Group::Treated => "converted".to_owned(),
                         Group::Control => "converted_control".to_owned(),

@@ -1307,3 +1307,40 @@ conversion = { on = ["shop.purchase"], window = "1h" }
     assert!(groups.0 > 0 && groups.1 > 0, "both groups seen: {groups:?}");
     close(h, w).await;
 }
+
+/// Rule states are kept per version, so a rule file reverted to an
+/// earlier version resumes that version's progress: a tier it awarded is
+/// not awarded again, and the newer version counts apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverted_rule_version_resumes_without_awarding_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let v1 = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
+    let mut v2 = v1.clone();
+    v2.achievements[0].version = 2;
+    let (h, w) = open(&cfg, &v1);
+    let awards = |records: &[Record]| -> Vec<(u32, u32)> {
+        records
+            .iter()
+            .filter(|r| matches!(r.body, RecordBody::AchievementAwarded(_)))
+            .map(|r| (award(r).version, award(r).tier))
+            .collect()
+    };
+    h.submit((0..3).map(|i| cheer(&format!("a{i}"), "fan-1")).collect())
+        .await
+        .unwrap();
+    assert_eq!(awards(&all_records(&h).await), vec![(1, 1)]);
+
+    h.replace_rules(&v2).await.unwrap();
+    h.submit((0..2).map(|i| cheer(&format!("b{i}"), "fan-1")).collect())
+        .await
+        .unwrap();
+    assert_eq!(awards(&all_records(&h).await), vec![(1, 1), (2, 1)]);
+
+    // Back to version 1: its count goes on from 3, so tier 1 stays
+    // awarded and the next event reaches tier 2.
+    h.replace_rules(&v1).await.unwrap();
+    h.submit(vec![cheer("c0", "fan-1")]).await.unwrap();
+    assert_eq!(awards(&all_records(&h).await), vec![(1, 1), (2, 1), (1, 2)]);
+    close(h, w).await;
+}

@@ -861,6 +861,7 @@ async fn rule_stats_report_each_interval_once_and_flush_on_reload() {
     let options = StoreOptions {
         clock: Some(Arc::new(move || c.load(Ordering::SeqCst))),
         rule_stats_interval: Some(Duration::from_secs(60)),
+        ..Default::default()
     };
     let (h, w) = Store::open_with(&cfg, &rules, options).unwrap();
     h.submit((0..3).map(|i| cheer(&format!("c{i}"), "fan-1")).collect())
@@ -1342,5 +1343,102 @@ async fn a_reverted_rule_version_resumes_without_awarding_again() {
     h.replace_rules(&v1).await.unwrap();
     h.submit(vec![cheer("c0", "fan-1")]).await.unwrap();
     assert_eq!(awards(&all_records(&h).await), vec![(1, 1), (2, 1), (1, 2)]);
+    close(h, w).await;
+}
+
+/// A venue-wide trigger decides present fans a chunk per transaction: its
+/// own commit holds the first chunk only, other commands commit between
+/// chunks, and a store closed mid-fan-out resumes at its cursor when
+/// reopened. Every fan is decided exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_venue_wide_fan_out_goes_in_chunks_and_resumes_after_a_restart() {
+    const FANS: usize = 2_000;
+    const CHUNK: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.nba.control_share = 0.0;
+    let mut rules = bundle(Vec::new());
+    rules.offers = edge_config::parse_offers(
+        r#"
+[[offer]]
+id = "goal-scarf"
+on = ["match.goal"]
+consent = "marketing"
+value = 5.0
+expires_after = "1h"
+payload = { title = "Goal! Scarf -20%" }
+"#,
+        Path::new("rules/offers.toml"),
+    )
+    .unwrap();
+    let options = || StoreOptions {
+        clock: Some(Arc::new(|| T0)),
+        fanout_chunk: Some(CHUNK),
+        ..Default::default()
+    };
+    let (h, w) = Store::open_with(&cfg, &rules, options()).unwrap();
+    let profiles: Vec<Event> = (0..FANS)
+        .map(|i| {
+            let consent = json!({ "consent": { "marketing": true } });
+            ev(
+                &format!("p-{i}"),
+                "customer.profile",
+                Some(&format!("fan-{i}")),
+                consent,
+            )
+        })
+        .collect();
+    h.submit(profiles).await.unwrap();
+    let goal = ev("goal-1", "match.goal", None, json!({ "team": "A" }));
+    assert_eq!(
+        h.submit(vec![goal]).await,
+        Ok(vec![EventOutcome::Committed {
+            records: CHUNK as u32
+        }]),
+        "the trigger's own commit decides the first chunk"
+    );
+    close(h, w).await;
+    let summary = read_outbox_summary(&cfg.site.data_dir, cfg.store.map_size)
+        .unwrap()
+        .unwrap();
+    assert!(
+        summary.records < FANS as u64,
+        "closed mid-fan-out: {} records",
+        summary.records
+    );
+
+    let (h, w) = Store::open_with(&cfg, &rules, options()).unwrap();
+    let stats = h.nba_stats();
+    assert!(stats.fanouts_open() > 0, "the fan-out is still open");
+    // An event between chunks commits while the fan-out goes on.
+    assert_eq!(
+        h.submit(vec![cheer("cheer-1", "fan-1")]).await,
+        Ok(vec![EventOutcome::Committed { records: 0 }])
+    );
+    assert!(
+        stats.fanouts_open() > 0,
+        "answered before the fan-out ended"
+    );
+    let records = wait_for_records(&h, |r| {
+        r.iter()
+            .filter(|r| matches!(r.body, RecordBody::OfferDecision(_)))
+            .count()
+            >= FANS
+    })
+    .await;
+    let decided: Vec<&str> = records
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::OfferDecision(d) => Some(d.customer.as_str()),
+            _ => None,
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<&str> = decided.iter().copied().collect();
+    assert_eq!((decided.len(), distinct.len()), (FANS, FANS));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats.fanouts_open() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stats.fanouts_open(), 0);
     close(h, w).await;
 }

@@ -22,6 +22,7 @@ mod dedup;
 mod dlq;
 mod engine_table;
 mod env;
+mod fanout;
 pub(crate) mod keys;
 mod meta;
 pub mod nba;
@@ -107,6 +108,9 @@ pub struct StoreOptions {
     pub clock: Option<Clock>,
     /// How often `RuleStats` records are queued (default one minute).
     pub rule_stats_interval: Option<std::time::Duration>,
+    /// Fans a venue-wide fan-out decides per transaction (default
+    /// 4,096; at least 1).
+    pub fanout_chunk: Option<usize>,
 }
 
 /// Key file of the leaderboard pseudonyms, in the data directory.
@@ -238,7 +242,7 @@ impl Store {
                 detail: e.to_string(),
             })?;
             txn.commit().map_err(write_err)?;
-            nba
+            nba.with_fanout_chunk(options.fanout_chunk.unwrap_or(fanout::CHUNK))
         };
         let event_permit_cap = settings
             .commit_max_events

@@ -22,6 +22,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use tracing::warn;
 use super::committed::Committed;
 use super::customers;
 use super::engine_table::ProgressView;
+use super::fanout::{self, Job, JobError, Jobs};
 use super::keys::KeyBuf;
 use super::publications::{topic_level, Publication};
 use super::ratelimit::LogLimiter;
@@ -110,6 +112,8 @@ pub(crate) struct NbaDbs {
     pub presence: Database<Bytes, Bytes>,
     /// `seed`, `next_instance` → u64 BE.
     pub meta: Database<Str, Bytes>,
+    /// sequence → fan-out still to finish (see [`super::fanout`]).
+    pub fanouts: Database<Bytes, Bytes>,
 }
 
 impl NbaDbs {
@@ -124,6 +128,7 @@ impl NbaDbs {
             totals: env.create_database(txn, Some(DB_TOTALS))?,
             presence: env.create_database(txn, Some(DB_PRESENCE))?,
             meta: env.create_database(txn, Some(DB_META))?,
+            fanouts: env.create_database(txn, Some(super::fanout::DB_FANOUTS))?,
         })
     }
 }
@@ -140,6 +145,8 @@ pub(crate) enum NbaError {
     Customer(#[from] customers::CustomerError),
     #[error("{0}")]
     Reward(#[from] RewardError),
+    #[error("{0}")]
+    Job(#[from] JobError),
 }
 
 /// Counters for metrics; added after each commit, so rolled-back work is
@@ -155,6 +162,7 @@ pub struct NbaStats {
     pub(crate) bad_answers: AtomicU64,
     pub(crate) expression_errors: AtomicU64,
     pub(crate) fanout_customers: AtomicU64,
+    pub(crate) fanouts_open: AtomicU64,
 }
 
 /// The outcomes in the order of [`NbaStats::outcomes`].
@@ -200,6 +208,11 @@ impl NbaStats {
     pub fn expression_errors(&self) -> u64 {
         self.expression_errors.load(Ordering::Relaxed)
     }
+    /// Venue-wide fan-outs with fans still to decide, as of the last
+    /// commit.
+    pub fn fanouts_open(&self) -> u64 {
+        self.fanouts_open.load(Ordering::Relaxed)
+    }
     /// Customers a venue-wide trigger was decided for.
     pub fn fanout_customers(&self) -> u64 {
         self.fanout_customers.load(Ordering::Relaxed)
@@ -218,6 +231,8 @@ struct Tally {
     bad_answers: u64,
     expression_errors: u64,
     fanout_customers: u64,
+    /// Fan-out jobs stored after this transaction, when it changed them.
+    fanouts_open: Option<u64>,
 }
 
 /// What next-best-action work asks the writer to queue in the same
@@ -258,6 +273,16 @@ pub(crate) trait Drain {
 /// Decisions a fan-out makes between drains of its output.
 const DRAIN_EVERY: usize = 1024;
 
+/// A venue-wide trigger, as each chunk of its fan-out decides it.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    catalog: &'a Catalog,
+    scope: &'a cel::Context<'a, 'a>,
+    trigger: &'a Event,
+    triggered: &'a [usize],
+    event_seed: u64,
+}
+
 /// In-memory state as of the last commit.
 #[derive(Clone)]
 struct Snapshot {
@@ -290,6 +315,10 @@ pub(crate) struct Nba {
     key2: KeyBuf,
     error_log: LogLimiter,
     answer_log: LogLimiter,
+    /// Fan-out jobs stored, as of the last commit.
+    fanouts_open: u64,
+    /// Fans a fan-out decides per transaction.
+    fanout_chunk: usize,
 }
 
 /// Customers remembered in [`Nba::presence`] (about 100 bytes each).
@@ -354,6 +383,8 @@ impl Nba {
             }
         }
         let next_due_ms = first_expiry(dbs.expiry, txn)?;
+        let fanouts_open = dbs.fanouts.len(txn)?;
+        stats.fanouts_open.store(fanouts_open, Ordering::Relaxed);
         Ok(Nba {
             dbs,
             catalog: Arc::new(catalog),
@@ -374,7 +405,15 @@ impl Nba {
             key2: KeyBuf::default(),
             error_log: LogLimiter::new(LOG_INTERVAL),
             answer_log: LogLimiter::new(LOG_INTERVAL),
+            fanouts_open,
+            fanout_chunk: fanout::CHUNK,
         })
+    }
+
+    /// Sets how many fans a fan-out decides per transaction (at least 1).
+    pub(crate) fn with_fanout_chunk(mut self, fans: usize) -> Nba {
+        self.fanout_chunk = fans.max(1);
+        self
     }
 
     /// A transaction starts. When the previous one did not commit, its
@@ -421,6 +460,10 @@ impl Nba {
         add(&s.bad_answers, t.bad_answers);
         add(&s.expression_errors, t.expression_errors);
         add(&s.fanout_customers, t.fanout_customers);
+        if let Some(open) = t.fanouts_open {
+            self.fanouts_open = open;
+            s.fanouts_open.store(open, Ordering::Relaxed);
+        }
     }
 
     /// New offers (a reload), between two commits. Learned arms and
@@ -449,9 +492,7 @@ impl Nba {
         drain: &mut dyn Drain,
     ) -> Result<(), NbaError> {
         let Neighbours {
-            profiles,
-            rewards,
-            progress,
+            rewards, progress, ..
         } = neighbours;
         if let Some(customer) = event.subject.as_deref() {
             self.touch_presence(txn, customer, event.time_ms)?;
@@ -500,45 +541,22 @@ impl Nba {
                 )?;
             }
             None => {
-                let present = self.present(txn, event.time_ms)?;
-                self.tally.fanout_customers += present.len() as u64;
-                let mut memo = catalog.deciding_fields(&event.kind).map(Memo::new);
-                for customer in present {
-                    let Some(profile) = customers::load(profiles, txn, &mut self.key, &customer)?
-                    else {
-                        continue;
+                let chunk = Chunk {
+                    catalog: &catalog,
+                    scope: &scope,
+                    trigger: event,
+                    triggered,
+                    event_seed,
+                };
+                if let Some(after) = self.fan_out(txn, neighbours, &chunk, None, out, drain)? {
+                    let jobs = Jobs::new(self.dbs.fanouts);
+                    let job = Job {
+                        seq: jobs.next_seq(txn)?,
+                        trigger: event.clone(),
+                        after,
                     };
-                    if !customers::consents(&profile, "gamification") {
-                        continue;
-                    }
-                    let fresh;
-                    let customer_progress;
-                    let eligibility = match &mut memo {
-                        // Only when no expression reads more than profile
-                        // fields (so none reads progress).
-                        Some(memo) => memo.get(&scope, &profile, |cscope| {
-                            eligibility::evaluate(&catalog, cscope, &profile, triggered)
-                        }),
-                        None => {
-                            customer_progress =
-                                progress_for(&catalog, progress, txn, &customer, event.time_ms)?;
-                            let cscope = expr::customer_scope(&scope, &profile, &customer_progress);
-                            fresh = eligibility::evaluate(&catalog, &cscope, &profile, triggered);
-                            &fresh
-                        }
-                    };
-                    self.decide(
-                        txn,
-                        &catalog,
-                        eligibility,
-                        event,
-                        &customer,
-                        event_seed,
-                        out,
-                    )?;
-                    if out.records.len() >= DRAIN_EVERY {
-                        drain.drain(txn, out)?;
-                    }
+                    jobs.put(txn, &job)?;
+                    self.tally.fanouts_open = Some(self.dbs.fanouts.len(txn)?);
                 }
             }
         }
@@ -687,11 +705,146 @@ impl Nba {
         Ok(())
     }
 
-    /// Customers seen within [`PRESENCE_WINDOW`] of `at_ms`.
-    fn present(&self, txn: &RwTxn, at_ms: i64) -> Result<Vec<String>, NbaError> {
+    /// Decides the trigger for the next present fans after `after` (from
+    /// the first when `None`), at most `fanout_chunk` of them. Returns
+    /// the presence key of the last fan decided when more may follow.
+    fn fan_out(
+        &mut self,
+        txn: &mut RwTxn,
+        neighbours: Neighbours<'_>,
+        chunk: &Chunk<'_>,
+        after: Option<&[u8]>,
+        out: &mut Output,
+        drain: &mut dyn Drain,
+    ) -> Result<Option<Vec<u8>>, NbaError> {
+        let Chunk {
+            catalog,
+            scope,
+            trigger,
+            triggered,
+            event_seed,
+        } = *chunk;
+        let (present, next) = self.present(txn, trigger.time_ms, after, self.fanout_chunk)?;
+        self.tally.fanout_customers += present.len() as u64;
+        let mut memo = catalog.deciding_fields(&trigger.kind).map(Memo::new);
+        for customer in present {
+            let Some(profile) =
+                customers::load(neighbours.profiles, txn, &mut self.key, &customer)?
+            else {
+                continue;
+            };
+            if !customers::consents(&profile, "gamification") {
+                continue;
+            }
+            let fresh;
+            let customer_progress;
+            let eligibility = match &mut memo {
+                // Only when no expression reads more than profile
+                // fields (so none reads progress).
+                Some(memo) => memo.get(scope, &profile, |cscope| {
+                    eligibility::evaluate(catalog, cscope, &profile, triggered)
+                }),
+                None => {
+                    customer_progress = progress_for(
+                        catalog,
+                        neighbours.progress,
+                        txn,
+                        &customer,
+                        trigger.time_ms,
+                    )?;
+                    let cscope = expr::customer_scope(scope, &profile, &customer_progress);
+                    fresh = eligibility::evaluate(catalog, &cscope, &profile, triggered);
+                    &fresh
+                }
+            };
+            self.decide(
+                txn,
+                catalog,
+                eligibility,
+                trigger,
+                &customer,
+                event_seed,
+                out,
+            )?;
+            if out.records.len() >= DRAIN_EVERY {
+                drain.drain(txn, out)?;
+            }
+        }
+        Ok(next)
+    }
+
+    /// Whether a venue-wide fan-out still has fans to decide (as of the
+    /// last commit).
+    pub(crate) fn fanout_pending(&self) -> bool {
+        self.fanouts_open > 0
+    }
+
+    /// Decides the next chunk of the oldest unfinished fan-out, with the
+    /// offers loaded now, and stores how far it got. A job that cannot be
+    /// read is dropped with a log line (its trigger's first chunk was
+    /// decided with the trigger).
+    pub(crate) fn continue_fanout(
+        &mut self,
+        txn: &mut RwTxn,
+        neighbours: Neighbours<'_>,
+        out: &mut Output,
+        drain: &mut dyn Drain,
+    ) -> Result<(), NbaError> {
+        let jobs = Jobs::new(self.dbs.fanouts);
+        match jobs.first(txn) {
+            Ok(Some(job)) => {
+                let catalog = self.catalog.clone();
+                let trigger = &job.trigger;
+                let triggered = catalog.triggered_by(&trigger.kind);
+                let next = if triggered.is_empty() {
+                    // The offers it triggered are gone (a reload).
+                    None
+                } else {
+                    let scope = expr::event_scope(&catalog.root, trigger);
+                    let chunk = Chunk {
+                        catalog: &catalog,
+                        scope: &scope,
+                        trigger,
+                        triggered,
+                        event_seed: self.event_seed(trigger),
+                    };
+                    self.fan_out(txn, neighbours, &chunk, Some(&job.after), out, drain)?
+                };
+                match next {
+                    Some(after) => jobs.put(txn, &Job { after, ..job })?,
+                    None => jobs.finish(txn, job.seq)?,
+                }
+                write_u64(self.dbs.meta, txn, META_NEXT_INSTANCE, self.next_instance)?;
+            }
+            Ok(None) => {}
+            Err(JobError::Lmdb(e)) => return Err(e.into()),
+            Err(e) => {
+                self.log_error(&format!(
+                    "dropping a venue-wide fan-out that cannot be read: {e}"
+                ));
+                if let Some(seq) = jobs.first_seq(txn)? {
+                    jobs.finish(txn, seq)?;
+                }
+            }
+        }
+        self.tally.fanouts_open = Some(self.dbs.fanouts.len(txn)?);
+        Ok(())
+    }
+
+    /// Up to `limit` customers seen within [`PRESENCE_WINDOW`] of
+    /// `at_ms`, in key order after `after`, and the key of the last one
+    /// when the limit cut the scan short.
+    fn present(
+        &self,
+        txn: &RwTxn,
+        at_ms: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<String>, Option<Vec<u8>>), NbaError> {
         let from = at_ms.saturating_sub(millis(PRESENCE_WINDOW));
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut out = Vec::new();
-        for entry in self.dbs.presence.iter(txn)? {
+        for entry in self.dbs.presence.range(txn, &(start, Bound::Unbounded))? {
             let (k, v) = entry?;
             let seen = <[u8; 8]>::try_from(v).map(i64::from_be_bytes).unwrap_or(0);
             // Seen after the moment (a late trigger) counts as present too.
@@ -700,9 +853,12 @@ impl Nba {
             }
             if let Some(c) = customer_of(k) {
                 out.push(c);
+                if out.len() >= limit {
+                    return Ok((out, Some(k.to_vec())));
+                }
             }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     fn event_seed(&self, event: &Event) -> u64 {

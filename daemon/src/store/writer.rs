@@ -11,7 +11,7 @@
 //! error and changes nothing, so nothing that was answered `Ok` is lost.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -202,6 +202,7 @@ impl From<NbaError> for GroupError {
             NbaError::Lmdb(e) => e.into(),
             NbaError::Reward(RewardError::Lmdb(e)) => e.into(),
             NbaError::Customer(CustomerError::Lmdb(e)) => e.into(),
+            NbaError::Job(super::fanout::JobError::Lmdb(e)) => e.into(),
             other => GroupError::Failed(other.to_string()),
         }
     }
@@ -326,8 +327,16 @@ impl Writer {
             self.stats.beat();
             self.report_rule_stats(false);
             self.nba_tick(false);
+            // A venue-wide fan-out goes on one chunk per turn, between
+            // groups of other commands, which wait at most one chunk.
+            let fanning_out = self.nba.fanout_pending() && self.nba_fanout();
             let first = match swap.take() {
                 Some(cmd) => cmd,
+                None if fanning_out => match rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(TryRecvError::Empty) => continue,
+                    Err(TryRecvError::Disconnected) => break,
+                },
                 None => match rx.recv_timeout(IDLE_SWEEP_INTERVAL) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => {
@@ -930,18 +939,57 @@ impl Writer {
         if !force && !self.nba.due(now_ms) {
             return;
         }
+        self.nba_transaction("offer timers or statistics", |nba, txn, _, out, _| {
+            nba.tick(txn, now_ms, out)?;
+            if force {
+                nba.close_stats(txn, now_ms, out)?;
+            }
+            Ok(())
+        });
+    }
+
+    /// Decides the next chunk of an unfinished venue-wide fan-out in a
+    /// transaction of its own. Returns false when it failed: the job
+    /// stays, and the writer waits for its next turn as when idle rather
+    /// than retrying at once.
+    fn nba_fanout(&mut self) -> bool {
+        self.nba_transaction(
+            "venue-wide fan-out chunk",
+            |nba, txn, neighbours, out, drain| nba.continue_fanout(txn, neighbours, out, drain),
+        )
+    }
+
+    /// Runs next-best-action work that no command carries (timers, a
+    /// fan-out's later chunks) in a transaction of its own, with its
+    /// output queued in the same transaction. Returns whether it
+    /// committed; a failure is logged (`what` names the work) and leaves
+    /// the stored state as it was.
+    fn nba_transaction(
+        &mut self,
+        what: &str,
+        work: impl FnOnce(
+            &mut Nba,
+            &mut RwTxn,
+            super::nba::Neighbours<'_>,
+            &mut NbaOutput,
+            &mut dyn Drain,
+        ) -> Result<(), NbaError>,
+    ) -> bool {
         let result = (|| -> Result<(Meta, Tally), GroupError> {
             let env = self.env.clone();
             let mut txn = env.write_txn()?;
             self.nba.begin();
             let mut meta = self.meta;
             let mut tally = Tally::default();
-            let mut out = super::nba::Output::default();
-            self.nba.tick(&mut txn, now_ms, &mut out)?;
-            if force {
-                self.nba.close_stats(&mut txn, now_ms, &mut out)?;
-            }
-            let (_, mut queue, _) = self.nba_queue(&mut meta, &mut tally);
+            let mut out = NbaOutput::default();
+            let rewards = self.reward_dbs();
+            let (nba, mut queue, engine) = self.nba_queue(&mut meta, &mut tally);
+            let neighbours = super::nba::Neighbours {
+                profiles: queue.dbs.profiles,
+                rewards,
+                progress: ProgressView::new(engine, queue.dbs),
+            };
+            work(nba, &mut txn, neighbours, &mut out, &mut queue)?;
             queue.drain(&mut txn, &mut out)?;
             tally.records = queue.records as u64;
             if meta != self.meta {
@@ -965,6 +1013,7 @@ impl Writer {
                     self.notify.notify_waiters();
                     self.notify.notify_one();
                 }
+                true
             }
             Err(e) => {
                 let msg = match e {
@@ -972,8 +1021,9 @@ impl Writer {
                     GroupError::Failed(m) => m,
                 };
                 if let Some(suppressed) = self.error_log.check() {
-                    warn!(error = %msg, suppressed, "offer timers or statistics not committed; will retry");
+                    warn!(error = %msg, suppressed, "{what} not committed; will retry");
                 }
+                false
             }
         }
     }

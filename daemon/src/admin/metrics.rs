@@ -375,6 +375,11 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         "Customers decided for by venue-wide triggers.",
         nba.fanout_customers(),
     );
+    x.gauge(
+        "touchline_nba_fanouts_open",
+        "Venue-wide fan-outs with fans still to decide (a chunk commits per writer turn).",
+        nba.fanouts_open() as f64,
+    );
     x.counter(
         "touchline_publications_queued_total",
         "MQTT messages (progress, offers) queued in commits.",

@@ -106,6 +106,13 @@ fn bundle(rules: Vec<AchievementRule>) -> RuleBundle {
     }
 }
 
+/// `rules` plus the offers of `toml` (as if read from `rules/offers.toml`).
+fn with_offers(rules: Vec<AchievementRule>, toml: &str) -> RuleBundle {
+    let mut bundle = bundle(rules);
+    bundle.offers = edge_config::parse_offers(toml, Path::new("rules/offers.toml")).unwrap();
+    bundle
+}
+
 fn ev(id: &str, kind: &str, subject: Option<&str>, data: serde_json::Value) -> Event {
     Event {
         id: id.into(),
@@ -1151,8 +1158,8 @@ async fn offer_audiences_read_achievement_progress() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = site(dir.path());
     cfg.nba.control_share = 0.0;
-    let mut rules = bundle(vec![rule("cheers", "fan.cheer", None, &[10.0])]);
-    rules.offers = edge_config::parse_offers(
+    let rules = with_offers(
+        vec![rule("cheers", "fan.cheer", None, &[10.0])],
         r#"
 [[offer]]
 id = "almost-there"
@@ -1163,9 +1170,7 @@ value = 5.0
 expires_after = "5m"
 payload = { title = "Two more cheers" }
 "#,
-        Path::new("rules/offers.toml"),
-    )
-    .unwrap();
+    );
     let (h, w) = open(&cfg, &rules);
     let fans = [("fan-1", 3), ("fan-2", 1), ("fan-3", 10), ("fan-4", 0)];
     let mut events = Vec::new();
@@ -1211,8 +1216,8 @@ async fn conversions_name_the_decision_they_follow() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = site(dir.path());
     cfg.nba.control_share = 0.5;
-    let mut rules = bundle(Vec::new());
-    rules.offers = edge_config::parse_offers(
+    let rules = with_offers(
+        Vec::new(),
         r#"
 [[offer]]
 id = "jersey"
@@ -1223,9 +1228,7 @@ expires_after = "5m"
 payload = { title = "Jersey" }
 conversion = { on = ["shop.purchase"], window = "1h" }
 "#,
-        Path::new("rules/offers.toml"),
-    )
-    .unwrap();
+    );
     // Decisions are stamped with the store's clock; conversions count
     // only after them.
     let (h, w) = open_with_clock(&cfg, &rules, Arc::new(AtomicI64::new(T0)));
@@ -1357,8 +1360,8 @@ async fn a_venue_wide_fan_out_goes_in_chunks_and_resumes_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = site(dir.path());
     cfg.nba.control_share = 0.0;
-    let mut rules = bundle(Vec::new());
-    rules.offers = edge_config::parse_offers(
+    let rules = with_offers(
+        Vec::new(),
         r#"
 [[offer]]
 id = "goal-scarf"
@@ -1368,9 +1371,7 @@ value = 5.0
 expires_after = "1h"
 payload = { title = "Goal! Scarf -20%" }
 "#,
-        Path::new("rules/offers.toml"),
-    )
-    .unwrap();
+    );
     let options = || StoreOptions {
         clock: Some(Arc::new(|| T0)),
         fanout_chunk: Some(CHUNK),

@@ -22,7 +22,8 @@
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
-//! only). The engine modes run twice, alternating, and the faster run of
+//! only, `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's
+//! store syncing less than the default `full`). The engine modes run twice, alternating, and the faster run of
 //! each is reported. Absolute numbers on a shared machine are
 //! noisy; the ratios are the figures to compare across machines.
 
@@ -406,12 +407,17 @@ struct Http {
 
 /// The daemon with the rules and HTTP ingest; profiles first (untimed),
 /// then `events` from 4 clients.
-async fn http_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Result<Http> {
+async fn http_run(
+    rules: &str,
+    events: &[Event],
+    start_ms: i64,
+    sync: &str,
+) -> anyhow::Result<Http> {
     let dir = tempfile::tempdir()?;
     let (site, bundle) = site(
         dir.path(),
         Some(rules),
-        "\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+        &format!("sync = \"{sync}\"\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n"),
     )?;
     // Bodies are serialised before the daemon starts: we measure the daemon
     // and they are part of both memory readings.
@@ -451,6 +457,16 @@ fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     // Only the engine-alone modes, one round: for profiling the engine.
     let alone_only = std::env::args().any(|a| a == "--alone");
+    // `--pipeline-sync <mode>`: the pipeline store's durability, to see
+    // what the disk's share of the pipeline's time is.
+    let args: Vec<String> = std::env::args().collect();
+    let pipeline_sync = match args.iter().position(|a| a == "--pipeline-sync") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some(mode @ ("full" | "no-meta-sync" | "none")) => mode.to_string(),
+            other => bail!("--pipeline-sync wants full, no-meta-sync or none, not {other:?}"),
+        },
+        None => "full".to_string(),
+    };
     let (engine_events, http_events) = if quick {
         (200_000, 150_000)
     } else {
@@ -532,7 +548,7 @@ fn main() -> anyhow::Result<()> {
         }
 
         let events = main_events(http_events, start_ms);
-        let http = http_run(&selective, &events, start_ms).await?;
+        let http = http_run(&selective, &events, start_ms, &pipeline_sync).await?;
         drop(events);
 
         let cel_ns = (best[1].seconds - best[2].seconds) * 1e9 / predicate_evals as f64;
@@ -563,7 +579,7 @@ fn main() -> anyhow::Result<()> {
             rate(&best[2])
         );
         println!(
-            "  4. full pipeline, HTTP (sync full, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): {:.0} events/s (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
+            "  4. full pipeline, HTTP (sync {pipeline_sync}, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): {:.0} events/s (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
             http_events as f64 / http.seconds,
             http.awards,
             http.predicate_errors

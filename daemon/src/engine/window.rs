@@ -200,15 +200,11 @@ const PERIOD_PREFIX: &str = "period:";
 
 /// Whether `name` is [`period_name`] of `id`, without formatting it.
 fn names_period(name: &str, id: &str) -> bool {
-    period_id(name) == Some(id)
+    name.strip_prefix(PERIOD_PREFIX) == Some(id)
 }
 
-/// The period a [`period_name`] names; `None` for other windows.
-pub fn period_id(name: &str) -> Option<&str> {
-    name.strip_prefix(PERIOD_PREFIX)
-}
-
-/// [`period_id`] of a name still in bytes, as stored.
+/// The period a [`period_name`] names, from the name as stored (bytes);
+/// `None` for other windows.
 pub fn period_id_bytes(name: &[u8]) -> Option<&[u8]> {
     name.strip_prefix(PERIOD_PREFIX.as_bytes())
 }

@@ -103,48 +103,39 @@ impl Jobs {
         Jobs { db }
     }
 
-    /// The oldest unfinished job.
-    pub(crate) fn first(&self, txn: &RoTxn) -> Result<Option<Job>, JobError> {
-        let Some((k, v)) = self.db.first(txn)? else {
-            return Ok(None);
-        };
-        let seq = <[u8; 8]>::try_from(k).map(u64::from_be_bytes).unwrap_or(0);
-        decode(seq, v).map(Some)
+    /// The oldest unfinished job, by its sequence, or why it cannot be
+    /// read (the caller drops it rather than retrying it forever).
+    pub(crate) fn first(&self, txn: &RoTxn) -> heed::Result<Option<(u64, Result<Job, JobError>)>> {
+        Ok(self.db.first(txn)?.map(|(k, v)| {
+            let seq = seq_of(k);
+            (seq, decode(seq, v))
+        }))
     }
 
     /// The sequence a new job gets: after every stored one.
-    pub(crate) fn next_seq(&self, txn: &RoTxn) -> Result<u64, JobError> {
-        Ok(match self.db.last(txn)? {
-            Some((k, _)) => <[u8; 8]>::try_from(k)
-                .map(u64::from_be_bytes)
-                .unwrap_or(0)
-                .saturating_add(1),
-            None => 1,
-        })
+    pub(crate) fn next_seq(&self, txn: &RoTxn) -> heed::Result<u64> {
+        Ok(self
+            .db
+            .last(txn)?
+            .map_or(1, |(k, _)| seq_of(k).saturating_add(1)))
     }
 
     /// Stores the job (new, or its advanced cursor).
     pub(crate) fn put(&self, txn: &mut RwTxn, job: &Job) -> Result<(), JobError> {
-        self.db
-            .put(txn, &job.seq.to_be_bytes(), &encode(job)?)
-            .map_err(JobError::from)
-    }
-
-    /// The job is done (or cannot be read: it is dropped, not retried
-    /// forever).
-    pub(crate) fn finish(&self, txn: &mut RwTxn, seq: u64) -> Result<(), JobError> {
-        self.db.delete(txn, &seq.to_be_bytes())?;
+        self.db.put(txn, &job.seq.to_be_bytes(), &encode(job)?)?;
         Ok(())
     }
 
-    /// The key of the first stored job, readable even when its value is
-    /// not (to drop it).
-    pub(crate) fn first_seq(&self, txn: &RoTxn) -> Result<Option<u64>, JobError> {
-        Ok(self
-            .db
-            .first(txn)?
-            .map(|(k, _)| <[u8; 8]>::try_from(k).map(u64::from_be_bytes).unwrap_or(0)))
+    /// The job is done, or dropped.
+    pub(crate) fn finish(&self, txn: &mut RwTxn, seq: u64) -> heed::Result<()> {
+        self.db.delete(txn, &seq.to_be_bytes())?;
+        Ok(())
     }
+}
+
+/// A job key's sequence (keys are written by [`Jobs::put`] only).
+fn seq_of(key: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(key).map_or(0, u64::from_be_bytes)
 }
 
 #[cfg(test)]

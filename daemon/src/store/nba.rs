@@ -20,7 +20,6 @@
 //! way, and a restart changes nothing. The site seed is drawn once and
 //! stored.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -315,8 +314,6 @@ pub(crate) struct Nba {
     key2: KeyBuf,
     error_log: LogLimiter,
     answer_log: LogLimiter,
-    /// Fan-out jobs stored, as of the last commit.
-    fanouts_open: u64,
     /// Fans a fan-out decides per transaction.
     fanout_chunk: usize,
 }
@@ -383,8 +380,9 @@ impl Nba {
             }
         }
         let next_due_ms = first_expiry(dbs.expiry, txn)?;
-        let fanouts_open = dbs.fanouts.len(txn)?;
-        stats.fanouts_open.store(fanouts_open, Ordering::Relaxed);
+        stats
+            .fanouts_open
+            .store(dbs.fanouts.len(txn)?, Ordering::Relaxed);
         Ok(Nba {
             dbs,
             catalog: Arc::new(catalog),
@@ -405,7 +403,6 @@ impl Nba {
             key2: KeyBuf::default(),
             error_log: LogLimiter::new(LOG_INTERVAL),
             answer_log: LogLimiter::new(LOG_INTERVAL),
-            fanouts_open,
             fanout_chunk: fanout::CHUNK,
         })
     }
@@ -461,7 +458,6 @@ impl Nba {
         add(&s.expression_errors, t.expression_errors);
         add(&s.fanout_customers, t.fanout_customers);
         if let Some(open) = t.fanouts_open {
-            self.fanouts_open = open;
             s.fanouts_open.store(open, Ordering::Relaxed);
         }
     }
@@ -548,7 +544,7 @@ impl Nba {
                     triggered,
                     event_seed,
                 };
-                if let Some(after) = self.fan_out(txn, neighbours, &chunk, None, out, drain)? {
+                if let Some(after) = self.fan_out(txn, neighbours, chunk, None, out, drain)? {
                     let jobs = Jobs::new(self.dbs.fanouts);
                     let job = Job {
                         seq: jobs.next_seq(txn)?,
@@ -712,7 +708,7 @@ impl Nba {
         &mut self,
         txn: &mut RwTxn,
         neighbours: Neighbours<'_>,
-        chunk: &Chunk<'_>,
+        chunk: Chunk<'_>,
         after: Option<&[u8]>,
         out: &mut Output,
         drain: &mut dyn Drain,
@@ -723,7 +719,7 @@ impl Nba {
             trigger,
             triggered,
             event_seed,
-        } = *chunk;
+        } = chunk;
         let (present, next) = self.present(txn, trigger.time_ms, after, self.fanout_chunk)?;
         self.tally.fanout_customers += present.len() as u64;
         let mut memo = catalog.deciding_fields(&trigger.kind).map(Memo::new);
@@ -776,7 +772,7 @@ impl Nba {
     /// Whether a venue-wide fan-out still has fans to decide (as of the
     /// last commit).
     pub(crate) fn fanout_pending(&self) -> bool {
-        self.fanouts_open > 0
+        self.stats.fanouts_open() > 0
     }
 
     /// Decides the next chunk of the oldest unfinished fan-out, with the
@@ -791,8 +787,8 @@ impl Nba {
         drain: &mut dyn Drain,
     ) -> Result<(), NbaError> {
         let jobs = Jobs::new(self.dbs.fanouts);
-        match jobs.first(txn) {
-            Ok(Some(job)) => {
+        match jobs.first(txn)? {
+            Some((_, Ok(job))) => {
                 let catalog = self.catalog.clone();
                 let trigger = &job.trigger;
                 let triggered = catalog.triggered_by(&trigger.kind);
@@ -808,7 +804,7 @@ impl Nba {
                         triggered,
                         event_seed: self.event_seed(trigger),
                     };
-                    self.fan_out(txn, neighbours, &chunk, Some(&job.after), out, drain)?
+                    self.fan_out(txn, neighbours, chunk, Some(&job.after), out, drain)?
                 };
                 match next {
                     Some(after) => jobs.put(txn, &Job { after, ..job })?,
@@ -816,16 +812,13 @@ impl Nba {
                 }
                 write_u64(self.dbs.meta, txn, META_NEXT_INSTANCE, self.next_instance)?;
             }
-            Ok(None) => {}
-            Err(JobError::Lmdb(e)) => return Err(e.into()),
-            Err(e) => {
+            Some((seq, Err(e))) => {
                 self.log_error(&format!(
                     "dropping a venue-wide fan-out that cannot be read: {e}"
                 ));
-                if let Some(seq) = jobs.first_seq(txn)? {
-                    jobs.finish(txn, seq)?;
-                }
+                jobs.finish(txn, seq)?;
             }
+            None => {}
         }
         self.tally.fanouts_open = Some(self.dbs.fanouts.len(txn)?);
         Ok(())
@@ -1243,21 +1236,17 @@ impl Nba {
                 continue;
             };
             if let Some(when) = &c.escalate_when {
-                let (profile, progress) = match readings.entry(inst.customer.clone()) {
-                    Entry::Occupied(known) => known.into_mut(),
-                    Entry::Vacant(new) => {
-                        let profile =
-                            customers::load(neighbours.profiles, txn, &mut self.key, new.key())?
-                                .unwrap_or_default();
-                        let progress = progress_for(
-                            catalog,
-                            neighbours.progress,
-                            txn,
-                            new.key(),
-                            event.time_ms,
-                        )?;
-                        new.insert((profile, progress))
-                    }
+                if !readings.contains_key(&inst.customer) {
+                    let customer = &inst.customer;
+                    let profile =
+                        customers::load(neighbours.profiles, txn, &mut self.key, customer)?
+                            .unwrap_or_default();
+                    let progress =
+                        progress_for(catalog, neighbours.progress, txn, customer, event.time_ms)?;
+                    readings.insert(customer.clone(), (profile, progress));
+                }
+                let Some((profile, progress)) = readings.get(&inst.customer) else {
+                    continue;
                 };
                 let cscope = expr::customer_scope(scope, profile, progress);
                 match when.eval_bool(&cscope) {

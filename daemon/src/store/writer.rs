@@ -900,25 +900,25 @@ impl Writer {
         profile: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Result<usize, GroupError> {
         let mut out = super::nba::Output::default();
-        let rewards = self.reward_dbs();
-        let (nba, mut queue, engine) = self.nba_queue(meta, tally);
-        let neighbours = super::nba::Neighbours {
-            profiles: queue.dbs.profiles,
-            rewards,
-            progress: ProgressView::new(engine, queue.dbs),
-        };
+        let (nba, mut queue, neighbours) = self.nba_queue(meta, tally);
         nba.on_event(txn, neighbours, event, profile, &mut out, &mut queue)?;
         queue.drain(txn, &mut out)?;
         Ok(queue.records)
     }
 
-    /// Next best action, and where its output goes: the outbox and the
-    /// publication queue, in the same transaction.
+    /// Next best action, where its output goes (the outbox and the
+    /// publication queue, in the same transaction) and the other stages'
+    /// tables it reads.
     fn nba_queue<'w>(
         &'w mut self,
         meta: &'w mut Meta,
         tally: &'w mut Tally,
-    ) -> (&'w mut Nba, NbaQueue<'w>, &'w Engine) {
+    ) -> (&'w mut Nba, NbaQueue<'w>, super::nba::Neighbours<'w>) {
+        let neighbours = super::nba::Neighbours {
+            profiles: self.dbs.profiles,
+            rewards: self.reward_dbs(),
+            progress: ProgressView::new(&self.engine, &self.dbs),
+        };
         let queue = NbaQueue {
             outbox: &mut self.outbox,
             publications: &mut self.publications,
@@ -928,7 +928,7 @@ impl Writer {
             tally,
             records: 0,
         };
-        (&mut self.nba, queue, &self.engine)
+        (&mut self.nba, queue, neighbours)
     }
 
     /// Expires due offer instances and queues offer statistics when their
@@ -982,13 +982,7 @@ impl Writer {
             let mut meta = self.meta;
             let mut tally = Tally::default();
             let mut out = NbaOutput::default();
-            let rewards = self.reward_dbs();
-            let (nba, mut queue, engine) = self.nba_queue(&mut meta, &mut tally);
-            let neighbours = super::nba::Neighbours {
-                profiles: queue.dbs.profiles,
-                rewards,
-                progress: ProgressView::new(engine, queue.dbs),
-            };
+            let (nba, mut queue, neighbours) = self.nba_queue(&mut meta, &mut tally);
             work(nba, &mut txn, neighbours, &mut out, &mut queue)?;
             queue.drain(&mut txn, &mut out)?;
             tally.records = queue.records as u64;

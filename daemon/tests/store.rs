@@ -124,6 +124,12 @@ fn ev(id: &str, kind: &str, subject: Option<&str>, data: serde_json::Value) -> E
     }
 }
 
+/// `fan`'s profile event opting in to marketing (offers need it).
+fn consenting(fan: &str) -> Event {
+    let consent = json!({ "consent": { "marketing": true } });
+    ev(&format!("p-{fan}"), "customer.profile", Some(fan), consent)
+}
+
 fn cheer(id: &str, fan: &str) -> Event {
     ev(id, "fan.cheer", Some(fan), json!({"intensity": 3}))
 }
@@ -1175,13 +1181,7 @@ payload = { title = "Two more cheers" }
     let fans = [("fan-1", 3), ("fan-2", 1), ("fan-3", 10), ("fan-4", 0)];
     let mut events = Vec::new();
     for (fan, cheers) in fans {
-        let consent = json!({ "consent": { "marketing": true } });
-        events.push(ev(
-            &format!("p-{fan}"),
-            "customer.profile",
-            Some(fan),
-            consent,
-        ));
+        events.push(consenting(fan));
         for i in 0..cheers {
             events.push(cheer(&format!("c-{fan}-{i}"), fan));
         }
@@ -1235,13 +1235,7 @@ conversion = { on = ["shop.purchase"], window = "1h" }
     let fans: Vec<String> = (0..12).map(|i| format!("fan-{i}")).collect();
     let mut events = Vec::new();
     for fan in &fans {
-        let consent = json!({ "consent": { "marketing": true } });
-        events.push(ev(
-            &format!("p-{fan}"),
-            "customer.profile",
-            Some(fan),
-            consent,
-        ));
+        events.push(consenting(fan));
         events.push(ev(
             &format!("t-{fan}"),
             "match.chance_missed",
@@ -1378,17 +1372,7 @@ payload = { title = "Goal! Scarf -20%" }
         ..Default::default()
     };
     let (h, w) = Store::open_with(&cfg, &rules, options()).unwrap();
-    let profiles: Vec<Event> = (0..FANS)
-        .map(|i| {
-            let consent = json!({ "consent": { "marketing": true } });
-            ev(
-                &format!("p-{i}"),
-                "customer.profile",
-                Some(&format!("fan-{i}")),
-                consent,
-            )
-        })
-        .collect();
+    let profiles: Vec<Event> = (0..FANS).map(|i| consenting(&format!("fan-{i}"))).collect();
     h.submit(profiles).await.unwrap();
     let goal = ev("goal-1", "match.goal", None, json!({ "team": "A" }));
     assert_eq!(

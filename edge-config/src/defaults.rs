@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::model::{Outbox, Store, SyncMode, TimeZone, Validation, WhenFull};
+use crate::model::{Outbox, RuleStateMode, Store, SyncMode, TimeZone, Validation, WhenFull};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -50,6 +50,14 @@ pub const COMMIT_MAX_EVENTS: usize = 4096;
 pub const COMMIT_MAX_DELAY: Duration = Duration::ZERO;
 /// `store.sync`.
 pub const SYNC: SyncMode = SyncMode::Full;
+/// `store.rule_state`.
+pub const RULE_STATE: RuleStateMode = RuleStateMode::Journal;
+/// `store.checkpoint_interval`.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// `store.checkpoint_max_keys`: about 200 MiB of customer records.
+pub const CHECKPOINT_MAX_KEYS: usize = 200_000;
+/// `store.checkpoint_max_events`: a few seconds of replay.
+pub const CHECKPOINT_MAX_EVENTS: usize = 500_000;
 
 /// `uplink.server_name`.
 pub const UPLINK_SERVER_NAME: &str = "localhost";
@@ -125,6 +133,10 @@ impl Default for Store {
             commit_max_events: COMMIT_MAX_EVENTS,
             commit_max_delay: COMMIT_MAX_DELAY,
             sync: SYNC,
+            rule_state: RULE_STATE,
+            checkpoint_interval: CHECKPOINT_INTERVAL,
+            checkpoint_max_keys: CHECKPOINT_MAX_KEYS,
+            checkpoint_max_events: CHECKPOINT_MAX_EVENTS,
         }
     }
 }

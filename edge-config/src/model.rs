@@ -145,6 +145,31 @@ pub struct Store {
     pub commit_max_delay: Duration,
     /// `sync`: default `full`.
     pub sync: SyncMode,
+    /// `rule_state`: where the engine's state lives between commits;
+    /// default `journal`.
+    pub rule_state: RuleStateMode,
+    /// `checkpoint_interval`: in `journal` mode, the longest time between
+    /// checkpoints; default 10 s.
+    pub checkpoint_interval: Duration,
+    /// `checkpoint_max_keys`: in `journal` mode, a checkpoint is due once
+    /// this many state keys changed since the last (bounds memory);
+    /// default 200,000, at least 1.
+    pub checkpoint_max_keys: usize,
+    /// `checkpoint_max_events`: in `journal` mode, a checkpoint is due
+    /// once the journal holds this many events (bounds the replay after a
+    /// crash); default 500,000, at least 1.
+    pub checkpoint_max_events: usize,
+}
+
+/// Where the engine's state lives between commits (see README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleStateMode {
+    /// `journal`: in the writer's memory, made durable by journaling the
+    /// events that changed it in each commit, written back to LMDB at
+    /// checkpoints; replayed after a crash.
+    Journal,
+    /// `direct`: written to LMDB in each event's commit.
+    Direct,
 }
 
 /// How each commit reaches the disk (see README for the faults each mode

@@ -17,8 +17,8 @@ use toml::de::DeTable;
 use crate::defaults;
 use crate::diagnostic::{ConfigErrors, Diags, Invalid, Source};
 use crate::model::{
-    Admin, Http, Ingest, Mqtt, Outbox, Site, SiteConfig, Store, SyncMode, TimeZone, Uplink,
-    Validation, WhenFull,
+    Admin, Http, Ingest, Mqtt, Outbox, RuleStateMode, Site, SiteConfig, Store, SyncMode, TimeZone,
+    Uplink, Validation, WhenFull,
 };
 use crate::offers;
 use crate::paths;
@@ -535,17 +535,35 @@ fn read_store(
         ],
         Some(defaults::SYNC),
     );
+    let rule_state = t.choice(
+        d,
+        "rule_state",
+        "rule state mode",
+        &[
+            ("journal", RuleStateMode::Journal),
+            ("direct", RuleStateMode::Direct),
+        ],
+        Some(defaults::RULE_STATE),
+    );
+    let checkpoint_interval =
+        t.or::<PositiveDur>(d, "checkpoint_interval", defaults::CHECKPOINT_INTERVAL);
+    let checkpoint_max_keys =
+        t.or::<usize>(d, "checkpoint_max_keys", defaults::CHECKPOINT_MAX_KEYS);
+    let checkpoint_max_events =
+        t.or::<usize>(d, "checkpoint_max_events", defaults::CHECKPOINT_MAX_EVENTS);
     t.finish(d);
 
     let mut ok = true;
-    if let Ok(events) = &commit_max_events {
-        if events.value == 0 {
-            d.error(
-                t.span_of(events),
-                &t.field("commit_max_events"),
-                "must be at least 1",
-            );
-            ok = false;
+    for (name, value) in [
+        ("commit_max_events", &commit_max_events),
+        ("checkpoint_max_keys", &checkpoint_max_keys),
+        ("checkpoint_max_events", &checkpoint_max_events),
+    ] {
+        if let Ok(v) = value {
+            if v.value == 0 {
+                d.error(t.span_of(v), &t.field(name), "must be at least 1");
+                ok = false;
+            }
         }
     }
     if let (Ok(map), Some(outbox)) = (&map_size, outbox_bytes) {
@@ -565,6 +583,10 @@ fn read_store(
         commit_max_events: commit_max_events?.value,
         commit_max_delay: commit_max_delay?.value,
         sync: sync?.value,
+        rule_state: rule_state?.value,
+        checkpoint_interval: checkpoint_interval?.value,
+        checkpoint_max_keys: checkpoint_max_keys?.value,
+        checkpoint_max_events: checkpoint_max_events?.value,
     };
     if !ok {
         return Err(Invalid);

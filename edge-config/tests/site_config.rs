@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edge_config::{
-    load_site_config, parse_site_config, ConfigErrors, Diagnostic, Outbox, SiteConfig, Store,
-    SyncMode, Validation, WhenFull,
+    load_site_config, parse_site_config, ConfigErrors, Diagnostic, Outbox, RuleStateMode,
+    SiteConfig, Store, SyncMode, Validation, WhenFull,
 };
 
 const PATH: &str = "/etc/touchline/site.toml";
@@ -100,6 +100,10 @@ fn minimal_config_gets_every_default() {
             commit_max_events: 4096,
             commit_max_delay: Duration::ZERO,
             sync: SyncMode::Full,
+            rule_state: RuleStateMode::Journal,
+            checkpoint_interval: Duration::from_secs(10),
+            checkpoint_max_keys: 200_000,
+            checkpoint_max_events: 500_000,
         }
     );
     assert_eq!(
@@ -199,6 +203,10 @@ map_size = "16GiB"
 commit_max_events = 1
 commit_max_delay = "0ms"
 sync = "no-meta-sync"
+rule_state = "direct"
+checkpoint_interval = "1m"
+checkpoint_max_keys = 7
+checkpoint_max_events = 9
 
 [uplink]
 central = "[2001:db8::1]:4433"
@@ -241,6 +249,10 @@ when_full = "drop-oldest"
     assert_eq!(c.store.commit_max_events, 1);
     assert_eq!(c.store.commit_max_delay, Duration::ZERO);
     assert_eq!(c.store.sync, SyncMode::NoMetaSync);
+    assert_eq!(c.store.rule_state, RuleStateMode::Direct);
+    assert_eq!(c.store.checkpoint_interval, Duration::from_secs(60));
+    assert_eq!(c.store.checkpoint_max_keys, 7);
+    assert_eq!(c.store.checkpoint_max_events, 9);
     let up = c.uplink.unwrap();
     assert_eq!(up.central.port(), 4433);
     assert_eq!(up.server_name, "central.example");
@@ -603,6 +615,24 @@ fn store_and_outbox_checks() {
         5,
         "store.commit_max_events",
         "at least 1",
+    );
+    expect_only_error(
+        &format!("{MIN}[store]\ncheckpoint_max_keys = 0\n"),
+        5,
+        "store.checkpoint_max_keys",
+        "at least 1",
+    );
+    expect_only_error(
+        &format!("{MIN}[store]\nrule_state = \"lazy\"\n"),
+        5,
+        "store.rule_state",
+        "unknown rule state mode `lazy`; supported: `journal`, `direct`",
+    );
+    expect_only_error(
+        &format!("{MIN}[store]\ncheckpoint_interval = \"0s\"\n"),
+        5,
+        "store.checkpoint_interval",
+        "greater than zero",
     );
     let d = expect_only_error(
         &format!("{MIN}[store]\nsync = \"sometimes\"\n"),

@@ -53,6 +53,7 @@ fn site(dir: &Path) -> SiteConfig {
             commit_max_events: 4096,
             commit_max_delay: Duration::from_millis(2),
             sync: SyncMode::NoMetaSync,
+            ..StoreCfg::default()
         },
         uplink: None,
         outbox: Outbox {
@@ -1425,5 +1426,116 @@ payload = { title = "Goal! Scarf -20%" }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(stats.fanouts_open(), 0);
+    close(h, w).await;
+}
+
+/// Opens with the journal kept at stop, as a crash leaves it, and no
+/// checkpoint due before the test's end.
+fn open_to_crash(cfg: &SiteConfig, rules: &RuleBundle) -> (StoreHandle, WriterThread) {
+    let mut cfg = cfg.clone();
+    cfg.store.checkpoint_interval = Duration::from_secs(3600);
+    let options = StoreOptions {
+        skip_final_checkpoint: true,
+        ..Default::default()
+    };
+    Store::open_with(&cfg, rules, options).expect("store opens")
+}
+
+fn tier(fan: &str, tier: &str) -> Event {
+    ev(
+        &format!("p-{fan}-{tier}"),
+        "customer.profile",
+        Some(fan),
+        json!({ "tier": tier }),
+    )
+}
+
+/// `rule_state = "journal"`: events applied since the last checkpoint
+/// are replayed after a crash, each with the profile it was applied
+/// with, not the one stored by then; the replayed state awards exactly
+/// the tiers a run without the crash would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_checkpoints_replays_each_event_with_the_profile_it_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let gold = "profile.tier == 'gold'";
+    let rules = bundle(vec![rule("gold-cheer", "fan.cheer", Some(gold), &[2.0])]);
+    let (h, w) = open_to_crash(&cfg, &rules);
+    h.submit(vec![tier("fan-1", "gold"), cheer("c1", "fan-1")])
+        .await
+        .unwrap();
+    h.submit(vec![tier("fan-1", "silver")]).await.unwrap();
+    assert_eq!(h.stats().journal_entries(), 3);
+    assert_eq!(h.stats().checkpoints(), 0);
+    close(h, w).await;
+
+    let (h, w) = open(&cfg, &rules);
+    assert_eq!(h.stats().journal_replayed(), 3);
+    // c1 counted while the fan was gold: one more gold cheer reaches 2.
+    h.submit(vec![tier("fan-1", "gold2"), cheer("c2", "fan-1")])
+        .await
+        .unwrap();
+    assert!(all_records(&h).await.is_empty(), "gold2 is not gold");
+    h.submit(vec![ev(
+        "p-again",
+        "customer.profile",
+        Some("fan-1"),
+        json!({"tier": "gold"}),
+    )])
+    .await
+    .unwrap();
+    h.submit(vec![cheer("c3", "fan-1")]).await.unwrap();
+    let records = all_records(&h).await;
+    assert_eq!(records.len(), 1, "tier 1 once: {records:?}");
+    assert_eq!(award(&records[0]).tier, 1);
+    // The progress query sees the state the writer holds.
+    let progress = h.progress("fan-1").await.unwrap();
+    assert_eq!(progress[0].value, 2.0);
+    close(h, w).await;
+}
+
+/// An erasure writes the deferred state back and empties the journal in
+/// its own commit, so after a crash nothing replays the erased customer's
+/// events; what came after the erasure still replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_empties_the_journal_so_a_crash_cannot_bring_the_customer_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
+    let (h, w) = open_to_crash(&cfg, &rules);
+    h.submit(vec![
+        cheer("g1", "fan-gone"),
+        cheer("k1", "fan-keep"),
+        cheer("g2", "fan-gone"),
+    ])
+    .await
+    .unwrap();
+    h.submit(vec![
+        ev("x1", "customer.erased", Some("fan-gone"), json!({})),
+        cheer("k2", "fan-keep"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(h.stats().checkpoints(), 1, "the erasure checkpointed");
+    assert_eq!(h.stats().journal_entries(), 1, "only k2 is journaled");
+    close(h, w).await;
+
+    let (h, w) = open(&cfg, &rules);
+    assert_eq!(h.stats().journal_replayed(), 1);
+    let value = |views: &[touchline::engine::progress::RuleView]| views[0].value;
+    assert_eq!(value(&h.progress("fan-gone").await.unwrap()), 0.0);
+    assert_eq!(value(&h.progress("fan-keep").await.unwrap()), 2.0);
+    // fan-gone starts over: tier 1 again after two cheers.
+    h.submit(vec![cheer("g3", "fan-gone"), cheer("g4", "fan-gone")])
+        .await
+        .unwrap();
+    let gone = pseudonym(&cfg, "fan-gone");
+    let tiers: Vec<u32> = all_records(&h)
+        .await
+        .iter()
+        .filter(|r| matches!(&r.body, RecordBody::AchievementAwarded(a) if a.customer == gone))
+        .map(|r| award(r).tier)
+        .collect();
+    assert_eq!(tiers, vec![1, 1], "once before the erasure, once after");
     close(h, w).await;
 }

@@ -381,6 +381,26 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         nba.fanouts_open() as f64,
     );
     x.counter(
+        "touchline_state_checkpoints_total",
+        "Checkpoints that wrote the engine's state back to LMDB (rule_state = journal).",
+        store.checkpoints(),
+    );
+    x.counter(
+        "touchline_state_checkpoint_keys_total",
+        "State keys written back by checkpoints.",
+        store.checkpoint_keys(),
+    );
+    x.gauge(
+        "touchline_state_journal_events",
+        "Events journaled since the last checkpoint: what a crash now would replay.",
+        store.journal_entries() as f64,
+    );
+    x.counter(
+        "touchline_state_journal_replayed_total",
+        "Journaled events replayed at start after an unclean stop.",
+        store.journal_replayed(),
+    );
+    x.counter(
         "touchline_publications_queued_total",
         "MQTT messages (progress, offers) queued in commits.",
         store.publications_queued(),

@@ -1,21 +1,22 @@
 //! A customer's progress per rule, for the venue app
 //! (`GET /v1/customers/<id>/progress`).
 //!
-//! Read-only: it reads the same records the engine writes, in a read
-//! transaction, for each rule's current window instance — the lifetime,
+//! Read-only: it reads the same records the engine writes, through a
+//! [`StateRead`] (a read transaction, with the writer's changes not yet
+//! written back laid over it in `journal` mode), for each rule's current
+//! window instance — the lifetime,
 //! today (site time zone), the current tumbling span, the latest period,
 //! the running rolling window — with what remains to the next tier and the
 //! rewards of the tiers already reached in that instance.
 
 use edge_config::{AchievementRule, Measure, RuleBundle, Scope, Window};
-use heed::types::Bytes;
-use heed::{Database, RoTxn};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::measure::MeasureState;
 use super::record;
 use super::state::{self, StoredGlobal, StoredState};
+use super::table::StateRead;
 use super::window::{self, Periods};
 use crate::store::keys::KeyBuf;
 
@@ -48,13 +49,12 @@ pub struct RuleView {
 /// Every rule's progress for `customer` at `now_ms`, in bundle order.
 pub fn query(
     bundle: &RuleBundle,
-    txn: &RoTxn,
-    db: Database<Bytes, Bytes>,
+    db: &dyn StateRead,
     customer: &str,
     now_ms: i64,
 ) -> Result<Vec<RuleView>, heed::Error> {
     let mut key = KeyBuf::default();
-    let periods = match db.get(txn, state::global_key(&mut key, "periods"))? {
+    let periods = match db.get(state::global_key(&mut key, "periods"))? {
         Some(bytes) => match state::decode_global(bytes) {
             Ok(StoredGlobal::Periods(p)) => p,
             _ => Periods::default(),
@@ -62,7 +62,7 @@ pub fn query(
         None => Periods::default(),
     };
     // Customer-scope states are all in the customer's record.
-    let states = db.get(txn, record::key(&mut key, customer))?;
+    let states = db.get(record::key(&mut key, customer))?;
     let mut slot = Vec::new();
     let mut views = Vec::with_capacity(bundle.achievements.len());
     for rule in &bundle.achievements {
@@ -87,7 +87,7 @@ pub fn query(
                 states.and_then(|r| record::find(r, &slot))
             } else {
                 let k = state::key(&mut key, customer, &rule.id, rule.version, instance);
-                db.get(txn, k)?
+                db.get(k)?
             };
             match stored.map(state::decode) {
                 Some(Ok(StoredState::V1(s))) => {
@@ -102,7 +102,7 @@ pub fn query(
                     view.tiers_reached = m.tiers_awarded;
                     let g = state::group_key(&mut key, &rule.id, rule.version, instance, &m.group)
                         .to_vec();
-                    if let Some(Ok(StoredState::V1(goal))) = db.get(txn, &g)?.map(state::decode) {
+                    if let Some(Ok(StoredState::V1(goal))) = db.get(&g)?.map(state::decode) {
                         view.value = goal.measure.value();
                     }
                 }

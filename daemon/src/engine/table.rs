@@ -27,6 +27,11 @@ pub type Profile = Map<String, Value>;
 /// A key and its value, as a prefix scan returns them.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// Reading the engine's state without changing it (progress queries).
+pub trait StateRead {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error>;
+}
+
 /// The engine's view of its storage.
 pub trait StateTable {
     fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error>;

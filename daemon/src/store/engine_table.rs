@@ -11,6 +11,7 @@ use heed::{Database, RoTxn, RwTxn};
 
 use super::customers;
 use super::env::Dbs;
+use super::hot::HotState;
 use super::keys::KeyBuf;
 use crate::engine::record;
 use crate::engine::table::{Entry, Profile, StateTable};
@@ -69,13 +70,16 @@ impl StateTable for LmdbTable<'_, '_> {
 pub(crate) struct ProgressView<'a> {
     engine: &'a Engine,
     states: Database<Bytes, Bytes>,
+    /// The engine's changes not yet written back (`journal` mode).
+    hot: Option<&'a HotState>,
 }
 
 impl<'a> ProgressView<'a> {
-    pub(crate) fn new(engine: &'a Engine, dbs: &Dbs) -> Self {
+    pub(crate) fn new(engine: &'a Engine, dbs: &Dbs, hot: Option<&'a HotState>) -> Self {
         ProgressView {
             engine,
             states: dbs.rule_state,
+            hot,
         }
     }
 
@@ -87,7 +91,11 @@ impl<'a> ProgressView<'a> {
         time_ms: i64,
     ) -> Result<Profile, heed::Error> {
         let mut key = KeyBuf::default();
-        let record = self.states.get(txn, record::key(&mut key, customer))?;
+        let key = record::key(&mut key, customer);
+        let record = match self.hot.and_then(|h| h.lookup(key)) {
+            Some(held) => held,
+            None => self.states.get(txn, key)?,
+        };
         Ok(self.engine.progress_of(record, time_ms))
     }
 }

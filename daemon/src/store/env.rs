@@ -16,7 +16,7 @@ use crate::event::DeadLetter;
 /// to a thread, so they can run on tokio's blocking pool.
 pub(crate) type LmdbEnv = heed::Env<WithoutTls>;
 
-/// Named databases we create (20 so far) plus room for the ones later
+/// Named databases we create (21 so far) plus room for the ones later
 /// features add without a migration of the env (LMDB fixes the count at
 /// open).
 const MAX_DBS: u32 = 48;
@@ -36,6 +36,7 @@ pub(crate) const DB_LEDGERS: &str = "ledgers";
 pub(crate) const DB_SCORES: &str = "scores";
 pub(crate) const DB_RANKING: &str = "ranking";
 pub(crate) const DB_PUBLICATIONS: &str = "publications";
+pub(crate) const DB_JOURNAL: &str = "journal";
 
 /// How each commit reaches the disk; see [`SyncMode`] for the faults each
 /// mode survives.
@@ -114,6 +115,9 @@ pub(crate) struct Dbs {
     /// `publications`: number (BE) → versioned postcard MQTT message
     /// waiting for its PUBACK (see `publications.rs`).
     pub publications: Database<BeU64, Bytes>,
+    /// `journal`: sequence (BE) → an event the engine applied since the
+    /// last checkpoint (see `journal.rs`).
+    pub journal: Database<BeU64, Bytes>,
     /// Next best action: learner, contact state, offer instances and
     /// their timers, presence (see `nba.rs`).
     pub nba: super::nba::NbaDbs,
@@ -134,6 +138,7 @@ impl Dbs {
             scores: env.create_database(txn, Some(DB_SCORES))?,
             ranking: env.create_database(txn, Some(DB_RANKING))?,
             publications: env.create_database(txn, Some(DB_PUBLICATIONS))?,
+            journal: env.create_database(txn, Some(DB_JOURNAL))?,
             nba: super::nba::NbaDbs::create(env, txn)?,
         })
     }

@@ -15,6 +15,7 @@
 
 mod append;
 pub mod boards;
+mod checkpoint;
 mod codec;
 pub(crate) mod committed;
 pub mod customers;
@@ -23,6 +24,8 @@ mod dlq;
 mod engine_table;
 mod env;
 mod fanout;
+mod hot;
+mod journal;
 pub(crate) mod keys;
 mod meta;
 pub mod nba;
@@ -111,6 +114,9 @@ pub struct StoreOptions {
     /// Fans a venue-wide fan-out decides per transaction (default
     /// 4,096; at least 1).
     pub fanout_chunk: Option<usize>,
+    /// Stop as a crash would: no final checkpoint, so the next open
+    /// replays the journal (`rule_state = "journal"`). For recovery tests.
+    pub skip_final_checkpoint: bool,
 }
 
 /// Key file of the leaderboard pseudonyms, in the data directory.
@@ -156,6 +162,8 @@ struct Shared {
     nba_stats: Arc<nba::NbaStats>,
     nba_policy: edge_config::NbaPolicy,
     site_id: String,
+    /// `rule_state = "journal"`: progress is read through the writer.
+    deferred_state: bool,
 }
 
 /// The async face of the store. Clone freely; all clones talk to the same
@@ -219,6 +227,7 @@ impl Store {
             rule_stats_interval: options
                 .rule_stats_interval
                 .unwrap_or(rule_stats::DEFAULT_INTERVAL),
+            final_checkpoint: !options.skip_final_checkpoint,
         };
         let published = Arc::new(Notify::new());
         let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));
@@ -244,6 +253,43 @@ impl Store {
             txn.commit().map_err(write_err)?;
             nba.with_fanout_chunk(options.fanout_chunk.unwrap_or(fanout::CHUNK))
         };
+        // `journal` mode: what an unclean stop left in the journal is
+        // replayed (with a throwaway engine, so the counters of this run
+        // start clean) before any new event is applied.
+        let deferred = match site.store.rule_state {
+            edge_config::RuleStateMode::Direct => None,
+            edge_config::RuleStateMode::Journal => {
+                let write_err = |e: heed::Error| open_error(dir, e);
+                let txn = env.write_txn().map_err(write_err)?;
+                let journal = journal::Journal::open(dbs.journal, &txn).map_err(write_err)?;
+                drop(txn);
+                let mut deferred = checkpoint::Deferred::new(
+                    journal,
+                    checkpoint::Policy::from_config(&site.store),
+                );
+                let replay_engine = Engine::new(rules, pseudonymizer.clone())?;
+                let replayed = std::thread::scope(|scope| {
+                    std::thread::Builder::new()
+                        .name("store-replay".into())
+                        .stack_size(WRITER_STACK)
+                        .spawn_scoped(scope, || {
+                            checkpoint::replay(&env, &dbs, &mut deferred, replay_engine)
+                        })
+                        .map_err(StoreError::Thread)?
+                        .join()
+                        .map_err(|_| StoreError::Format {
+                            path: dir.to_owned(),
+                            detail: "journal replay panicked".into(),
+                        })?
+                        .map_err(|e| StoreError::Format {
+                            path: dir.to_owned(),
+                            detail: format!("journal replay failed: {e}"),
+                        })
+                })?;
+                StoreStats::add(&stats.journal_replayed, replayed);
+                Some(deferred)
+            }
+        };
         let event_permit_cap = settings
             .commit_max_events
             .saturating_mul(QUEUED_COMMITS)
@@ -254,6 +300,7 @@ impl Store {
                 dbs,
                 meta,
                 nba,
+                deferred,
             },
             engine,
             settings,
@@ -288,6 +335,7 @@ impl Store {
                 nba_stats,
                 nba_policy: site.nba.clone(),
                 site_id: site.site.id.clone(),
+                deferred_state: site.store.rule_state == edge_config::RuleStateMode::Journal,
             }),
         };
         Ok((handle, WriterThread(thread)))
@@ -463,8 +511,27 @@ impl StoreHandle {
             .clone();
         let customer = customer.to_string();
         let now_ms = (self.shared.clock)();
+        if self.shared.deferred_state {
+            // The writer holds changes LMDB does not have yet.
+            let (reply, answer) = oneshot::channel();
+            self.shared
+                .tx
+                .send(Command::Progress {
+                    rules,
+                    customer,
+                    now_ms,
+                    reply,
+                })
+                .map_err(|_| StoreError::Closed)?;
+            return answer.await.map_err(|_| StoreError::Closed)?;
+        }
         self.read(move |dbs, txn, _| {
-            crate::engine::progress::query(&rules, txn, dbs.rule_state, &customer, now_ms)
+            let snapshot = hot::Snapshot {
+                txn,
+                db: dbs.rule_state,
+                hot: None,
+            };
+            crate::engine::progress::query(&rules, &snapshot, &customer, now_ms)
                 .map_err(rewards::RewardError::from)
         })
         .await

@@ -55,6 +55,10 @@ pub struct StoreStats {
     pub(crate) publications_acked: AtomicU64,
     pub(crate) erasures: AtomicU64,
     pub(crate) dead_letters_erased: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+    pub(crate) checkpoint_keys: AtomicU64,
+    pub(crate) journal_entries: AtomicU64,
+    pub(crate) journal_replayed: AtomicU64,
 }
 
 macro_rules! getters {
@@ -130,6 +134,14 @@ getters! {
     erasures,
     /// Dead-letter samples deleted because they mentioned an erased customer.
     dead_letters_erased,
+    /// `journal` mode: checkpoints committed (rule state written back).
+    checkpoints,
+    /// `journal` mode: state keys written back by checkpoints.
+    checkpoint_keys,
+    /// `journal` mode: events journaled since the last checkpoint now.
+    journal_entries,
+    /// `journal` mode: events replayed at open after an unclean stop.
+    journal_replayed,
 }
 
 impl Default for StoreStats {
@@ -161,6 +173,10 @@ impl Default for StoreStats {
             publications_acked: AtomicU64::new(0),
             erasures: AtomicU64::new(0),
             dead_letters_erased: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            checkpoint_keys: AtomicU64::new(0),
+            journal_entries: AtomicU64::new(0),
+            journal_replayed: AtomicU64::new(0),
         }
     }
 }

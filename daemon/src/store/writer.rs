@@ -6,9 +6,10 @@
 //! the first command, takes what else is queued (waiting up to
 //! `commit_max_delay` for more, by default not at all) up to
 //! `commit_max_events`, applies them all in ONE transaction (dedup keys,
-//! rule state, outbox records, acks, dead letters), commits, and only then
-//! answers every waiter. A failed commit answers every submission with an
-//! error and changes nothing, so nothing that was answered `Ok` is lost.
+//! rule state or, in `journal` mode, the journal of applied events,
+//! outbox records, acks, dead letters), commits, and only then answers
+//! every waiter. A failed commit answers every submission with an error
+//! and changes nothing, so nothing that was answered `Ok` is lost.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -20,6 +21,7 @@ use heed::RwTxn;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tracing::{error, info, warn};
 
+use super::checkpoint::{Deferred, DeferredError, EngineTable};
 use super::customers::{self, Admission, CustomerDbs, CustomerError};
 use super::dedup::Dedup;
 use super::engine_table::{LmdbTable, ProgressView};
@@ -89,6 +91,14 @@ pub(crate) enum Command {
         policy: Box<edge_config::NbaPolicy>,
         reply: oneshot::Sender<()>,
     },
+    /// A customer's progress as the engine sees it now, including
+    /// changes not yet written back (`journal` mode).
+    Progress {
+        rules: Arc<edge_config::RuleBundle>,
+        customer: String,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<Vec<crate::engine::progress::RuleView>, StoreError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -130,6 +140,8 @@ struct Tally {
     published: u64,
     erasures: u64,
     dead_letters_erased: u64,
+    /// Keys a checkpoint in the transaction wrote back.
+    checkpointed: Option<usize>,
     /// From the transaction's start to its durable commit.
     duration: Duration,
 }
@@ -208,6 +220,16 @@ impl From<NbaError> for GroupError {
     }
 }
 
+impl From<DeferredError> for GroupError {
+    fn from(e: DeferredError) -> Self {
+        match e {
+            DeferredError::Lmdb(e) => e.into(),
+            DeferredError::Journal(super::journal::JournalError::Lmdb(e)) => e.into(),
+            other => GroupError::Failed(other.to_string()),
+        }
+    }
+}
+
 impl From<ApplyError> for GroupError {
     fn from(e: ApplyError) -> Self {
         match e {
@@ -233,6 +255,9 @@ pub(crate) struct Settings {
     pub feedback_prefix: Option<String>,
     /// How often `RuleStats` records are queued.
     pub rule_stats_interval: Duration,
+    /// Whether a stop writes the deferred state back (false only in
+    /// recovery tests, to stop as a crash would).
+    pub final_checkpoint: bool,
 }
 
 pub(crate) struct Writer {
@@ -261,6 +286,9 @@ pub(crate) struct Writer {
     error_log: LogLimiter,
     /// Next best action: offers decided in the event's transaction.
     nba: Nba,
+    /// `journal` mode: the engine's changes since the last checkpoint
+    /// and their journal; `None` in `direct` mode.
+    deferred: Option<Deferred>,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -269,6 +297,7 @@ pub(crate) struct Opened {
     pub dbs: Dbs,
     pub meta: Meta,
     pub nba: Nba,
+    pub deferred: Option<Deferred>,
 }
 
 impl Writer {
@@ -286,6 +315,7 @@ impl Writer {
             dbs,
             meta,
             nba,
+            deferred,
         } = opened;
         let rule_stats = rule_stats::Reporter::new(settings.rule_stats_interval, clock());
         Writer {
@@ -309,6 +339,7 @@ impl Writer {
             refuse_log: LogLimiter::new(LOG_INTERVAL),
             error_log: LogLimiter::new(LOG_INTERVAL),
             nba,
+            deferred,
         }
     }
 
@@ -327,6 +358,9 @@ impl Writer {
             self.stats.beat();
             self.report_rule_stats(false);
             self.nba_tick(false);
+            if self.deferred.as_ref().is_some_and(Deferred::due) {
+                self.checkpoint("interval");
+            }
             // A venue-wide fan-out goes on one chunk per turn, between
             // groups of other commands, which wait at most one chunk.
             let fanning_out = self.nba.fanout_pending() && self.nba_fanout();
@@ -346,7 +380,22 @@ impl Writer {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
+            let first = match first {
+                Command::Progress {
+                    rules,
+                    customer,
+                    now_ms,
+                    reply,
+                } => {
+                    let _ = reply.send(self.progress(&rules, &customer, now_ms));
+                    continue;
+                }
+                other => other,
+            };
             if let Command::ReplaceEngine { engine, reply } = first {
+                // A journal never spans two rule bundles: a replay must
+                // apply each entry with the rules that applied it.
+                self.checkpoint("rule reload");
                 // The old rules' last counts go out under their versions.
                 self.report_rule_stats(true);
                 self.engine = *engine;
@@ -380,7 +429,9 @@ impl Writer {
                 let Some(cmd) = next else { break };
                 if matches!(
                     cmd,
-                    Command::ReplaceEngine { .. } | Command::ReplaceOffers { .. }
+                    Command::ReplaceEngine { .. }
+                        | Command::ReplaceOffers { .. }
+                        | Command::Progress { .. }
                 ) {
                     swap = Some(cmd);
                     break;
@@ -393,6 +444,10 @@ impl Writer {
         }
         // The current minute's offer statistics leave with this stop.
         self.nba_tick(true);
+        // A clean stop leaves nothing to replay.
+        if self.settings.final_checkpoint {
+            self.checkpoint("shutdown");
+        }
         // Later senders now fail at once and report `Closed`.
         drop(rx);
         let env = self.env.clone();
@@ -449,6 +504,11 @@ impl Writer {
                 self.fail(group, &all, &e, &mut answers);
             }
         }
+        // What a failed transaction left in the deferred state is dropped
+        // now, so reads between groups see only what committed.
+        if let Some(d) = &mut self.deferred {
+            d.begin();
+        }
         for (cmd, answer) in group.drain(..).zip(answers) {
             match (cmd, answer) {
                 (Command::Submit { reply, .. }, Some(Answer::Submit(result))) => {
@@ -469,6 +529,9 @@ impl Writer {
                 | (Command::ReplaceOffers { reply, .. }, _) => {
                     let _ = reply.send(());
                 }
+                (Command::Progress { reply, .. }, _) => {
+                    let _ = reply.send(Err(StoreError::Write("not applied".into())));
+                }
                 (Command::DeadLetters { .. }, _) => {}
             }
         }
@@ -486,6 +549,9 @@ impl Writer {
         let mut txn = env.write_txn()?;
         self.engine.begin();
         self.nba.begin();
+        if let Some(d) = &mut self.deferred {
+            d.begin();
+        }
         let mut meta = self.meta;
         let mut tally = Tally::default();
         let mut answers = Vec::with_capacity(pick.len());
@@ -518,7 +584,8 @@ impl Writer {
                 }
                 Command::Shutdown { .. }
                 | Command::ReplaceEngine { .. }
-                | Command::ReplaceOffers { .. } => Answer::Done,
+                | Command::ReplaceOffers { .. }
+                | Command::Progress { .. } => Answer::Done,
             };
             answers.push((i, answer));
         }
@@ -537,11 +604,20 @@ impl Writer {
         if meta != self.meta {
             meta::save(self.dbs.meta, &mut txn, &meta)?;
         }
-        self.engine
-            .flush(&mut LmdbTable::new(&mut txn, &self.dbs))?;
+        self.engine.flush(&mut EngineTable::new(
+            &mut self.deferred,
+            &mut txn,
+            &self.dbs,
+        ))?;
+        if let Some(d) = self.deferred.as_mut().filter(|d| d.due()) {
+            tally.checkpointed = Some(d.checkpoint(&mut txn, &self.dbs)?);
+        }
         txn.commit()?;
         self.engine.committed();
         self.nba.committed();
+        if let Some(d) = &mut self.deferred {
+            d.commit();
+        }
         tally.duration = started.elapsed();
         self.meta = meta;
         Ok((answers, tally))
@@ -595,16 +671,25 @@ impl Writer {
             match customers::admit(customer_dbs, txn, &mut self.key, event)? {
                 Admission::Track(profile) => {
                     self.engine.apply(
-                        &mut LmdbTable::new(txn, &self.dbs),
+                        &mut EngineTable::new(&mut self.deferred, txn, &self.dbs),
                         event,
                         profile.as_ref(),
                         now_ms,
                         &mut self.output,
                     )?;
+                    if let Some(d) = &mut self.deferred {
+                        d.journal(txn, now_ms, event, profile.as_ref())?;
+                    }
                     nba_profile = Some(profile);
                 }
                 Admission::NotTracked => tally.not_tracked += 1,
                 Admission::Erased { customer } => {
+                    // Their state and journaled events go to LMDB first,
+                    // so the erasure below finds and deletes every trace
+                    // in this commit.
+                    if let Some(d) = &mut self.deferred {
+                        tally.checkpointed = Some(d.checkpoint(txn, &self.dbs)?);
+                    }
                     self.engine
                         .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;
                     self.nba.erase(txn, &customer)?;
@@ -675,6 +760,63 @@ impl Writer {
         Ok(Ok(outcomes))
     }
 
+    /// Writes the deferred engine state back in a transaction of its own
+    /// (`journal` mode; nothing to do otherwise). `why` names the cause
+    /// in the log. A failure keeps the state in memory and the journal as
+    /// it was, so nothing is lost; the next due checkpoint tries again.
+    fn checkpoint(&mut self, why: &str) {
+        let Some(d) = self.deferred.as_mut() else {
+            return;
+        };
+        if !d.pending() {
+            return;
+        }
+        let result = (|| -> heed::Result<usize> {
+            let env = self.env.clone();
+            let mut txn = env.write_txn()?;
+            d.begin();
+            let keys = d.checkpoint(&mut txn, &self.dbs)?;
+            txn.commit()?;
+            d.commit();
+            Ok(keys)
+        })();
+        match result {
+            Ok(keys) => {
+                StoreStats::add(&self.stats.checkpoints, 1);
+                StoreStats::add(&self.stats.checkpoint_keys, keys as u64);
+                StoreStats::set(&self.stats.journal_entries, 0);
+                StoreStats::add(&self.stats.commits, 1);
+            }
+            Err(e) => {
+                d.begin();
+                if let Some(suppressed) = self.error_log.check() {
+                    warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
+                }
+            }
+        }
+    }
+
+    /// A customer's progress as of the last commit, unwritten changes
+    /// included.
+    fn progress(
+        &self,
+        rules: &edge_config::RuleBundle,
+        customer: &str,
+        now_ms: i64,
+    ) -> Result<Vec<crate::engine::progress::RuleView>, StoreError> {
+        let txn = self
+            .env
+            .read_txn()
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+        let snapshot = super::hot::Snapshot {
+            txn: &txn,
+            db: self.dbs.rule_state,
+            hot: self.deferred.as_ref().map(|d| &d.hot),
+        };
+        crate::engine::progress::query(rules, &snapshot, customer, now_ms)
+            .map_err(|e| StoreError::Read(e.to_string()))
+    }
+
     fn reward_dbs(&self) -> RewardDbs {
         RewardDbs {
             ledgers: self.dbs.ledgers,
@@ -708,6 +850,13 @@ impl Writer {
             self.published_notify.notify_one();
         }
         StoreStats::add(&st.erasures, tally.erasures);
+        if let Some(keys) = tally.checkpointed {
+            StoreStats::add(&st.checkpoints, 1);
+            StoreStats::add(&st.checkpoint_keys, keys as u64);
+        }
+        if let Some(d) = &self.deferred {
+            StoreStats::set(&st.journal_entries, d.journal.entries());
+        }
         StoreStats::add(&st.dead_letters_erased, tally.dead_letters_erased);
         StoreStats::add(&st.commits, 1);
         StoreStats::set(&st.last_commit_events, tally.events + tally.duplicates);
@@ -755,7 +904,8 @@ impl Writer {
                 | Command::AckPublished { .. }
                 | Command::Shutdown { .. }
                 | Command::ReplaceEngine { .. }
-                | Command::ReplaceOffers { .. } => {}
+                | Command::ReplaceOffers { .. }
+                | Command::Progress { .. } => {}
             }
         }
         StoreStats::add(&self.stats.map_full_events, events);
@@ -797,7 +947,8 @@ impl Writer {
                 }
                 Command::Shutdown { .. }
                 | Command::ReplaceEngine { .. }
-                | Command::ReplaceOffers { .. } => Some(Answer::Done),
+                | Command::ReplaceOffers { .. }
+                | Command::Progress { .. } => Some(Answer::Done),
             };
         }
     }
@@ -917,7 +1068,11 @@ impl Writer {
         let neighbours = super::nba::Neighbours {
             profiles: self.dbs.profiles,
             rewards: self.reward_dbs(),
-            progress: ProgressView::new(&self.engine, &self.dbs),
+            progress: ProgressView::new(
+                &self.engine,
+                &self.dbs,
+                self.deferred.as_ref().map(|d| &d.hot),
+            ),
         };
         let queue = NbaQueue {
             outbox: &mut self.outbox,

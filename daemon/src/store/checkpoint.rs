@@ -1,0 +1,295 @@
+//! `journal` mode's bookkeeping: when a checkpoint is due, how one is
+//! written, and the replay that recovers what a crash left unwritten.
+//!
+//! The writer owns one [`Deferred`]: the engine's unwritten changes
+//! (`hot.rs`) and the journal of the events behind them (`journal.rs`).
+//! Both follow the writer's transactions (begin, commit, or a rollback by
+//! the next begin), so what is in memory always matches what committed.
+
+use std::time::{Duration, Instant};
+
+use edge_config::Store as StoreConfig;
+use heed::RwTxn;
+use tracing::{info, warn};
+
+use super::engine_table::LmdbTable;
+use super::env::{Dbs, LmdbEnv};
+use super::hot::{HotState, HotTable, Profiles};
+use super::journal::{Journal, JournalError};
+use super::keys::KeyBuf;
+use crate::engine::table::{Entry, Profile, StateTable};
+use crate::engine::{ApplyError, Engine, Output};
+use crate::event::Event;
+
+/// When a checkpoint is due (see `[store]` in the README).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub interval: Duration,
+    pub max_keys: usize,
+    pub max_events: u64,
+}
+
+impl Policy {
+    pub(crate) fn from_config(store: &StoreConfig) -> Policy {
+        Policy {
+            interval: store.checkpoint_interval,
+            max_keys: store.checkpoint_max_keys.max(1),
+            max_events: u64::try_from(store.checkpoint_max_events.max(1)).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// Engine state held back from LMDB until the next checkpoint.
+pub(crate) struct Deferred {
+    pub hot: HotState,
+    pub journal: Journal,
+    policy: Policy,
+    last: Instant,
+    checkpointed: bool,
+    /// Profiles the engine read while applying the current event.
+    read: Vec<(String, Option<Profile>)>,
+}
+
+/// Why a checkpoint or the journaling of an event failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeferredError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Lmdb(#[from] heed::Error),
+}
+
+impl Deferred {
+    pub(crate) fn new(journal: Journal, policy: Policy) -> Deferred {
+        Deferred {
+            hot: HotState::default(),
+            journal,
+            policy,
+            last: Instant::now(),
+            checkpointed: false,
+            read: Vec::new(),
+        }
+    }
+
+    pub(crate) fn begin(&mut self) {
+        self.hot.begin();
+        self.journal.begin();
+        self.checkpointed = false;
+        self.read.clear();
+    }
+
+    pub(crate) fn commit(&mut self) {
+        self.hot.commit();
+        self.journal.commit();
+        if self.checkpointed {
+            self.last = Instant::now();
+        }
+    }
+
+    /// Whether the open transaction should end with a checkpoint.
+    pub(crate) fn due(&self) -> bool {
+        let pending = self.journal.entries() > 0 || self.hot.keys() > 0;
+        self.hot.keys() >= self.policy.max_keys
+            || self.journal.entries() >= self.policy.max_events
+            || (pending && self.last.elapsed() >= self.policy.interval)
+    }
+
+    /// Whether anything waits for a checkpoint.
+    pub(crate) fn pending(&self) -> bool {
+        self.journal.entries() > 0 || self.hot.keys() > 0
+    }
+
+    /// The engine's table for the open transaction; profile reads are
+    /// noted for the current event's journal entry.
+    pub(crate) fn table<'a, 't, 'e>(
+        &'a mut self,
+        txn: &'t mut RwTxn<'e>,
+        dbs: &Dbs,
+    ) -> HotTable<'a, 't, 'e> {
+        HotTable {
+            hot: &mut self.hot,
+            txn,
+            db: dbs.rule_state,
+            profiles: Profiles::Live {
+                db: dbs.profiles,
+                read: &mut self.read,
+            },
+            key: KeyBuf::default(),
+        }
+    }
+
+    /// Journals the event just applied, with the profiles it was given
+    /// and read.
+    pub(crate) fn journal(
+        &mut self,
+        txn: &mut RwTxn,
+        now_ms: i64,
+        event: &Event,
+        profile: Option<&Profile>,
+    ) -> Result<(), DeferredError> {
+        self.journal
+            .append(txn, now_ms, event, profile, &self.read)?;
+        self.read.clear();
+        Ok(())
+    }
+
+    /// Writes every unwritten change to LMDB and empties the journal, in
+    /// the open transaction. Returns the keys written.
+    pub(crate) fn checkpoint(&mut self, txn: &mut RwTxn, dbs: &Dbs) -> heed::Result<usize> {
+        let written = self.hot.write_back(txn, dbs.rule_state)?;
+        self.journal.clear(txn)?;
+        self.checkpointed = true;
+        Ok(written)
+    }
+}
+
+/// Entries read per batch while replaying.
+const REPLAY_BATCH: usize = 4_096;
+
+/// Replays what a run that ended without a checkpoint left in the
+/// journal, with `engine` (built from the rules the store opens with; its
+/// outputs are discarded: they committed the first time), then
+/// checkpoints. Returns the entries replayed.
+///
+/// An entry that cannot be decoded is skipped with a log line: the
+/// events around it still replay, and nothing else can be done with it.
+pub(crate) fn replay(
+    env: &LmdbEnv,
+    dbs: &Dbs,
+    deferred: &mut Deferred,
+    mut engine: Engine,
+) -> Result<u64, ReplayError> {
+    if deferred.journal.entries() == 0 {
+        return Ok(0);
+    }
+    let started = Instant::now();
+    let mut txn = env.write_txn()?;
+    deferred.begin();
+    engine.begin();
+    let mut out = Output::default();
+    let mut replayed = 0u64;
+    let mut skipped = 0u64;
+    let mut after = 0u64;
+    loop {
+        let batch = deferred.journal.read(&txn, after, REPLAY_BATCH)?;
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        after = last;
+        for (_, entry) in batch {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    warn!(error = %e, "journal entry skipped in replay");
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let mut table = HotTable {
+                hot: &mut deferred.hot,
+                txn: &mut txn,
+                db: dbs.rule_state,
+                profiles: Profiles::Replay(&entry.read),
+                key: KeyBuf::default(),
+            };
+            engine.apply(
+                &mut table,
+                &entry.event,
+                entry.profile.as_ref(),
+                entry.now_ms,
+                &mut out,
+            )?;
+            out.records.clear();
+            out.progress.clear();
+            replayed += 1;
+        }
+    }
+    engine.flush(&mut HotTable {
+        hot: &mut deferred.hot,
+        txn: &mut txn,
+        db: dbs.rule_state,
+        profiles: Profiles::Replay(&[]),
+        key: KeyBuf::default(),
+    })?;
+    let written = deferred.checkpoint(&mut txn, dbs)?;
+    txn.commit()?;
+    deferred.commit();
+    info!(
+        replayed,
+        skipped,
+        keys_written = written,
+        ms = started.elapsed().as_millis() as u64,
+        "journal replayed after an unclean stop"
+    );
+    Ok(replayed)
+}
+
+/// Why the replay at open failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReplayError {
+    #[error(transparent)]
+    Lmdb(#[from] heed::Error),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Deferred(#[from] DeferredError),
+}
+
+/// The direct-mode table, kept here so the writer picks its table in
+/// one place.
+pub(crate) enum EngineTable<'a, 't, 'e> {
+    Direct(LmdbTable<'t, 'e>),
+    Deferred(HotTable<'a, 't, 'e>),
+}
+
+impl<'a, 't, 'e> EngineTable<'a, 't, 'e> {
+    /// The table the engine works on in the open transaction: the
+    /// deferred state when there is one, LMDB itself otherwise.
+    pub(crate) fn new(
+        deferred: &'a mut Option<Deferred>,
+        txn: &'t mut RwTxn<'e>,
+        dbs: &Dbs,
+    ) -> Self {
+        match deferred {
+            Some(d) => EngineTable::Deferred(d.table(txn, dbs)),
+            None => EngineTable::Direct(LmdbTable::new(txn, dbs)),
+        }
+    }
+}
+
+impl StateTable for EngineTable<'_, '_, '_> {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
+        match self {
+            EngineTable::Direct(t) => t.get(key),
+            EngineTable::Deferred(t) => t.get(key),
+        }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {
+        match self {
+            EngineTable::Direct(t) => t.put(key, value),
+            EngineTable::Deferred(t) => t.put(key, value),
+        }
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
+        match self {
+            EngineTable::Direct(t) => t.delete(key),
+            EngineTable::Deferred(t) => t.delete(key),
+        }
+    }
+
+    fn prefixed(&self, prefix: &[u8]) -> Result<Vec<Entry>, heed::Error> {
+        match self {
+            EngineTable::Direct(t) => t.prefixed(prefix),
+            EngineTable::Deferred(t) => t.prefixed(prefix),
+        }
+    }
+
+    fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError> {
+        match self {
+            EngineTable::Direct(t) => t.profile(customer),
+            EngineTable::Deferred(t) => t.profile(customer),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Rule state between checkpoints, held in memory by the writer.
+//!
+//! Why: in `direct` mode every event writes its customer's state record
+//! into LMDB, which dirties one B-tree page per event; each commit then
+//! copies and fsyncs all of them, and the writer spends its time in page
+//! copies and the disk. In `journal` mode (`[store] rule_state`) the
+//! engine's writes land here instead, the events that caused them go to
+//! the journal (`journal.rs`) in the same commit, and a checkpoint writes
+//! everything changed since the last one back to LMDB in key order, once
+//! per key, in one transaction that also empties the journal. A customer
+//! seen many times between checkpoints is written once.
+//!
+//! Two layers keep the engine's transactional view: `open` holds what the
+//! current transaction wrote, `committed` what earlier transactions since
+//! the last checkpoint wrote. A transaction that rolls back drops `open`;
+//! one that checkpoints moves `committed` aside until it commits, so a
+//! checkpoint that fails to commit loses nothing.
+
+use std::collections::BTreeMap;
+
+use heed::types::Bytes;
+use heed::{Database, RoTxn, RwTxn};
+use rustc_hash::FxHashMap;
+
+use super::customers;
+use super::keys::KeyBuf;
+use crate::engine::table::{Entry, Profile, StateRead, StateTable};
+use crate::engine::ApplyError;
+
+/// A key's value since the last checkpoint; `None` when it was deleted.
+type Changes = FxHashMap<Box<[u8]>, Option<Vec<u8>>>;
+
+/// The engine's changes not yet written back to LMDB.
+#[derive(Debug, Default)]
+pub(crate) struct HotState {
+    committed: Changes,
+    open: Changes,
+    /// `committed` as it was before a checkpoint in the open transaction.
+    stash: Option<Changes>,
+}
+
+impl HotState {
+    /// Starts a transaction; whatever an unfinished one left is dropped.
+    pub(crate) fn begin(&mut self) {
+        if let Some(stash) = self.stash.take() {
+            self.committed = stash;
+        }
+        self.open.clear();
+    }
+
+    /// The transaction committed: its changes join the committed ones,
+    /// or, after a checkpoint, the committed ones are gone for good.
+    pub(crate) fn commit(&mut self) {
+        self.stash = None;
+        if self.committed.is_empty() {
+            std::mem::swap(&mut self.committed, &mut self.open);
+        } else {
+            self.committed.extend(self.open.drain());
+        }
+    }
+
+    /// Keys changed since the last checkpoint, committed or not.
+    pub(crate) fn keys(&self) -> usize {
+        self.committed.len() + self.open.len()
+    }
+
+    /// The value of `key` as the open transaction sees it: `Some(None)`
+    /// when it was deleted here, `None` when LMDB has the answer.
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.open
+            .get(key)
+            .or_else(|| self.committed.get(key))
+            .map(Option::as_deref)
+    }
+
+    /// Writes every change back to `db` in key order, in the open
+    /// transaction. Until that transaction commits, the committed changes
+    /// are kept aside to be restored if it rolls back.
+    pub(crate) fn write_back(
+        &mut self,
+        txn: &mut RwTxn,
+        db: Database<Bytes, Bytes>,
+    ) -> heed::Result<usize> {
+        let committed = std::mem::take(&mut self.committed);
+        let mut merged: BTreeMap<&[u8], Option<&[u8]>> = committed
+            .iter()
+            .map(|(k, v)| (&**k, v.as_deref()))
+            .collect();
+        merged.extend(self.open.iter().map(|(k, v)| (&**k, v.as_deref())));
+        let written = merged.len();
+        for (key, value) in merged {
+            match value {
+                Some(value) => db.put(txn, key, value)?,
+                None => {
+                    db.delete(txn, key)?;
+                }
+            }
+        }
+        self.open.clear();
+        // A second checkpoint in one transaction finds `committed` empty;
+        // the first one's stash is what a rollback restores.
+        if self.stash.is_none() {
+            self.stash = Some(committed);
+        }
+        Ok(written)
+    }
+}
+
+/// Reads the engine's state as the writer sees it: its unwritten changes
+/// over a read transaction (progress queries in `journal` mode; offers
+/// reading progress).
+pub(crate) struct Snapshot<'a> {
+    pub txn: &'a RoTxn<'a>,
+    pub db: Database<Bytes, Bytes>,
+    pub hot: Option<&'a HotState>,
+}
+
+impl StateRead for Snapshot<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
+        match self.hot.and_then(|h| h.lookup(key)) {
+            Some(value) => Ok(value),
+            None => self.db.get(self.txn, key),
+        }
+    }
+}
+
+/// Where the engine's profile reads come from.
+pub(crate) enum Profiles<'a> {
+    /// The profiles table; every read is noted for the journal.
+    Live {
+        db: Database<Bytes, Bytes>,
+        read: &'a mut Vec<(String, Option<Profile>)>,
+    },
+    /// A journal entry's notes, as they were read when it was written.
+    Replay(&'a [(String, Option<Profile>)]),
+}
+
+/// The engine's table in `journal` mode: its writes go to [`HotState`],
+/// its reads see them over the writer's transaction.
+pub(crate) struct HotTable<'a, 't, 'e> {
+    pub hot: &'a mut HotState,
+    pub txn: &'t mut RwTxn<'e>,
+    pub db: Database<Bytes, Bytes>,
+    pub profiles: Profiles<'a>,
+    pub key: KeyBuf,
+}
+
+impl StateTable for HotTable<'_, '_, '_> {
+    fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
+        match self.hot.lookup(key) {
+            Some(value) => Ok(value),
+            None => self.db.get(self.txn, key),
+        }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {
+        match self.hot.open.get_mut(key) {
+            Some(Some(held)) => {
+                held.clear();
+                held.extend_from_slice(value);
+            }
+            Some(slot) => *slot = Some(value.to_vec()),
+            None => {
+                self.hot.open.insert(key.into(), Some(value.to_vec()));
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
+        self.hot.open.insert(key.into(), None);
+        Ok(())
+    }
+
+    /// LMDB's entries with the unwritten changes laid over them. The
+    /// changes are scanned whole: prefix scans are rare (a goal's members,
+    /// a period's summaries) and the changes are bounded by the
+    /// checkpoint policy.
+    fn prefixed(&self, prefix: &[u8]) -> Result<Vec<Entry>, heed::Error> {
+        let mut entries = BTreeMap::new();
+        for entry in self.db.prefix_iter(self.txn, prefix)? {
+            let (k, v) = entry?;
+            entries.insert(k.to_vec(), v.to_vec());
+        }
+        for layer in [&self.hot.committed, &self.hot.open] {
+            for (k, v) in layer.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                match v {
+                    Some(v) => entries.insert(k.to_vec(), v.clone()),
+                    None => entries.remove(&**k),
+                };
+            }
+        }
+        Ok(entries.into_iter().collect())
+    }
+
+    fn profile(&mut self, customer: &str) -> Result<Option<Profile>, ApplyError> {
+        match &mut self.profiles {
+            Profiles::Live { db, read } => {
+                let profile = customers::load(*db, self.txn, &mut self.key, customer)
+                    .map_err(|e| ApplyError::Customer(e.to_string()))?;
+                read.push((customer.to_owned(), profile.clone()));
+                Ok(profile)
+            }
+            Profiles::Replay(read) => Ok(read
+                .iter()
+                .find(|(c, _)| c == customer)
+                .and_then(|(_, p)| p.clone())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::env::{open_env, sync_flags};
+    use edge_config::SyncMode;
+
+    fn table<'a, 't, 'e>(
+        hot: &'a mut HotState,
+        txn: &'t mut RwTxn<'e>,
+        db: Database<Bytes, Bytes>,
+        read: &'a mut Vec<(String, Option<Profile>)>,
+    ) -> HotTable<'a, 't, 'e> {
+        HotTable {
+            hot,
+            txn,
+            db,
+            profiles: Profiles::Live { db, read },
+            key: KeyBuf::default(),
+        }
+    }
+
+    #[test]
+    fn changes_overlay_lmdb_roll_back_and_write_back_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = open_env(dir.path(), 1 << 20, sync_flags(SyncMode::None)).unwrap();
+        let mut txn = env.write_txn().unwrap();
+        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("s")).unwrap();
+        db.put(&mut txn, b"a1", b"lmdb").unwrap();
+        db.put(&mut txn, b"a2", b"lmdb").unwrap();
+        db.put(&mut txn, b"b", b"lmdb").unwrap();
+        txn.commit().unwrap();
+
+        let mut hot = HotState::default();
+        let mut read = Vec::new();
+        // A committed transaction: a1 changed, a2 deleted, a3 new.
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        let mut t = table(&mut hot, &mut txn, db, &mut read);
+        t.put(b"a1", b"one").unwrap();
+        t.delete(b"a2").unwrap();
+        t.put(b"a3", b"three").unwrap();
+        let keys: Vec<Vec<u8>> = t.prefixed(b"a").unwrap().into_iter().map(|e| e.0).collect();
+        assert_eq!(keys, vec![b"a1".to_vec(), b"a3".to_vec()]);
+        drop(txn);
+        hot.commit();
+
+        // A transaction that rolls back leaves no trace.
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        let mut t = table(&mut hot, &mut txn, db, &mut read);
+        t.put(b"a1", b"lost").unwrap();
+        t.put(b"z", b"lost").unwrap();
+        drop(txn);
+        hot.begin();
+        let mut txn = env.write_txn().unwrap();
+        let t = table(&mut hot, &mut txn, db, &mut read);
+        assert_eq!(t.get(b"a1").unwrap(), Some(&b"one"[..]));
+        assert_eq!(t.get(b"z").unwrap(), None);
+        assert_eq!(t.get(b"a2").unwrap(), None);
+        assert_eq!(t.get(b"b").unwrap(), Some(&b"lmdb"[..]));
+        // LMDB itself still has the old values.
+        assert_eq!(db.get(&txn, b"a1").unwrap(), Some(&b"lmdb"[..]));
+        drop(txn);
+
+        // A checkpoint that rolls back keeps the changes...
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        assert_eq!(hot.write_back(&mut txn, db).unwrap(), 3);
+        drop(txn);
+        hot.begin();
+        assert_eq!(hot.keys(), 3);
+        // ...and one that commits writes each once and forgets them.
+        let mut txn = env.write_txn().unwrap();
+        hot.write_back(&mut txn, db).unwrap();
+        txn.commit().unwrap();
+        hot.commit();
+        assert_eq!(hot.keys(), 0);
+        let txn = env.read_txn().unwrap();
+        assert_eq!(db.get(&txn, b"a1").unwrap(), Some(&b"one"[..]));
+        assert_eq!(db.get(&txn, b"a2").unwrap(), None);
+        assert_eq!(db.get(&txn, b"a3").unwrap(), Some(&b"three"[..]));
+        assert_eq!(db.get(&txn, b"b").unwrap(), Some(&b"lmdb"[..]));
+    }
+}

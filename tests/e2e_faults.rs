@@ -31,6 +31,17 @@ async fn wait_for_awards(central_dir: &std::path::Path, expected: usize, within:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_under_load_loses_and_duplicates_nothing() {
+    kill_9_under_load("direct").await;
+}
+
+/// The same in `journal` mode, where each restart replays the events
+/// applied since the last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_journal_mode_replays_and_loses_and_duplicates_nothing() {
+    kill_9_under_load("journal").await;
+}
+
+async fn kill_9_under_load(rule_state: &str) {
     let dir = tempfile::tempdir().unwrap();
     let certs = write_certs(dir.path());
     let central = Central::start(
@@ -45,6 +56,7 @@ async fn kill_9_at_random_moments_under_load_loses_and_duplicates_nothing() {
         &SiteOptions {
             http_port: Some(http_port),
             central: Some(central.addr),
+            store: format!("rule_state = \"{rule_state}\"\ncheckpoint_interval = \"2s\"\n"),
             ..Default::default()
         },
     );
@@ -108,6 +120,14 @@ async fn kill_9_at_random_moments_under_load_loses_and_duplicates_nothing() {
         "awards lost or duplicated"
     );
     assert_sequences_unique(&records);
+    if rule_state == "journal" {
+        assert!(
+            daemon
+                .log_text()
+                .contains("journal replayed after an unclean stop"),
+            "no restart replayed the journal"
+        );
+    }
     let status = daemon
         .terminate(Duration::from_secs(20))
         .expect("clean exit");

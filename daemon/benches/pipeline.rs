@@ -11,8 +11,10 @@
 //!    state.
 //!
 //! `cargo bench -p touchline --bench pipeline` (add `-- --quick` for a
-//! smaller run). Absolute numbers on a shared machine are noisy; the ratio
-//! in (2) is the figure to compare across machines.
+//! smaller run, `-- --rule-state direct` for the store writing rule
+//! state per event instead of the default journal mode). Absolute
+//! numbers on a shared machine are noisy; the ratio in (2) is the figure
+//! to compare across machines.
 
 mod support;
 
@@ -69,8 +71,20 @@ struct Scale {
     customers: usize,
 }
 
+/// `--rule-state journal|direct`: the store's `rule_state` in every part.
+static RULE_STATE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let rule_state = match args.iter().position(|a| a == "--rule-state") {
+        Some(i) => match args.get(i + 1).map(String::as_str) {
+            Some(mode @ ("journal" | "direct")) => mode.to_string(),
+            other => anyhow::bail!("--rule-state wants journal or direct, not {other:?}"),
+        },
+        None => "journal".to_string(),
+    };
+    let _ = RULE_STATE.set(rule_state);
     let scale = if quick {
         Scale {
             http_events: 100_000,
@@ -91,8 +105,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         println!(
-            "touchline pipeline benchmark ({})",
-            if quick { "quick" } else { "full" }
+            "touchline pipeline benchmark ({}, rule_state {})",
+            if quick { "quick" } else { "full" },
+            RULE_STATE.get().map_or("journal", String::as_str)
         );
         println!(
             "machine: {} cores",
@@ -111,9 +126,11 @@ fn main() -> anyhow::Result<()> {
 fn write_site(dir: &Path, extra: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("rules"))?;
     std::fs::write(dir.join("rules/bench.toml"), RULES)?;
+    let rule_state = RULE_STATE.get().map_or("journal", String::as_str);
     let text = format!(
         "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = [\"rules/*.toml\"]\n\n\
-         [store]\nmap_size = \"4GiB\"\n\n[outbox]\nmax_bytes = \"2GiB\"\n\n{extra}"
+         [store]\nmap_size = \"4GiB\"\nrule_state = \"{rule_state}\"\n\n\
+         [outbox]\nmax_bytes = \"2GiB\"\n\n{extra}"
     );
     let path = dir.join("site.toml");
     std::fs::write(&path, text)?;

@@ -1429,16 +1429,22 @@ payload = { title = "Goal! Scarf -20%" }
     close(h, w).await;
 }
 
-/// Opens with the journal kept at stop, as a crash leaves it, and no
-/// checkpoint due before the test's end.
-fn open_to_crash(cfg: &SiteConfig, rules: &RuleBundle) -> (StoreHandle, WriterThread) {
-    let mut cfg = cfg.clone();
+/// The test site in `journal` mode, with no checkpoint due by time
+/// before a test's end.
+fn journal_site(dir: &Path) -> SiteConfig {
+    let mut cfg = site(dir);
+    cfg.store.rule_state = edge_config::RuleStateMode::Journal;
     cfg.store.checkpoint_interval = Duration::from_secs(3600);
+    cfg
+}
+
+/// Opens with the journal kept at stop, as a crash leaves it.
+fn open_to_crash(cfg: &SiteConfig, rules: &RuleBundle) -> (StoreHandle, WriterThread) {
     let options = StoreOptions {
         skip_final_checkpoint: true,
         ..Default::default()
     };
-    Store::open_with(&cfg, rules, options).expect("store opens")
+    Store::open_with(cfg, rules, options).expect("store opens")
 }
 
 fn tier(fan: &str, tier: &str) -> Event {
@@ -1457,7 +1463,7 @@ fn tier(fan: &str, tier: &str) -> Event {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_checkpoints_replays_each_event_with_the_profile_it_saw() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = site(dir.path());
+    let cfg = journal_site(dir.path());
     let gold = "profile.tier == 'gold'";
     let rules = bundle(vec![rule("gold-cheer", "fan.cheer", Some(gold), &[2.0])]);
     let (h, w) = open_to_crash(&cfg, &rules);
@@ -1500,7 +1506,7 @@ async fn a_crash_between_checkpoints_replays_each_event_with_the_profile_it_saw(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_empties_the_journal_so_a_crash_cannot_bring_the_customer_back() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = site(dir.path());
+    let cfg = journal_site(dir.path());
     let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
     let (h, w) = open_to_crash(&cfg, &rules);
     h.submit(vec![

@@ -51,9 +51,10 @@ pub const COMMIT_MAX_DELAY: Duration = Duration::ZERO;
 /// `store.sync`.
 pub const SYNC: SyncMode = SyncMode::Full;
 /// `store.rule_state`.
-pub const RULE_STATE: RuleStateMode = RuleStateMode::Journal;
-/// `store.checkpoint_interval`.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+pub const RULE_STATE: RuleStateMode = RuleStateMode::Direct;
+/// `store.checkpoint_interval`: a checkpoint's pause grows with the
+/// customers changed since the last one, so they stay frequent.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// `store.checkpoint_max_keys`: about 200 MiB of customer records.
 pub const CHECKPOINT_MAX_KEYS: usize = 200_000;
 /// `store.checkpoint_max_events`: a few seconds of replay.

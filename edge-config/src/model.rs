@@ -146,10 +146,10 @@ pub struct Store {
     /// `sync`: default `full`.
     pub sync: SyncMode,
     /// `rule_state`: where the engine's state lives between commits;
-    /// default `journal`.
+    /// default `direct`.
     pub rule_state: RuleStateMode,
     /// `checkpoint_interval`: in `journal` mode, the longest time between
-    /// checkpoints; default 10 s.
+    /// checkpoints; default 1 s.
     pub checkpoint_interval: Duration,
     /// `checkpoint_max_keys`: in `journal` mode, a checkpoint is due once
     /// this many state keys changed since the last (bounds memory);

@@ -100,8 +100,8 @@ fn minimal_config_gets_every_default() {
             commit_max_events: 4096,
             commit_max_delay: Duration::ZERO,
             sync: SyncMode::Full,
-            rule_state: RuleStateMode::Journal,
-            checkpoint_interval: Duration::from_secs(10),
+            rule_state: RuleStateMode::Direct,
+            checkpoint_interval: Duration::from_secs(1),
             checkpoint_max_keys: 200_000,
             checkpoint_max_events: 500_000,
         }
@@ -203,7 +203,7 @@ map_size = "16GiB"
 commit_max_events = 1
 commit_max_delay = "0ms"
 sync = "no-meta-sync"
-rule_state = "direct"
+rule_state = "journal"
 checkpoint_interval = "1m"
 checkpoint_max_keys = 7
 checkpoint_max_events = 9
@@ -249,7 +249,7 @@ when_full = "drop-oldest"
     assert_eq!(c.store.commit_max_events, 1);
     assert_eq!(c.store.commit_max_delay, Duration::ZERO);
     assert_eq!(c.store.sync, SyncMode::NoMetaSync);
-    assert_eq!(c.store.rule_state, RuleStateMode::Direct);
+    assert_eq!(c.store.rule_state, RuleStateMode::Journal);
     assert_eq!(c.store.checkpoint_interval, Duration::from_secs(60));
     assert_eq!(c.store.checkpoint_max_keys, 7);
     assert_eq!(c.store.checkpoint_max_events, 9);

@@ -139,6 +139,8 @@ pub struct SiteOptions {
     pub http_port: Option<u16>,
     pub mqtt_port: Option<u16>,
     pub central: Option<SocketAddr>,
+    /// Lines for the `[store]` table.
+    pub store: String,
     pub extra: String,
 }
 
@@ -148,7 +150,8 @@ pub fn write_site_config(dir: &Path, opts: &SiteOptions) -> PathBuf {
     std::fs::write(dir.join("rules/e2e.toml"), RULES).unwrap();
     let mut text = format!(
         "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = [\"rules/*.toml\"]\n\n\
-         [store]\nmap_size = \"512MiB\"\n\n[outbox]\nmax_bytes = \"256MiB\"\n\n"
+         [store]\nmap_size = \"512MiB\"\n{}\n[outbox]\nmax_bytes = \"256MiB\"\n\n",
+        opts.store
     );
     if let Some(port) = opts.http_port {
         text += &format!("[ingest.http]\nlisten = \"127.0.0.1:{port}\"\n\n");

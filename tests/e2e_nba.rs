@@ -122,6 +122,9 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
             http_port: Some(http_port),
             mqtt_port: Some(broker.port),
             central: Some(central.addr),
+            // This scenario runs in journal mode, so one end-to-end run
+            // of the whole daemon covers it next to the direct-mode ones.
+            store: "rule_state = \"journal\"\n".into(),
             extra: NBA.to_string(),
         },
     );

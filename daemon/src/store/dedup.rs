@@ -42,13 +42,15 @@ impl Dedup {
     ) -> heed::Result<bool> {
         let key = self.key.start(source).rest(id).finish(MAX_DEDUP_KEY);
         let now = clamp_time(now_ms);
-        if let Some(first_seen) = dbs.dedup.get(txn, key)? {
+        // One B-tree descent for a new key (the common case): insert
+        // unless present, and learn what was there.
+        if let Some(first_seen) = dbs.dedup.get_or_put(txn, key, &now)? {
             // A key past its retention but not swept yet is not a duplicate.
             if (now as i128) - (first_seen as i128) < i128::from(retention_ms) {
                 return Ok(true);
             }
+            dbs.dedup.put(txn, key, &now)?;
         }
-        dbs.dedup.put(txn, key, &now)?;
         self.expiry_key.clear();
         self.expiry_key.extend_from_slice(&now.to_be_bytes());
         self.expiry_key.extend_from_slice(key);

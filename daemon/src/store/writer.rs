@@ -140,8 +140,10 @@ struct Tally {
     published: u64,
     erasures: u64,
     dead_letters_erased: u64,
-    /// Keys a checkpoint in the transaction wrote back.
-    checkpointed: Option<usize>,
+    /// Checkpoints in the transaction (an erasure's, a due one) and the
+    /// keys they wrote back.
+    checkpoints: u64,
+    checkpoint_keys: u64,
     /// From the transaction's start to its durable commit.
     duration: Duration,
 }
@@ -610,7 +612,8 @@ impl Writer {
             &self.dbs,
         ))?;
         if let Some(d) = self.deferred.as_mut().filter(|d| d.due()) {
-            tally.checkpointed = Some(d.checkpoint(&mut txn, &self.dbs)?);
+            tally.checkpoint_keys += d.checkpoint(&mut txn, &self.dbs)? as u64;
+            tally.checkpoints += 1;
         }
         txn.commit()?;
         self.engine.committed();
@@ -688,7 +691,8 @@ impl Writer {
                     // so the erasure below finds and deletes every trace
                     // in this commit.
                     if let Some(d) = &mut self.deferred {
-                        tally.checkpointed = Some(d.checkpoint(txn, &self.dbs)?);
+                        tally.checkpoint_keys += d.checkpoint(txn, &self.dbs)? as u64;
+                        tally.checkpoints += 1;
                     }
                     self.engine
                         .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;
@@ -850,10 +854,8 @@ impl Writer {
             self.published_notify.notify_one();
         }
         StoreStats::add(&st.erasures, tally.erasures);
-        if let Some(keys) = tally.checkpointed {
-            StoreStats::add(&st.checkpoints, 1);
-            StoreStats::add(&st.checkpoint_keys, keys as u64);
-        }
+        StoreStats::add(&st.checkpoints, tally.checkpoints);
+        StoreStats::add(&st.checkpoint_keys, tally.checkpoint_keys);
         if let Some(d) = &self.deferred {
             StoreStats::set(&st.journal_entries, d.journal.entries());
         }

@@ -1545,3 +1545,27 @@ async fn an_erasure_empties_the_journal_so_a_crash_cannot_bring_the_customer_bac
     assert_eq!(tiers, vec![1, 1], "once before the erasure, once after");
     close(h, w).await;
 }
+
+/// A site switched from `journal` to `direct` right after a crash still
+/// gets the journaled state back: opening replays it in either mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_left_by_a_crash_is_replayed_when_the_site_reopens_in_direct_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = journal_site(dir.path());
+    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[3.0])]);
+    let (h, w) = open_to_crash(&journal, &rules);
+    h.submit(vec![cheer("c1", "fan-1"), cheer("c2", "fan-1")])
+        .await
+        .unwrap();
+    assert_eq!(h.stats().journal_entries(), 2);
+    close(h, w).await;
+
+    let direct = site(dir.path());
+    let (h, w) = open(&direct, &rules);
+    assert_eq!(h.stats().journal_replayed(), 2);
+    h.submit(vec![cheer("c3", "fan-1")]).await.unwrap();
+    let records = all_records(&h).await;
+    assert_eq!(records.len(), 1, "the third cheer reaches tier 1");
+    assert_eq!(award(&records[0]).tier, 1);
+    close(h, w).await;
+}

@@ -253,20 +253,19 @@ impl Store {
             txn.commit().map_err(write_err)?;
             nba.with_fanout_chunk(options.fanout_chunk.unwrap_or(fanout::CHUNK))
         };
-        // `journal` mode: what an unclean stop left in the journal is
+        // What an unclean stop in `journal` mode left in the journal is
         // replayed (with a throwaway engine, so the counters of this run
-        // start clean) before any new event is applied.
-        let deferred = match site.store.rule_state {
-            edge_config::RuleStateMode::Direct => None,
-            edge_config::RuleStateMode::Journal => {
-                let write_err = |e: heed::Error| open_error(dir, e);
-                let txn = env.write_txn().map_err(write_err)?;
-                let journal = journal::Journal::open(dbs.journal, &txn).map_err(write_err)?;
-                drop(txn);
-                let mut deferred = checkpoint::Deferred::new(
-                    journal,
-                    checkpoint::Policy::from_config(&site.store),
-                );
+        // start clean) before any new event is applied. That holds in
+        // `direct` mode too: a site switched to it after such a stop must
+        // not lose the journaled state.
+        let deferred = {
+            let write_err = |e: heed::Error| open_error(dir, e);
+            let txn = env.write_txn().map_err(write_err)?;
+            let journal = journal::Journal::open(dbs.journal, &txn).map_err(write_err)?;
+            drop(txn);
+            let mut deferred =
+                checkpoint::Deferred::new(journal, checkpoint::Policy::from_config(&site.store));
+            if deferred.journal.entries() > 0 {
                 let replay_engine = Engine::new(rules, pseudonymizer.clone())?;
                 let replayed = std::thread::scope(|scope| {
                     std::thread::Builder::new()
@@ -287,8 +286,9 @@ impl Store {
                         })
                 })?;
                 StoreStats::add(&stats.journal_replayed, replayed);
-                Some(deferred)
             }
+            // The replay checkpointed: in direct mode nothing is held.
+            (site.store.rule_state == edge_config::RuleStateMode::Journal).then_some(deferred)
         };
         let event_permit_cap = settings
             .commit_max_events

@@ -523,18 +523,19 @@ fn main() -> anyhow::Result<()> {
         // Two rounds, modes alternating, so machine noise hits all of them.
         // The engine-alone modes run on this thread; the store modes on
         // the store's writer thread.
-        let modes: [(&str, Option<&str>, bool); 6] = [
-            ("engine alone, 100 rules", Some(&selective), true),
-            ("engine alone, `when` always true", Some(&pass), true),
-            ("engine alone, no `when`", Some(&absent), true),
-            ("store, no rules", None, false),
-            ("store, 100 rules, journal", Some(&selective), false),
-            ("store, 100 rules, direct", Some(&selective), false),
+        // (label, rules, engine alone, the store's rule_state)
+        let modes: [(&str, Option<&str>, bool, &str); 6] = [
+            ("engine alone, 100 rules", Some(&selective), true, ""),
+            ("engine alone, `when` always true", Some(&pass), true, ""),
+            ("engine alone, no `when`", Some(&absent), true, ""),
+            ("store, no rules", None, false, "journal"),
+            ("store, 100 rules, journal", Some(&selective), false, "journal"),
+            ("store, 100 rules, direct", Some(&selective), false, "direct"),
         ];
         let mut best: Vec<Option<Run>> = (0..modes.len()).map(|_| None).collect();
         let mut predicate_evals = 0;
         for round in 1..=2 {
-            for (m, (label, rules, alone)) in modes.iter().enumerate() {
+            for (m, (label, rules, alone, rule_state)) in modes.iter().enumerate() {
                 if alone_only && (!alone || round > 1) {
                     continue;
                 }
@@ -542,7 +543,6 @@ fn main() -> anyhow::Result<()> {
                 if m == 1 {
                     predicate_evals = evaluations(&events, &pass_evals);
                 }
-                let rule_state = if m == 5 { "direct" } else { "journal" };
                 let run = match (rules, alone) {
                     (Some(rules), true) => memory_run(rules, &events, start_ms)?,
                     _ => engine_run(*rules, events, start_ms, rule_state).await?,

@@ -88,10 +88,9 @@ impl Deferred {
 
     /// Whether the open transaction should end with a checkpoint.
     pub(crate) fn due(&self) -> bool {
-        let pending = self.journal.entries() > 0 || self.hot.keys() > 0;
         self.hot.keys() >= self.policy.max_keys
             || self.journal.entries() >= self.policy.max_events
-            || (pending && self.last.elapsed() >= self.policy.interval)
+            || (self.pending() && self.last.elapsed() >= self.policy.interval)
     }
 
     /// Whether anything waits for a checkpoint.

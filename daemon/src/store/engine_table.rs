@@ -11,7 +11,7 @@ use heed::{Database, RoTxn, RwTxn};
 
 use super::customers;
 use super::env::Dbs;
-use super::hot::HotState;
+use super::hot::{read_through, HotState};
 use super::keys::KeyBuf;
 use crate::engine::record;
 use crate::engine::table::{Entry, Profile, StateTable};
@@ -92,10 +92,7 @@ impl<'a> ProgressView<'a> {
     ) -> Result<Profile, heed::Error> {
         let mut key = KeyBuf::default();
         let key = record::key(&mut key, customer);
-        let record = match self.hot.and_then(|h| h.lookup(key)) {
-            Some(held) => held,
-            None => self.states.get(txn, key)?,
-        };
+        let record = read_through(self.hot, txn, self.states, key)?;
         Ok(self.engine.progress_of(record, time_ms))
     }
 }

@@ -66,7 +66,7 @@ impl HotState {
 
     /// The value of `key` as the open transaction sees it: `Some(None)`
     /// when it was deleted here, `None` when LMDB has the answer.
-    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+    fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
         self.open
             .get(key)
             .or_else(|| self.committed.get(key))
@@ -106,6 +106,20 @@ impl HotState {
     }
 }
 
+/// `key`'s value as the writer sees it: the change `hot` holds for it,
+/// when there is one, else LMDB's value in `txn`.
+pub(crate) fn read_through<'a>(
+    hot: Option<&'a HotState>,
+    txn: &'a RoTxn,
+    db: Database<Bytes, Bytes>,
+    key: &[u8],
+) -> heed::Result<Option<&'a [u8]>> {
+    match hot.and_then(|h| h.lookup(key)) {
+        Some(value) => Ok(value),
+        None => db.get(txn, key),
+    }
+}
+
 /// Reads the engine's state as the writer sees it: its unwritten changes
 /// over a read transaction (progress queries in `journal` mode; offers
 /// reading progress).
@@ -117,10 +131,7 @@ pub(crate) struct Snapshot<'a> {
 
 impl StateRead for Snapshot<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
-        match self.hot.and_then(|h| h.lookup(key)) {
-            Some(value) => Ok(value),
-            None => self.db.get(self.txn, key),
-        }
+        read_through(self.hot, self.txn, self.db, key)
     }
 }
 
@@ -147,10 +158,7 @@ pub(crate) struct HotTable<'a, 't, 'e> {
 
 impl StateTable for HotTable<'_, '_, '_> {
     fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error> {
-        match self.hot.lookup(key) {
-            Some(value) => Ok(value),
-            None => self.db.get(self.txn, key),
-        }
+        read_through(Some(self.hot), self.txn, self.db, key)
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {

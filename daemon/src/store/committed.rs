@@ -1,20 +1,25 @@
 //! What the writer knows to be committed, so it can skip a read.
 //!
 //! Some records are written rarely but would be read for every event (a
-//! fan's presence, their activity in the current period). The writer
-//! remembers per customer what it last saw committed: entries a
-//! transaction notes count only once it commits, so a rolled-back
-//! transaction leaves nothing behind. A miss only costs the read it was
-//! meant to save, so forgetting is always safe, and the map starts over
-//! when it grows past its bound.
+//! fan's presence, their activity in the current period, their profile).
+//! The writer remembers per customer the value it last wrote or read:
+//! what the open transaction notes is seen by the rest of that
+//! transaction, and stands once it commits, so a rolled-back transaction
+//! leaves nothing behind. A miss only costs the read it was meant to
+//! save, so forgetting is always safe, and the map starts over when it
+//! grows past its bound.
+//!
+//! Keys are customer ids: hashed with Fx, like the writer's other
+//! per-customer maps (the hot state), for the cost of a lookup per event.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
-/// Per-customer values known to be committed.
+/// Per-customer values known to be committed, or written by the open
+/// transaction.
 #[derive(Debug)]
 pub(crate) struct Committed<V> {
-    known: HashMap<String, V>,
-    pending: Vec<(String, V)>,
+    known: FxHashMap<String, V>,
+    pending: FxHashMap<String, V>,
     max: usize,
 }
 
@@ -22,20 +27,28 @@ impl<V> Committed<V> {
     /// A map of at most `max` customers.
     pub(crate) fn new(max: usize) -> Committed<V> {
         Committed {
-            known: HashMap::new(),
-            pending: Vec::new(),
+            known: FxHashMap::default(),
+            pending: FxHashMap::default(),
             max,
         }
     }
 
-    /// The value last committed for `customer`, if remembered.
+    /// The value the open transaction noted for `customer`, else the one
+    /// last committed, if remembered.
     pub(crate) fn get(&self, customer: &str) -> Option<&V> {
-        self.known.get(customer)
+        self.pending
+            .get(customer)
+            .or_else(|| self.known.get(customer))
     }
 
     /// The open transaction wrote (or read) `value` for `customer`.
     pub(crate) fn note(&mut self, customer: &str, value: V) {
-        self.pending.push((customer.to_owned(), value));
+        match self.pending.get_mut(customer) {
+            Some(v) => *v = value,
+            None => {
+                self.pending.insert(customer.to_owned(), value);
+            }
+        }
     }
 
     /// The open transaction did not commit (or a new one starts).
@@ -48,12 +61,12 @@ impl<V> Committed<V> {
         if self.known.len() + self.pending.len() > self.max {
             self.known.clear();
         }
-        self.known.extend(self.pending.drain(..));
+        self.known.extend(self.pending.drain());
     }
 
     pub(crate) fn forget(&mut self, customer: &str) {
         self.known.remove(customer);
-        self.pending.retain(|(c, _)| c != customer);
+        self.pending.remove(customer);
     }
 
     pub(crate) fn forget_all(&mut self) {
@@ -67,15 +80,22 @@ mod tests {
     use super::Committed;
 
     #[test]
-    fn only_committed_notes_count() {
+    fn notes_are_seen_at_once_and_stand_once_committed() {
         let mut m = Committed::new(3);
         m.note("fan-1", 1);
-        assert_eq!(m.get("fan-1"), None, "not before the commit");
+        assert_eq!(m.get("fan-1"), Some(&1), "the open transaction sees it");
         m.committed();
         assert_eq!(m.get("fan-1"), Some(&1));
 
+        m.note("fan-1", 7);
         m.note("fan-2", 2);
+        assert_eq!(m.get("fan-1"), Some(&7), "the latest note wins");
         m.rollback();
+        assert_eq!(
+            m.get("fan-1"),
+            Some(&1),
+            "a rollback restores the committed value"
+        );
         m.committed();
         assert_eq!(m.get("fan-2"), None, "a rolled-back note never counts");
 

@@ -675,20 +675,22 @@ impl Nba {
         customer: &str,
         at_ms: i64,
     ) -> Result<(), NbaError> {
-        if self
-            .presence
-            .get(customer)
-            .is_some_and(|&t| at_ms - t < PRESENCE_REFRESH_MS)
-        {
+        let known = self.presence.get(customer).copied();
+        if known.is_some_and(|t| at_ms - t < PRESENCE_REFRESH_MS) {
             return Ok(());
         }
         let key = self.key.start(customer).finish(MAX_KEY);
-        let last = self
-            .dbs
-            .presence
-            .get(txn, key)?
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(i64::from_be_bytes);
+        // A remembered time is the stored one: only this stage writes
+        // presence, and erasure forgets it.
+        let last = match known {
+            Some(t) => Some(t),
+            None => self
+                .dbs
+                .presence
+                .get(txn, key)?
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(i64::from_be_bytes),
+        };
         let stored = match last {
             Some(t) if at_ms - t < PRESENCE_REFRESH_MS => t,
             _ => {

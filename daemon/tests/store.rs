@@ -688,11 +688,73 @@ async fn withdrawn_consent_stops_tracking_until_given_again() {
     close(h, w).await;
 }
 
+/// The writer remembers profiles between events; a profile change in a
+/// transaction that rolls back must be forgotten with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_change_in_a_refused_batch_is_never_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.store.map_size = 512 << 10;
+    let rules = bundle(vec![
+        rule("cheer", "fan.cheer", None, &[2.0]),
+        rule("hello", "fan.wave", None, &[1.0]),
+    ]);
+    let (h, w) = open(&cfg, &rules);
+    let profile = |id: &str, data| ev(id, "customer.profile", Some("fan-1"), data);
+    let consent = |given: bool| json!({"consent": {"gamification": given}});
+    h.submit(vec![profile("p-yes", consent(true)), cheer("c1", "fan-1")])
+        .await
+        .unwrap();
+
+    // Fill the map with waves (each leaves an outbox record), then have a
+    // batch that withdraws fan-1's consent refused with it.
+    let pad = "p".repeat(200);
+    let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
+    let mut full = false;
+    for round in 0..500 {
+        let mut events = vec![profile(&format!("p-no-{round}"), consent(false))];
+        events.extend((0..50).map(|i| wave(format!("{pad}-{round}-{i}"))));
+        match h.submit(events).await {
+            Ok(_) => {
+                // Committed: give consent back before the next try.
+                h.submit(vec![profile(&format!("p-yes-{round}"), consent(true))])
+                    .await
+                    .unwrap();
+            }
+            Err(SubmitError::StoreFull) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(full, "the map never filled");
+    let not_tracked = h.stats().events_not_tracked();
+
+    // Room again; fan-1's consent is what the last commit left: given.
+    h.ack_outbox(u64::MAX).await.unwrap();
+    h.submit(vec![cheer("c2", "fan-1")]).await.unwrap();
+    assert_eq!(h.stats().events_not_tracked(), not_tracked);
+    let records = all_records(&h).await;
+    let cheers: Vec<_> = records
+        .iter()
+        .filter(
+            |r| matches!(&r.body, RecordBody::AchievementAwarded(a) if a.achievement == "cheer"),
+        )
+        .collect();
+    assert_eq!(cheers.len(), 1, "fan-1's second cheer reaches the tier");
+    close(h, w).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_deletes_every_trace_and_tells_the_central_side() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = site(dir.path());
-    let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[2.0, 4.0])]);
+    let rules = bundle(vec![
+        rule("cheer", "fan.cheer", None, &[2.0, 4.0]),
+        // Counts only for a fan whose profile names a team.
+        rule("team-wave", "fan.wave", Some("has(profile.team)"), &[1.0]),
+    ]);
     let (h, w) = open(&cfg, &rules);
     h.dead_letter(vec![DeadLetter {
         at_ms: T0,
@@ -736,10 +798,12 @@ async fn erasure_deletes_every_trace_and_tells_the_central_side() {
 
     // State is gone: the customer starts from zero and earns tier 1 again;
     // the other customer keeps their progress (one more cheer reaches 2).
+    // The profile is gone too: a wave does not count.
     h.submit(vec![
         cheer("c4", "fan-erase"),
         cheer("c5", "fan-erase"),
         cheer("k2", "fan-keep"),
+        ev("w1", "fan.wave", Some("fan-erase"), json!({})),
     ])
     .await
     .unwrap();

@@ -124,7 +124,7 @@ impl Deferred {
         txn: &mut RwTxn,
         now_ms: i64,
         event: &Event,
-        profile: Option<&Profile>,
+        profile: Option<&str>,
     ) -> Result<(), DeferredError> {
         self.journal
             .append(txn, now_ms, event, profile, &self.read)?;

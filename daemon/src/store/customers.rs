@@ -11,15 +11,23 @@
 //! dead-letter samples) in the same commit that queues the erasure record
 //! for the central side.
 //!
+//! The writer keeps the profiles it has read or written, decoded, in a
+//! [`ProfileCache`]: every event of a known customer would otherwise read
+//! the profile and decode its JSON again. Only this stage writes
+//! profiles, so the cache cannot go stale.
+//!
 //! Keys are the customer id itself, length-prefixed like rule state, whose
 //! keys start with the customer so one prefix scan finds all of a
 //! customer's state. Ingest bounds `subject` to [`MAX_CUSTOMER_LEN`]
 //! bytes, so those keys are never hashed and that scan is exhaustive.
 
+use std::sync::Arc;
+
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
 use serde_json::{Map, Value};
 
+use super::committed::Committed;
 use super::keys::KeyBuf;
 use crate::event::Event;
 
@@ -34,12 +42,40 @@ pub const MAX_CUSTOMER_LEN: usize = 256;
 /// Format version byte leading every stored profile.
 const PROFILE_V1: u8 = 1;
 
+/// Customers whose profile (or lack of one) the writer remembers. A
+/// profile of a handful of keys takes about 1 KiB decoded with its text,
+/// so the cache holds at most about 200 MiB; past the bound it starts
+/// over.
+pub(crate) const PROFILE_CACHE_MAX: usize = 200_000;
+
+/// A profile as stored: decoded for rules, and the JSON text it is stored
+/// as, which the journal carries without encoding it again.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredProfile {
+    pub map: Map<String, Value>,
+    pub text: String,
+}
+
+impl StoredProfile {
+    fn encode(customer: &str, map: Map<String, Value>) -> Result<StoredProfile, CustomerError> {
+        // Serialising a map of JSON values cannot fail.
+        let text = serde_json::to_string(&map).map_err(|e| CustomerError::Corrupt {
+            customer: customer.to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(StoredProfile { map, text })
+    }
+}
+
+/// Profiles by customer, `None` for a customer known to have none.
+pub(crate) type ProfileCache = Committed<Option<Arc<StoredProfile>>>;
+
 /// What the writer does with an event after this stage.
 #[derive(Debug)]
 pub(crate) enum Admission {
     /// Apply rules; the profile (when the event has a subject) is what
     /// they see as `profile`.
-    Track(Option<Map<String, Value>>),
+    Track(Option<Arc<StoredProfile>>),
     /// The customer did not consent to gamification: no state changes.
     NotTracked,
     /// The customer's data was deleted; the caller queues the erasure
@@ -68,6 +104,7 @@ pub(crate) fn admit(
     dbs: CustomerDbs,
     txn: &mut RwTxn,
     key: &mut KeyBuf,
+    cache: &mut ProfileCache,
     event: &Event,
 ) -> Result<Admission, CustomerError> {
     let Some(customer) = event.subject.as_deref() else {
@@ -75,11 +112,19 @@ pub(crate) fn admit(
     };
     if event.kind == ERASE_EVENT {
         erase(dbs, txn, key, customer)?;
+        cache.forget(customer);
         return Ok(Admission::Erased {
             customer: customer.to_string(),
         });
     }
-    let mut profile = load(dbs.profiles, txn, key, customer)?;
+    let mut profile = match cache.get(customer) {
+        Some(known) => known.clone(),
+        None => {
+            let stored = load_stored(dbs.profiles, txn, key, customer)?.map(Arc::new);
+            cache.note(customer, stored.clone());
+            stored
+        }
+    };
     if event.kind == PROFILE_EVENT {
         let updates = match &event.data {
             Value::Object(map) => map.clone(),
@@ -87,14 +132,16 @@ pub(crate) fn admit(
             // that is not an object changes nothing.
             _ => Map::new(),
         };
-        let mut merged = profile.unwrap_or_default();
+        let mut merged = profile.map(|p| p.map.clone()).unwrap_or_default();
         merge(&mut merged, updates);
-        save(dbs.profiles, txn, key, customer, &merged)?;
-        profile = Some(merged);
+        let stored = Arc::new(StoredProfile::encode(customer, merged)?);
+        save(dbs.profiles, txn, key, customer, &stored.text)?;
+        cache.note(customer, Some(stored.clone()));
+        profile = Some(stored);
     }
     if profile
         .as_ref()
-        .is_some_and(|p| !consents(p, "gamification"))
+        .is_some_and(|p| !consents(&p.map, "gamification"))
     {
         return Ok(Admission::NotTracked);
     }
@@ -155,12 +202,40 @@ pub(crate) fn load(
         })
 }
 
-fn decode(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+/// A customer's stored profile with its text, `None` when they have none.
+fn load_stored(
+    db: Database<Bytes, Bytes>,
+    txn: &heed::RoTxn,
+    key: &mut KeyBuf,
+    customer: &str,
+) -> Result<Option<StoredProfile>, CustomerError> {
+    let Some(bytes) = db.get(txn, profile_key(key, customer))? else {
+        return Ok(None);
+    };
+    let corrupt = |detail: String| CustomerError::Corrupt {
+        customer: customer.to_string(),
+        detail,
+    };
+    let text = std::str::from_utf8(json_of(bytes).map_err(corrupt)?)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let map = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Some(StoredProfile {
+        map,
+        text: text.to_owned(),
+    }))
+}
+
+/// The JSON text of a stored profile record.
+fn json_of(bytes: &[u8]) -> Result<&[u8], String> {
     match bytes.split_first() {
-        Some((&PROFILE_V1, json)) => serde_json::from_slice(json).map_err(|e| e.to_string()),
+        Some((&PROFILE_V1, json)) => Ok(json),
         Some((v, _)) => Err(format!("unknown profile format {v}")),
         None => Err("empty profile record".into()),
     }
+}
+
+fn decode(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    serde_json::from_slice(json_of(bytes)?).map_err(|e| e.to_string())
 }
 
 fn save(
@@ -168,14 +243,11 @@ fn save(
     txn: &mut RwTxn,
     key: &mut KeyBuf,
     customer: &str,
-    profile: &Map<String, Value>,
+    text: &str,
 ) -> Result<(), CustomerError> {
-    let mut bytes = vec![PROFILE_V1];
-    // Serialising a map of JSON values cannot fail.
-    serde_json::to_writer(&mut bytes, profile).map_err(|e| CustomerError::Corrupt {
-        customer: customer.to_string(),
-        detail: e.to_string(),
-    })?;
+    let mut bytes = Vec::with_capacity(1 + text.len());
+    bytes.push(PROFILE_V1);
+    bytes.extend_from_slice(text.as_bytes());
     db.put(txn, profile_key(key, customer), &bytes)?;
     Ok(())
 }

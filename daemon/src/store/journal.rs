@@ -51,7 +51,7 @@ struct Stored<'a> {
     subject: Option<Cow<'a, str>>,
     time_ms: i64,
     data: String,
-    profile: Option<String>,
+    profile: Option<Cow<'a, str>>,
     read: Vec<(Cow<'a, str>, Option<String>)>,
 }
 
@@ -81,7 +81,7 @@ fn profile_of(text: &str) -> Result<Profile, String> {
 pub(crate) fn encode(
     now_ms: i64,
     e: &Event,
-    profile: Option<&Profile>,
+    profile: Option<&str>,
     read: &[(String, Option<Profile>)],
     buf: &mut Vec<u8>,
 ) -> Result<(), String> {
@@ -93,7 +93,7 @@ pub(crate) fn encode(
         subject: e.subject.as_deref().map(Cow::Borrowed),
         time_ms: e.time_ms,
         data: e.data.to_string(),
-        profile: profile.map(profile_text).transpose()?,
+        profile: profile.map(Cow::Borrowed),
         read: read
             .iter()
             .map(|(c, p)| {
@@ -204,7 +204,7 @@ impl Journal {
         txn: &mut RwTxn,
         now_ms: i64,
         event: &Event,
-        profile: Option<&Profile>,
+        profile: Option<&str>,
         read: &[(String, Option<Profile>)],
     ) -> Result<(), JournalError> {
         encode(now_ms, event, profile, read, &mut self.buf).map_err(|e| JournalError::Corrupt {
@@ -266,10 +266,11 @@ mod tests {
             ],
         };
         let mut buf = Vec::new();
+        let text = profile.to_string();
         encode(
             entry.now_ms,
             &entry.event,
-            entry.profile.as_ref(),
+            Some(&text),
             &entry.read,
             &mut buf,
         )

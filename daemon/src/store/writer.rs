@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tracing::{error, info, warn};
 
 use super::checkpoint::{Deferred, DeferredError, EngineTable};
-use super::customers::{self, Admission, CustomerDbs, CustomerError};
+use super::customers::{self, Admission, CustomerDbs, CustomerError, ProfileCache};
 use super::dedup::Dedup;
 use super::engine_table::{LmdbTable, ProgressView};
 use super::env::{is_map_full, Dbs, LmdbEnv};
@@ -288,6 +288,8 @@ pub(crate) struct Writer {
     error_log: LogLimiter,
     /// Next best action: offers decided in the event's transaction.
     nba: Nba,
+    /// Profiles read or written, decoded (see `customers`).
+    profiles: ProfileCache,
     /// `journal` mode: the engine's changes since the last checkpoint
     /// and their journal; `None` in `direct` mode.
     deferred: Option<Deferred>,
@@ -341,6 +343,7 @@ impl Writer {
             refuse_log: LogLimiter::new(LOG_INTERVAL),
             error_log: LogLimiter::new(LOG_INTERVAL),
             nba,
+            profiles: ProfileCache::new(customers::PROFILE_CACHE_MAX),
             deferred,
         }
     }
@@ -551,6 +554,7 @@ impl Writer {
         let mut txn = env.write_txn()?;
         self.engine.begin();
         self.nba.begin();
+        self.profiles.rollback();
         if let Some(d) = &mut self.deferred {
             d.begin();
         }
@@ -618,6 +622,7 @@ impl Writer {
         txn.commit()?;
         self.engine.committed();
         self.nba.committed();
+        self.profiles.committed();
         if let Some(d) = &mut self.deferred {
             d.commit();
         }
@@ -671,17 +676,22 @@ impl Writer {
             };
             // Next best action runs after the engine, on tracked events.
             let mut nba_profile = None;
-            match customers::admit(customer_dbs, txn, &mut self.key, event)? {
+            match customers::admit(customer_dbs, txn, &mut self.key, &mut self.profiles, event)? {
                 Admission::Track(profile) => {
                     self.engine.apply(
                         &mut EngineTable::new(&mut self.deferred, txn, &self.dbs),
                         event,
-                        profile.as_ref(),
+                        profile.as_deref().map(|p| &p.map),
                         now_ms,
                         &mut self.output,
                     )?;
                     if let Some(d) = &mut self.deferred {
-                        d.journal(txn, now_ms, event, profile.as_ref())?;
+                        d.journal(
+                            txn,
+                            now_ms,
+                            event,
+                            profile.as_deref().map(|p| p.text.as_str()),
+                        )?;
                     }
                     nba_profile = Some(profile);
                 }
@@ -752,7 +762,8 @@ impl Writer {
             }
             // ---- next best action (see store/nba.rs) ----
             if let Some(profile) = nba_profile {
-                records += self.nba_event(txn, meta, tally, event, profile.as_ref())?;
+                let profile = profile.as_deref().map(|p| &p.map);
+                records += self.nba_event(txn, meta, tally, event, profile)?;
             }
             // ---- end of next best action ----
             tally.events += 1;

@@ -27,7 +27,7 @@
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
-//! only, `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's
+//! only, `-- --store` for one round of the store modes only, `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's
 //! store syncing less than the default `full`). The engine modes run twice, alternating, and the faster run of
 //! each is reported. Absolute numbers on a shared machine are
 //! noisy; the ratios are the figures to compare across machines.
@@ -481,8 +481,10 @@ fn mib(kib: u64) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    // Only the engine-alone modes, one round: for profiling the engine.
+    // Only the engine-alone modes, or only the store modes, one round:
+    // for profiling.
     let alone_only = std::env::args().any(|a| a == "--alone");
+    let store_only = std::env::args().any(|a| a == "--store");
     // `--pipeline-sync <mode>`: the pipeline store's durability, to see
     // what the disk's share of the pipeline's time is.
     let args: Vec<String> = std::env::args().collect();
@@ -536,7 +538,7 @@ fn main() -> anyhow::Result<()> {
         let mut predicate_evals = 0;
         for round in 1..=2 {
             for (m, (label, rules, alone, rule_state)) in modes.iter().enumerate() {
-                if alone_only && (!alone || round > 1) {
+                if (alone_only && (!alone || round > 1)) || (store_only && (*alone || round > 1)) {
                     continue;
                 }
                 let events = main_events(engine_events, start_ms);
@@ -563,7 +565,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        if alone_only {
+        if alone_only || store_only {
             return Ok(());
         }
         let best: Vec<Run> = best.into_iter().flatten().collect();

@@ -27,10 +27,12 @@
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
-//! only, `-- --store` for one round of the store modes only, `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's
-//! store syncing less than the default `full`). The engine modes run twice, alternating, and the faster run of
-//! each is reported. Absolute numbers on a shared machine are
-//! noisy; the ratios are the figures to compare across machines.
+//! only, `-- --store` for one round of the store modes only,
+//! `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's store
+//! syncing less than the default `full`). The engine modes run twice,
+//! alternating, and the faster run of each is reported. Absolute numbers
+//! on a shared machine are noisy; the ratios are the figures to compare
+//! across machines.
 
 mod support;
 

@@ -1229,8 +1229,15 @@ fn tier_reached(
     });
     Publication {
         topic: format!("{prefix}/{}/progress", publications::topic_level(customer)),
-        payload: payload.to_string().into_bytes(),
+        payload: json_bytes(&payload),
     }
+}
+
+/// A JSON value as message bytes. `to_vec` writes straight into the
+/// buffer (`Value`'s `Display` goes through the formatting machinery,
+/// several times slower); serialising a `Value` into memory cannot fail.
+fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// The MQTT message telling a fan they are 25, 50 or 75 % of the way to
@@ -1252,6 +1259,6 @@ fn progress_crossed(prefix: &str, site: &str, note: &ProgressNote) -> Publicatio
             "{prefix}/{}/progress",
             publications::topic_level(&note.customer)
         ),
-        payload: payload.to_string().into_bytes(),
+        payload: json_bytes(&payload),
     }
 }

@@ -1633,3 +1633,67 @@ async fn a_journal_left_by_a_crash_is_replayed_when_the_site_reopens_in_direct_m
     assert_eq!(award(&records[0]).tier, 1);
     close(h, w).await;
 }
+
+/// In `journal` mode the rules change only once the held state is written
+/// back; when it cannot be (the map is full), the reload is refused and
+/// the old rules (and offers) stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_write_back_the_held_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = journal_site(dir.path());
+    // Room for a few thousand small events: their held state is then
+    // far more than the few pages left once the map is full.
+    cfg.store.map_size = 2 << 20;
+    let hello = rule("hello", "fan.wave", None, &[1.0]);
+    let rules = bundle(vec![hello.clone()]);
+    let (h, w) = open(&cfg, &rules);
+
+    // Waves from new fans until the map is full: each leaves an outbox
+    // record, a journal entry and held state.
+    let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
+    let mut full = false;
+    for round in 0..500 {
+        let events: Vec<Event> = (0..200).map(|i| wave(format!("w{round}-{i}"))).collect();
+        match h.submit(events).await {
+            Ok(_) => {}
+            Err(SubmitError::StoreFull) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(full, "the map never filled");
+    // Then single waves, until not even one fits.
+    let mut singles_refused = false;
+    for i in 0..2000 {
+        match h.submit(vec![wave(format!("s{i}"))]).await {
+            Ok(_) => {}
+            Err(SubmitError::StoreFull) => {
+                singles_refused = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(singles_refused, "single events never refused");
+    assert!(
+        h.stats().journal_entries() > 0,
+        "state is held, not written back"
+    );
+
+    let with_second = bundle(vec![hello, rule("second", "fan.wave", None, &[1.0])]);
+    let refused = h.replace_rules(&with_second).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Write(m)) if m.contains("written back")),
+        "got {refused:?}"
+    );
+
+    // Room again: a wave still meets only the old rule.
+    h.ack_outbox(u64::MAX).await.unwrap();
+    assert_eq!(
+        h.submit(vec![wave("after".into())]).await,
+        Ok(vec![EventOutcome::Committed { records: 1 }])
+    );
+    close(h, w).await;
+}

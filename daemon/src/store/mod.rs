@@ -447,8 +447,9 @@ impl StoreHandle {
     }
 
     /// Compiles `rules` and makes them the active rules between two
-    /// commits. On `Err` (a rule that does not compile) the old rules stay
-    /// active. State is keyed by rule id and version, so the progress of
+    /// commits. On `Err` (a rule that does not compile, or in `journal`
+    /// mode held state that could not be written back first) the old rules
+    /// and offers stay active. State is keyed by rule id and version, so the progress of
     /// unchanged rules carries over and a rule whose version changed starts
     /// fresh; the new rules' counters start at zero.
     pub async fn replace_rules(&self, rules: &RuleBundle) -> Result<(), StoreError> {
@@ -467,21 +468,24 @@ impl StoreHandle {
         })
         .await
         .map_err(|e| StoreError::Write(format!("offer compilation aborted: {e}")))??;
+        // The engine first: in `journal` mode it can be refused (its held
+        // state must be written back before the rules change), and then
+        // the offers must stay as they are too.
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::ReplaceEngine {
+                engine: Box::new(engine),
+                reply,
+            })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)??;
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
             .send(Command::ReplaceOffers {
                 catalog: Box::new(catalog),
                 policy: Box::new(self.shared.nba_policy.clone()),
-                reply,
-            })
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?;
-        let (reply, answer) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Command::ReplaceEngine {
-                engine: Box::new(engine),
                 reply,
             })
             .map_err(|_| StoreError::Closed)?;

@@ -79,10 +79,12 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Swaps the rules between two commits: every event before it was
-    /// applied with the old rules, every event after with the new.
+    /// applied with the old rules, every event after with the new. In
+    /// `journal` mode the held state is written back first; when that
+    /// fails the old rules stay and the reply says why.
     ReplaceEngine {
         engine: Box<Engine>,
-        reply: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Swaps the offers (next best action) between two commits, after
     /// queueing the old offers' last statistics.
@@ -364,7 +366,9 @@ impl Writer {
             self.report_rule_stats(false);
             self.nba_tick(false);
             if self.deferred.as_ref().is_some_and(Deferred::due) {
-                self.checkpoint("interval");
+                // A failure is logged; the journal keeps the state and the
+                // next turn tries again.
+                let _ = self.checkpoint("interval");
             }
             // A venue-wide fan-out goes on one chunk per turn, between
             // groups of other commands, which wait at most one chunk.
@@ -399,13 +403,20 @@ impl Writer {
             };
             if let Command::ReplaceEngine { engine, reply } = first {
                 // A journal never spans two rule bundles: a replay must
-                // apply each entry with the rules that applied it.
-                self.checkpoint("rule reload");
+                // apply each entry with the rules that applied it. So the
+                // rules change only once the journal is empty.
+                if let Err(e) = self.checkpoint("rule reload") {
+                    let _ = reply.send(Err(StoreError::Write(format!(
+                        "the state held since the last checkpoint could not be written back ({e}); \
+                         a reload needs that first"
+                    ))));
+                    continue;
+                }
                 // The old rules' last counts go out under their versions.
                 self.report_rule_stats(true);
                 self.engine = *engine;
                 self.rule_stats.forget_counters();
-                let _ = reply.send(());
+                let _ = reply.send(Ok(()));
                 continue;
             }
             if let Command::ReplaceOffers {
@@ -449,9 +460,10 @@ impl Writer {
         }
         // The current minute's offer statistics leave with this stop.
         self.nba_tick(true);
-        // A clean stop leaves nothing to replay.
+        // A clean stop leaves nothing to replay; a failed checkpoint is
+        // logged, and the journal replays at the next start.
         if self.settings.final_checkpoint {
-            self.checkpoint("shutdown");
+            let _ = self.checkpoint("shutdown");
         }
         // Later senders now fail at once and report `Closed`.
         drop(rx);
@@ -529,9 +541,10 @@ impl Writer {
                 (Command::Ack { reply, .. }, _) | (Command::AckPublished { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
-                (Command::Shutdown { reply }, _)
-                | (Command::ReplaceEngine { reply, .. }, _)
-                | (Command::ReplaceOffers { reply, .. }, _) => {
+                (Command::ReplaceEngine { reply, .. }, _) => {
+                    let _ = reply.send(Err(StoreError::Write("not applied".into())));
+                }
+                (Command::Shutdown { reply }, _) | (Command::ReplaceOffers { reply, .. }, _) => {
                     let _ = reply.send(());
                 }
                 (Command::Progress { reply, .. }, _) => {
@@ -779,12 +792,12 @@ impl Writer {
     /// (`journal` mode; nothing to do otherwise). `why` names the cause
     /// in the log. A failure keeps the state in memory and the journal as
     /// it was, so nothing is lost; the next due checkpoint tries again.
-    fn checkpoint(&mut self, why: &str) {
+    fn checkpoint(&mut self, why: &str) -> heed::Result<()> {
         let Some(d) = self.deferred.as_mut() else {
-            return;
+            return Ok(());
         };
         if !d.pending() {
-            return;
+            return Ok(());
         }
         let result = (|| -> heed::Result<usize> {
             let env = self.env.clone();
@@ -801,12 +814,14 @@ impl Writer {
                 StoreStats::add(&self.stats.checkpoint_keys, keys as u64);
                 StoreStats::set(&self.stats.journal_entries, 0);
                 StoreStats::add(&self.stats.commits, 1);
+                Ok(())
             }
             Err(e) => {
                 d.begin();
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
                 }
+                Err(e)
             }
         }
     }

@@ -448,10 +448,11 @@ impl StoreHandle {
 
     /// Compiles `rules` and makes them the active rules between two
     /// commits. On `Err` (a rule that does not compile, or in `journal`
-    /// mode held state that could not be written back first) the old rules
-    /// and offers stay active. State is keyed by rule id and version, so the progress of
-    /// unchanged rules carries over and a rule whose version changed starts
-    /// fresh; the new rules' counters start at zero.
+    /// mode held state that could not be written back first) the old
+    /// rules and offers stay active. State is keyed by rule id and
+    /// version, so the progress of unchanged rules carries over and a rule
+    /// whose version changed starts fresh; the new rules' counters start
+    /// at zero.
     pub async fn replace_rules(&self, rules: &RuleBundle) -> Result<(), StoreError> {
         // Compiling the predicates is CPU work: keep it off the workers.
         let bundle = rules.clone();

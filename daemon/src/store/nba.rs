@@ -62,9 +62,11 @@ use touchline_proto::{OfferDecision, OfferOutcome, RecordBody};
 /// match day.
 pub const PRESENCE_WINDOW: Duration = Duration::from_secs(6 * 3600);
 
-/// Presence is rewritten only when older than this, so a cheering fan
-/// costs one write a minute, not one per cheer.
-const PRESENCE_REFRESH_MS: i64 = 60_000;
+/// Presence is rewritten only when older than this, so a fan costs one
+/// write per ten minutes, not one per event. A fan's stored presence is
+/// then at most this much older than their last event: next to the
+/// 6-hour window, they may leave it up to 3 % early.
+const PRESENCE_REFRESH_MS: i64 = 600_000;
 
 /// How often `offer_stats` records are queued.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(60);

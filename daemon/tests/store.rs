@@ -1651,32 +1651,12 @@ async fn a_reload_that_cannot_write_back_the_held_state_is_refused() {
     // Waves from new fans until the map is full: each leaves an outbox
     // record, a journal entry and held state.
     let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
-    let mut full = false;
-    for round in 0..500 {
-        let events: Vec<Event> = (0..200).map(|i| wave(format!("w{round}-{i}"))).collect();
-        match h.submit(events).await {
-            Ok(_) => {}
-            Err(SubmitError::StoreFull) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-    }
-    assert!(full, "the map never filled");
+    submit_until_full(&h, |round| {
+        (0..200).map(|i| wave(format!("w{round}-{i}"))).collect()
+    })
+    .await;
     // Then single waves, until not even one fits.
-    let mut singles_refused = false;
-    for i in 0..2000 {
-        match h.submit(vec![wave(format!("s{i}"))]).await {
-            Ok(_) => {}
-            Err(SubmitError::StoreFull) => {
-                singles_refused = true;
-                break;
-            }
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-    }
-    assert!(singles_refused, "single events never refused");
+    submit_until_full(&h, |i| vec![wave(format!("s{i}"))]).await;
     assert!(
         h.stats().journal_entries() > 0,
         "state is held, not written back"
@@ -1696,4 +1676,16 @@ async fn a_reload_that_cannot_write_back_the_held_state_is_refused() {
         Ok(vec![EventOutcome::Committed { records: 1 }])
     );
     close(h, w).await;
+}
+
+/// Submits `batch(0)`, `batch(1)`, … until the store refuses one as full.
+async fn submit_until_full(h: &StoreHandle, mut batch: impl FnMut(usize) -> Vec<Event>) {
+    for n in 0..5000 {
+        match h.submit(batch(n)).await {
+            Ok(_) => {}
+            Err(SubmitError::StoreFull) => return,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    panic!("the map never filled");
 }

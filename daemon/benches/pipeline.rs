@@ -11,8 +11,9 @@
 //!    state.
 //!
 //! `cargo bench -p touchline --bench pipeline` (add `-- --quick` for a
-//! smaller run, `-- --rule-state direct` for the store writing rule
-//! state per event instead of the default journal mode). Absolute
+//! smaller run, `-- --rule-state journal` for the store holding rule
+//! state between checkpoints instead of the daemon's default, `direct`,
+//! which writes it per event). Absolute
 //! numbers on a shared machine are noisy; the ratio in (2) is the figure
 //! to compare across machines.
 
@@ -82,7 +83,8 @@ fn main() -> anyhow::Result<()> {
             Some(mode @ ("journal" | "direct")) => mode.to_string(),
             other => anyhow::bail!("--rule-state wants journal or direct, not {other:?}"),
         },
-        None => "journal".to_string(),
+        // The daemon's default.
+        None => "direct".to_string(),
     };
     let _ = RULE_STATE.set(rule_state);
     let scale = if quick {

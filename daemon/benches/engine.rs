@@ -489,14 +489,8 @@ fn main() -> anyhow::Result<()> {
     let store_only = std::env::args().any(|a| a == "--store");
     // `--pipeline-sync <mode>`: the pipeline store's durability, to see
     // what the disk's share of the pipeline's time is.
-    let args: Vec<String> = std::env::args().collect();
-    let pipeline_sync = match args.iter().position(|a| a == "--pipeline-sync") {
-        Some(i) => match args.get(i + 1).map(String::as_str) {
-            Some(mode @ ("full" | "no-meta-sync" | "none")) => mode.to_string(),
-            other => bail!("--pipeline-sync wants full, no-meta-sync or none, not {other:?}"),
-        },
-        None => "full".to_string(),
-    };
+    let pipeline_sync =
+        support::flag_value("--pipeline-sync", &["full", "no-meta-sync", "none"], "full")?;
     let (engine_events, http_events) = if quick {
         (200_000, 150_000)
     } else {
@@ -583,9 +577,9 @@ fn main() -> anyhow::Result<()> {
         }
 
         let events = main_events(http_events, start_ms);
-        let http = http_run(&selective, &events, start_ms, &pipeline_sync, "journal").await?;
+        let http = http_run(&selective, &events, start_ms, pipeline_sync, "journal").await?;
         let http_direct =
-            http_run(&selective, &events, start_ms, &pipeline_sync, "direct").await?;
+            http_run(&selective, &events, start_ms, pipeline_sync, "direct").await?;
         drop(events);
 
         let cel_ns = (best[1].seconds - best[2].seconds) * 1e9 / predicate_evals as f64;

@@ -13,9 +13,8 @@
 //! `cargo bench -p touchline --bench pipeline` (add `-- --quick` for a
 //! smaller run, `-- --rule-state journal` for the store holding rule
 //! state between checkpoints instead of the daemon's default, `direct`,
-//! which writes it per event). Absolute
-//! numbers on a shared machine are noisy; the ratio in (2) is the figure
-//! to compare across machines.
+//! which writes it per event). Absolute numbers on a shared machine are
+//! noisy; the ratio in (2) is the figure to compare across machines.
 
 mod support;
 
@@ -72,21 +71,24 @@ struct Scale {
     customers: usize,
 }
 
-/// `--rule-state journal|direct`: the store's `rule_state` in every part.
-static RULE_STATE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `--rule-state journal|direct`: the store's `rule_state` in every part
+/// (set once, first thing in `main`).
+static RULE_STATE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The daemon's default `rule_state`.
+const DEFAULT_RULE_STATE: &str = "direct";
+
+fn rule_state() -> &'static str {
+    RULE_STATE.get().copied().unwrap_or(DEFAULT_RULE_STATE)
+}
 
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let args: Vec<String> = std::env::args().collect();
-    let rule_state = match args.iter().position(|a| a == "--rule-state") {
-        Some(i) => match args.get(i + 1).map(String::as_str) {
-            Some(mode @ ("journal" | "direct")) => mode.to_string(),
-            other => anyhow::bail!("--rule-state wants journal or direct, not {other:?}"),
-        },
-        // The daemon's default.
-        None => "direct".to_string(),
-    };
-    let _ = RULE_STATE.set(rule_state);
+    let _ = RULE_STATE.set(support::flag_value(
+        "--rule-state",
+        &["journal", "direct"],
+        DEFAULT_RULE_STATE,
+    )?);
     let scale = if quick {
         Scale {
             http_events: 100_000,
@@ -109,7 +111,7 @@ fn main() -> anyhow::Result<()> {
         println!(
             "touchline pipeline benchmark ({}, rule_state {})",
             if quick { "quick" } else { "full" },
-            RULE_STATE.get().map_or("journal", String::as_str)
+            rule_state()
         );
         println!(
             "machine: {} cores",
@@ -128,7 +130,7 @@ fn main() -> anyhow::Result<()> {
 fn write_site(dir: &Path, extra: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("rules"))?;
     std::fs::write(dir.join("rules/bench.toml"), RULES)?;
-    let rule_state = RULE_STATE.get().map_or("journal", String::as_str);
+    let rule_state = rule_state();
     let text = format!(
         "[site]\nid = \"{SITE}\"\ndata_dir = \"data\"\nrules = [\"rules/*.toml\"]\n\n\
          [store]\nmap_size = \"4GiB\"\nrule_state = \"{rule_state}\"\n\n\

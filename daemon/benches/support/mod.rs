@@ -13,6 +13,24 @@ use anyhow::bail;
 use touchline::event::{Event, EventOutcome};
 use touchline::store::StoreHandle;
 
+/// The value given after `flag` on the command line, which must be one
+/// of `allowed`; `default` when the flag is absent.
+pub fn flag_value(
+    flag: &str,
+    allowed: &[&'static str],
+    default: &'static str,
+) -> anyhow::Result<&'static str> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(i) = args.iter().position(|a| a == flag) else {
+        return Ok(default);
+    };
+    let given = args.get(i + 1).map(String::as_str);
+    match allowed.iter().find(|a| Some(**a) == given) {
+        Some(value) => Ok(value),
+        None => bail!("{flag} wants one of {allowed:?}, not {given:?}"),
+    }
+}
+
 /// Submits `events` straight to a store in order, `batch` at a time, one
 /// batch after the other, and fails unless every event was committed.
 /// In order, so order-dependent rules (sequences, streaks) see what a

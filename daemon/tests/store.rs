@@ -706,29 +706,23 @@ async fn a_profile_change_in_a_refused_batch_is_never_seen() {
         .await
         .unwrap();
 
-    // Fill the map with waves (each leaves an outbox record), then have a
-    // batch that withdraws fan-1's consent refused with it.
-    let pad = "p".repeat(200);
+    // Fill the map with waves (each leaves an outbox record) until not
+    // even one more fits; then a batch withdrawing fan-1's consent is
+    // refused with the wave it carries.
     let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
-    let mut full = false;
-    for round in 0..500 {
-        let mut events = vec![profile(&format!("p-no-{round}"), consent(false))];
-        events.extend((0..50).map(|i| wave(format!("{pad}-{round}-{i}"))));
-        match h.submit(events).await {
-            Ok(_) => {
-                // Committed: give consent back before the next try.
-                h.submit(vec![profile(&format!("p-yes-{round}"), consent(true))])
-                    .await
-                    .unwrap();
-            }
-            Err(SubmitError::StoreFull) => {
-                full = true;
-                break;
-            }
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-    }
-    assert!(full, "the map never filled");
+    submit_until_full(&h, |round| {
+        (0..50).map(|i| wave(format!("w{round}-{i}"))).collect()
+    })
+    .await;
+    submit_until_full(&h, |i| vec![wave(format!("s{i}"))]).await;
+    assert_eq!(
+        h.submit(vec![
+            profile("p-no", consent(false)),
+            wave("refused".into())
+        ])
+        .await,
+        Err(SubmitError::StoreFull)
+    );
     let not_tracked = h.stats().events_not_tracked();
 
     // Room again; fan-1's consent is what the last commit left: given.

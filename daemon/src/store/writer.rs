@@ -150,6 +150,14 @@ struct Tally {
     duration: Duration,
 }
 
+impl Tally {
+    /// A checkpoint in the transaction wrote back `keys` keys.
+    fn checkpointed(&mut self, keys: usize) {
+        self.checkpoints += 1;
+        self.checkpoint_keys += keys as u64;
+    }
+}
+
 /// Why a transaction did not commit.
 enum GroupError {
     MapFull,
@@ -629,8 +637,7 @@ impl Writer {
             &self.dbs,
         ))?;
         if let Some(d) = self.deferred.as_mut().filter(|d| d.due()) {
-            tally.checkpoint_keys += d.checkpoint(&mut txn, &self.dbs)? as u64;
-            tally.checkpoints += 1;
+            tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
         }
         txn.commit()?;
         self.engine.committed();
@@ -714,8 +721,7 @@ impl Writer {
                     // so the erasure below finds and deletes every trace
                     // in this commit.
                     if let Some(d) = &mut self.deferred {
-                        tally.checkpoint_keys += d.checkpoint(txn, &self.dbs)? as u64;
-                        tally.checkpoints += 1;
+                        tally.checkpointed(d.checkpoint(txn, &self.dbs)?);
                     }
                     self.engine
                         .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;

@@ -706,21 +706,12 @@ async fn a_profile_change_in_a_refused_batch_is_never_seen() {
         .await
         .unwrap();
 
-    // Fill the map with waves (each leaves an outbox record) until not
-    // even one more fits; then a batch withdrawing fan-1's consent is
-    // refused with the wave it carries.
-    let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
-    submit_until_full(&h, |round| {
-        (0..50).map(|i| wave(format!("w{round}-{i}"))).collect()
-    })
-    .await;
-    submit_until_full(&h, |i| vec![wave(format!("s{i}"))]).await;
+    // A full map refuses a batch withdrawing fan-1's consent with the
+    // wave it carries.
+    fill_with_waves(&h).await;
     assert_eq!(
-        h.submit(vec![
-            profile("p-no", consent(false)),
-            wave("refused".into())
-        ])
-        .await,
+        h.submit(vec![profile("p-no", consent(false)), wave("refused")])
+            .await,
         Err(SubmitError::StoreFull)
     );
     let not_tracked = h.stats().events_not_tracked();
@@ -1642,15 +1633,8 @@ async fn a_reload_that_cannot_write_back_the_held_state_is_refused() {
     let rules = bundle(vec![hello.clone()]);
     let (h, w) = open(&cfg, &rules);
 
-    // Waves from new fans until the map is full: each leaves an outbox
-    // record, a journal entry and held state.
-    let wave = |id: String| ev(&id, "fan.wave", Some(&id), json!({}));
-    submit_until_full(&h, |round| {
-        (0..200).map(|i| wave(format!("w{round}-{i}"))).collect()
-    })
-    .await;
-    // Then single waves, until not even one fits.
-    submit_until_full(&h, |i| vec![wave(format!("s{i}"))]).await;
+    // Each wave also leaves a journal entry and held state.
+    fill_with_waves(&h).await;
     assert!(
         h.stats().journal_entries() > 0,
         "state is held, not written back"
@@ -1666,10 +1650,26 @@ async fn a_reload_that_cannot_write_back_the_held_state_is_refused() {
     // Room again: a wave still meets only the old rule.
     h.ack_outbox(u64::MAX).await.unwrap();
     assert_eq!(
-        h.submit(vec![wave("after".into())]).await,
+        h.submit(vec![wave("after")]).await,
         Ok(vec![EventOutcome::Committed { records: 1 }])
     );
     close(h, w).await;
+}
+
+/// A wave from `fan` (its id is the fan's), which the tests' `hello`
+/// rule awards: each leaves an outbox record.
+fn wave(fan: &str) -> Event {
+    ev(fan, "fan.wave", Some(fan), json!({}))
+}
+
+/// Fills the store's map with waves from new fans until not even a
+/// single one fits.
+async fn fill_with_waves(h: &StoreHandle) {
+    submit_until_full(h, |round| {
+        (0..50).map(|i| wave(&format!("w{round}-{i}"))).collect()
+    })
+    .await;
+    submit_until_full(h, |i| vec![wave(&format!("s{i}"))]).await;
 }
 
 /// Submits `batch(0)`, `batch(1)`, … until the store refuses one as full.

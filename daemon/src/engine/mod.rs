@@ -753,7 +753,7 @@ fn apply_rule(
     };
     // A streak counts instances of `every`, whatever its (lifetime) window.
     let ordinal = match measure::every(&rule.measure) {
-        Some(edge_config::Every::Day) => ctx.timezone.day_of(event.time_ms),
+        Some(edge_config::Every::Day) => work.names.day(ctx.timezone, event.time_ms).0,
         Some(edge_config::Every::Period) => match work.periods.covering(event.time_ms) {
             Some((i, _)) => i as i64,
             None => return Ok(0),

@@ -23,8 +23,6 @@ use cel::common::types::{
 };
 use cel::common::value::Val;
 use cel::{Context, Program, Value};
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
 
 use super::native::{self, Plan, Val as Native};
 use crate::event::Event;
@@ -279,16 +277,11 @@ pub(crate) fn event_map(event: &Event) -> Box<dyn Val + '_> {
     map.insert("subject".into(), subject);
     map.insert(
         "time".into(),
-        Box::new(CelString::from(rfc3339(event.time_ms))),
+        Box::new(CelString::from(
+            crate::clock::rfc3339(event.time_ms).unwrap_or_default(),
+        )),
     );
     Box::new(CelMap::from(map))
-}
-
-fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
 }
 
 /// JSON → CEL, borrowing strings. Integers that fit `i64` become `int`,

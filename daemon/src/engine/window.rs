@@ -13,7 +13,6 @@ use std::sync::Arc;
 use edge_config::{TimeZone, Window};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 /// Instance name of a `lifetime` window.
@@ -58,6 +57,7 @@ pub fn place(window: &Window, tz: TimeZone, periods: &Periods, time_ms: i64) -> 
     let mut once = Names {
         memo: FxHashMap::default(),
         keep: false,
+        day: None,
     };
     once.place(window, tz, periods, time_ms)
 }
@@ -72,6 +72,16 @@ pub struct Names {
     memo: FxHashMap<(Kind, i64), Arc<str>>,
     /// Whether names are remembered (not for [`place`]'s single lookup).
     keep: bool,
+    /// The last time placed in a day.
+    day: Option<DayAt>,
+}
+
+/// A time's local day and the start of the next.
+#[derive(Debug, Clone, Copy)]
+struct DayAt {
+    time_ms: i64,
+    n: i64,
+    end_ms: i64,
 }
 
 impl Default for Names {
@@ -79,6 +89,7 @@ impl Default for Names {
         Names {
             memo: FxHashMap::default(),
             keep: true,
+            day: None,
         }
     }
 }
@@ -113,11 +124,11 @@ impl Names {
                 end_ms: None,
             }),
             Window::Day => {
-                let n = tz.day_of(time_ms);
+                let (n, end_ms) = self.day(tz, time_ms);
                 Some(Placement {
                     name: self.name(Kind::Day, n, || day_name(n)),
                     ordinal: n,
-                    end_ms: Some(tz.day_start_ms(n + 1)),
+                    end_ms: Some(end_ms),
                 })
             }
             Window::Period => {
@@ -160,6 +171,21 @@ impl Names {
         }
     }
 
+    /// The local day `time_ms` falls in and the instant the next one
+    /// starts. An event's rules ask for the same time one after another,
+    /// and the time zone's arithmetic is the costly part of placing them.
+    pub fn day(&mut self, tz: TimeZone, time_ms: i64) -> (i64, i64) {
+        match self.day {
+            Some(d) if d.time_ms == time_ms => (d.n, d.end_ms),
+            _ => {
+                let n = tz.day_of(time_ms);
+                let end_ms = tz.day_start_ms(n + 1);
+                self.day = Some(DayAt { time_ms, n, end_ms });
+                (n, end_ms)
+            }
+        }
+    }
+
     fn name(&mut self, kind: Kind, ordinal: i64, format: impl FnOnce() -> String) -> Arc<str> {
         if let Some(name) = self.memo.get(&(kind, ordinal)) {
             return name.clone();
@@ -188,7 +214,12 @@ pub fn day_name(n: i64) -> String {
 
 /// The name of a rolling run that started at `start_ms`.
 pub fn rolling_name(start_ms: i64) -> String {
-    format!("rolling:{}", rfc3339(start_ms))
+    let mut name = String::with_capacity(32);
+    name.push_str("rolling:");
+    if !crate::clock::push_rfc3339(&mut name, start_ms) {
+        name.push_str(&start_ms.to_string());
+    }
+    name
 }
 
 /// The name of period `id`'s instance.
@@ -229,10 +260,7 @@ fn duration_text(ms: i64) -> String {
 }
 
 pub fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
+    crate::clock::rfc3339(ms).unwrap_or_else(|| ms.to_string())
 }
 
 /// One venue period, as announced by `venue.period.started` / `.ended`.

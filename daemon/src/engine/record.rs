@@ -29,6 +29,13 @@ use crate::store::keys::KeyBuf;
 /// [`super::state::StoredState`], so a record never decodes as one.
 const TAG: u8 = 0x40;
 
+/// The bytes between an entry's slot and its value: end, lateness and
+/// the value's length.
+const FIXED: usize = 8 + 8 + 4;
+
+/// Spare capacity a record is read into: a few new entries.
+const HEADROOM: usize = 256;
+
 /// The key of a customer's record: the customer's key prefix itself, so
 /// it sorts first among the customer's keys (erasure finds it by prefix)
 /// and meets no other key (they all extend the prefix).
@@ -62,18 +69,10 @@ pub(crate) struct Expiry {
 
 /// One entry, as parsed in place.
 struct Entry {
-    /// Byte offset of the entry in the record.
-    at: usize,
     slot: std::ops::Range<usize>,
     end_ms: i64,
     lateness_ms: i64,
     value: std::ops::Range<usize>,
-}
-
-impl Entry {
-    fn len(&self) -> usize {
-        self.value.end - self.at
-    }
 }
 
 /// Walks a record's entries; stops at the first that does not parse (a
@@ -84,7 +83,6 @@ fn entries(bytes: &[u8]) -> impl Iterator<Item = Entry> + '_ {
         at = bytes.len();
     }
     std::iter::from_fn(move || {
-        let start = at;
         let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
         let slot = at + 2..at + 2 + n;
         let mut p = slot.end;
@@ -98,7 +96,6 @@ fn entries(bytes: &[u8]) -> impl Iterator<Item = Entry> + '_ {
         }
         at = value.end;
         Some(Entry {
-            at: start,
             slot,
             end_ms,
             lateness_ms,
@@ -110,9 +107,36 @@ fn entries(bytes: &[u8]) -> impl Iterator<Item = Entry> + '_ {
 /// The value in `slot` of a stored record (for readers outside the
 /// engine's transaction: progress queries).
 pub(crate) fn find<'r>(record: &'r [u8], slot: &[u8]) -> Option<&'r [u8]> {
-    entries(record)
-        .find(|e| &record[e.slot.clone()] == slot)
-        .map(|e| &record[e.value])
+    locate(record, slot).map(|p| &record[p.value_start()..p.value_end])
+}
+
+/// Where `slot`'s entry is in a record. Every rule an event counts for
+/// looks up its slot, so this reads only the lengths it needs to step
+/// from entry to entry; like [`entries`], it stops at the first entry
+/// that does not parse.
+fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
+    if bytes.first() != Some(&TAG) {
+        return None;
+    }
+    let mut at = 1;
+    loop {
+        let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+        let slot_end = at + 2 + n;
+        let len_at = slot_end + 16;
+        let v = u32::from_be_bytes(bytes.get(len_at..len_at + 4)?.try_into().ok()?) as usize;
+        let value_end = len_at + 4 + v;
+        if value_end > bytes.len() {
+            return None;
+        }
+        if n == slot.len() && bytes[at + 2..slot_end] == *slot {
+            return Some(Place {
+                at,
+                slot_end,
+                value_end,
+            });
+        }
+        at = value_end;
+    }
 }
 
 fn push_entry(out: &mut Vec<u8>, slot: &[u8], end_ms: i64, lateness_ms: i64, value: &[u8]) {
@@ -132,34 +156,73 @@ struct Open {
     dirty: bool,
 }
 
+/// Where [`Records::get`] last looked, so the [`Records::put`] that
+/// follows for the same slot (a rule's read, then its write) does not
+/// search the record again.
+#[derive(Debug, Clone, Copy)]
+struct Looked {
+    open: usize,
+    /// The entry's place, `None` when the slot was not in the record.
+    entry: Option<Place>,
+}
+
+/// An entry's byte ranges in a record.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    at: usize,
+    slot_end: usize,
+    value_end: usize,
+}
+
+impl Place {
+    fn value_start(&self) -> usize {
+        self.slot_end + FIXED
+    }
+}
+
 /// The records of the customers the current event touches (its subject,
 /// and a referral's credited customer), written back once at its end.
 #[derive(Default)]
 pub(crate) struct Records {
+    /// The first `used` are the event's; the rest keep their buffers for
+    /// the next events.
     open: Vec<Open>,
-    /// Buffers of records written back, reused.
-    spare: Vec<Vec<u8>>,
+    used: usize,
     key: KeyBuf,
     scratch: Vec<u8>,
+    looked: Option<Looked>,
+    /// The slot of the last look.
+    looked_slot: Vec<u8>,
 }
 
 impl Records {
     fn index(&mut self, table: &dyn StateTable, customer: &str) -> Result<usize, heed::Error> {
-        if let Some(i) = self.open.iter().position(|o| o.customer == customer) {
+        if let Some(i) = self.open[..self.used]
+            .iter()
+            .position(|o| o.customer == customer)
+        {
             return Ok(i);
         }
-        let mut bytes = self.spare.pop().unwrap_or_default();
-        bytes.clear();
-        match table.get(key(&mut self.key, customer))? {
-            Some(stored) if stored.first() == Some(&TAG) => bytes.extend_from_slice(stored),
-            _ => bytes.push(TAG),
+        let stored = match table.get(key(&mut self.key, customer))? {
+            Some(stored) if stored.first() == Some(&TAG) => stored,
+            _ => &[TAG][..],
+        };
+        if self.used == self.open.len() {
+            self.open.push(Open::default());
         }
-        self.open.push(Open {
-            customer: customer.to_owned(),
-            bytes,
-            dirty: false,
-        });
-        Ok(self.open.len() - 1)
+        let open = &mut self.open[self.used];
+        open.customer.clear();
+        open.customer.push_str(customer);
+        open.dirty = false;
+        // Room for the entries the event may add, so they do not regrow it.
+        let room = stored.len() + HEADROOM;
+        if open.bytes.capacity() < room {
+            open.bytes = Vec::with_capacity(room);
+        }
+        open.bytes.clear();
+        open.bytes.extend_from_slice(stored);
+        self.used += 1;
+        Ok(self.used - 1)
     }
 
     /// The value in `slot` of `customer`'s record.
@@ -171,7 +234,14 @@ impl Records {
     ) -> Result<Option<&[u8]>, heed::Error> {
         let i = self.index(table, customer)?;
         let bytes = &self.open[i].bytes;
-        Ok(find(bytes, slot))
+        let found = locate(bytes, slot);
+        self.looked_slot.clear();
+        self.looked_slot.extend_from_slice(slot);
+        self.looked = Some(Looked {
+            open: i,
+            entry: found,
+        });
+        Ok(found.map(|p| &bytes[p.value_start()..p.value_end]))
     }
 
     /// Sets `slot` of `customer`'s record (read first by [`Records::get`]
@@ -184,22 +254,37 @@ impl Records {
         expiry: Expiry,
         value: &[u8],
     ) -> Result<(), heed::Error> {
+        let looked = self.looked.take();
         let i = self.index(table, customer)?;
         let open = &mut self.open[i];
         open.dirty = true;
         let end_ms = expiry.end_ms.unwrap_or(i64::MAX);
-        let found = entries(&open.bytes).find(|e| open.bytes[e.slot.clone()] == *slot);
-        let entry = &mut self.scratch;
-        entry.clear();
-        push_entry(entry, slot, end_ms, expiry.lateness_ms, value);
-        match found {
-            Some(e) if e.len() == entry.len() => {
-                open.bytes[e.at..e.value.end].copy_from_slice(entry);
+        // The last look holds when it was for this slot of this record
+        // (and, where it found the entry, the entry is still there).
+        let place = match looked {
+            Some(l) if l.open == i && self.looked_slot == slot => match l.entry {
+                Some(p) if open.bytes.get(p.at + 2..p.slot_end) == Some(slot) => Some(Some(p)),
+                Some(_) => None,
+                None => Some(None),
+            },
+            _ => None,
+        };
+        let place = place.unwrap_or_else(|| locate(&open.bytes, slot));
+        match place {
+            // Same length: the entry is rewritten where it is.
+            Some(p) if p.value_end - p.slot_end == FIXED + value.len() => {
+                let tail = &mut open.bytes[p.slot_end..p.value_end];
+                tail[..8].copy_from_slice(&end_ms.to_be_bytes());
+                tail[8..16].copy_from_slice(&expiry.lateness_ms.to_be_bytes());
+                tail[20..].copy_from_slice(value);
             }
-            Some(e) => {
-                open.bytes.splice(e.at..e.value.end, entry.iter().copied());
+            Some(p) => {
+                let entry = &mut self.scratch;
+                entry.clear();
+                push_entry(entry, slot, end_ms, expiry.lateness_ms, value);
+                open.bytes.splice(p.at..p.value_end, entry.iter().copied());
             }
-            None => open.bytes.extend_from_slice(entry),
+            None => push_entry(&mut open.bytes, slot, end_ms, expiry.lateness_ms, value),
         }
         Ok(())
     }
@@ -212,17 +297,19 @@ impl Records {
         watermark_ms: i64,
         periods: &Periods,
     ) -> Result<(), heed::Error> {
-        while let Some(mut open) = self.open.pop() {
-            if open.dirty {
-                prune(&mut open.bytes, &mut self.scratch, watermark_ms, periods);
-                let key = key(&mut self.key, &open.customer);
-                if open.bytes.len() > 1 {
-                    table.put(key, &open.bytes)?;
-                } else {
-                    table.delete(key)?;
-                }
+        let used = std::mem::take(&mut self.used);
+        self.looked = None;
+        for open in &mut self.open[..used] {
+            if !open.dirty {
+                continue;
             }
-            self.spare.push(std::mem::take(&mut open.bytes));
+            prune(&mut open.bytes, &mut self.scratch, watermark_ms, periods);
+            let key = key(&mut self.key, &open.customer);
+            if open.bytes.len() > 1 {
+                table.put_owned(key, &mut open.bytes)?;
+            } else {
+                table.delete(key)?;
+            }
         }
         Ok(())
     }
@@ -230,7 +317,8 @@ impl Records {
     /// Forgets records read but not written (the transaction is rolled
     /// back, or a new one begins).
     pub(crate) fn clear(&mut self) {
-        self.open.clear();
+        self.looked = None;
+        self.used = 0;
     }
 }
 
@@ -240,9 +328,15 @@ fn prune(bytes: &mut Vec<u8>, out: &mut Vec<u8>, watermark_ms: i64, periods: &Pe
     let over = |e: &Entry, end_ms: i64| {
         end_ms != i64::MAX && watermark_ms > end_ms.saturating_add(e.lateness_ms)
     };
+    // Open ends resolve only once some period has ended.
+    let ended = periods.list.iter().any(|p| p.end_ms.is_some());
     // Most writes change nothing here: look before copying the record.
     let stale = entries(bytes).any(|e| {
-        let end_ms = resolved_end(bytes, &e, periods);
+        let end_ms = if ended {
+            resolved_end(bytes, &e, periods)
+        } else {
+            e.end_ms
+        };
         end_ms != e.end_ms || over(&e, end_ms)
     });
     if !stale {
@@ -314,6 +408,37 @@ mod tests {
         assert_eq!(find(&stored[..stored.len() - 1], &a), Some(&b"ONE"[..]));
         // The record key is the customer's prefix, so erasure's scan finds it.
         assert_eq!(table.prefixed(b"\x00\x02c1").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_put_after_another_slot_was_read_finds_its_own_entry() {
+        let mut table = MemoryTable::new();
+        let mut r = Records::default();
+        let (a, b, c) = (
+            slot_of("a", "lifetime"),
+            slot_of("b", "lifetime"),
+            slot_of("c", "lifetime"),
+        );
+        r.put(&table, "x", &a, NEVER, b"a1").unwrap();
+        r.put(&table, "x", &b, NEVER, b"b1").unwrap();
+        // Looked for a missing slot, then wrote two others: neither may be
+        // appended as if it were the missing one.
+        assert_eq!(r.get(&table, "x", &c).unwrap(), None);
+        r.put(&table, "x", &b, NEVER, b"b2").unwrap();
+        r.put(&table, "x", &a, NEVER, b"a-longer").unwrap();
+        // Found one slot, then wrote another before it.
+        assert_eq!(r.get(&table, "x", &b).unwrap(), Some(&b"b2"[..]));
+        r.put(&table, "x", &a, NEVER, b"a3").unwrap();
+        r.put(&table, "x", &b, NEVER, b"b-longer").unwrap();
+        assert_eq!(r.get(&table, "x", &c).unwrap(), None);
+        r.put(&table, "x", &c, NEVER, b"c1").unwrap();
+        r.write_back(&mut table, 0, &Periods::default()).unwrap();
+        let mut kb = KeyBuf::default();
+        let stored = table.get(key(&mut kb, "x")).unwrap().unwrap().to_vec();
+        assert_eq!(entries(&stored).count(), 3);
+        assert_eq!(find(&stored, &a), Some(&b"a3"[..]));
+        assert_eq!(find(&stored, &b), Some(&b"b-longer"[..]));
+        assert_eq!(find(&stored, &c), Some(&b"c1"[..]));
     }
 
     #[test]

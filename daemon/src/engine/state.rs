@@ -199,9 +199,30 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
 /// Encodes into `buf` (cleared first).
 pub(crate) fn encode(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     buf.clear();
-    let out = postcard::to_extend(state, std::mem::take(buf))?;
-    *buf = out;
-    Ok(())
+    postcard::serialize_with_flavor(state, Append(buf))
+}
+
+/// Postcard's output straight into a borrowed `Vec`: every state an event
+/// changes is encoded again, and this pushes each byte where postcard's
+/// general `Extend` output goes through an iterator per byte.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
 }
 
 pub(crate) fn decode_global(bytes: &[u8]) -> Result<StoredGlobal, postcard::Error> {
@@ -215,6 +236,19 @@ pub(crate) fn encode_global(value: &StoredGlobal) -> Result<Vec<u8>, postcard::E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_larger_than_the_first_buffer_encodes_whole() {
+        let keys: Vec<String> = (0..500).map(|i| format!("zone-{i}")).collect();
+        let state = StoredState::V1(RuleState::new(MeasureState::Distinct(keys.clone()), 1));
+        let mut buf = vec![7; 3];
+        encode(&state, &mut buf).unwrap();
+        assert_eq!(buf, postcard::to_allocvec(&state).unwrap());
+        match decode(&buf).unwrap() {
+            StoredState::V1(s) => assert_eq!(s.measure, MeasureState::Distinct(keys)),
+            other => panic!("decoded {other:?}"),
+        }
+    }
 
     #[test]
     fn round_trip_and_key_layout() {

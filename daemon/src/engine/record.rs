@@ -306,7 +306,7 @@ impl Records {
             prune(&mut open.bytes, &mut self.scratch, watermark_ms, periods);
             let key = key(&mut self.key, &open.customer);
             if open.bytes.len() > 1 {
-                table.put_owned(key, &mut open.bytes)?;
+                table.put(key, &open.bytes)?;
             } else {
                 table.delete(key)?;
             }

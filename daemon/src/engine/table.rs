@@ -36,14 +36,6 @@ pub trait StateRead {
 pub trait StateTable {
     fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, heed::Error>;
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error>;
-    /// [`StateTable::put`], handing over the bytes: a table that keeps
-    /// values in process takes the buffer instead of copying it, and
-    /// leaves in `value` a spare buffer for the caller to reuse (its
-    /// contents are unspecified). Customer records, written back once per
-    /// event, are the engine's largest values.
-    fn put_owned(&mut self, key: &[u8], value: &mut Vec<u8>) -> Result<(), heed::Error> {
-        self.put(key, value)
-    }
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error>;
     /// Every entry whose key starts with `prefix`, in key order. For the
     /// rare scans (erasure, a goal's members, a period's summaries).
@@ -109,18 +101,6 @@ impl StateTable for MemoryTable {
         Ok(())
     }
 
-    fn put_owned(&mut self, key: &[u8], value: &mut Vec<u8>) -> Result<(), heed::Error> {
-        match self.values.get_mut(key) {
-            Some(held) => std::mem::swap(held, value),
-            None => {
-                let key: Arc<[u8]> = Arc::from(key);
-                self.values.insert(key.clone(), std::mem::take(value));
-                self.order.get_mut().pending.push(key);
-            }
-        }
-        Ok(())
-    }
-
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
         if self.values.remove(key).is_some() {
             let Order { sorted, pending } = self.order.get_mut();
@@ -157,29 +137,16 @@ mod tests {
             t.put(k, k).unwrap();
         }
         t.put(b"ab1", b"x").unwrap();
-        let mut owned = b"given".to_vec();
-        t.put_owned(b"b", &mut owned).unwrap();
-        assert_eq!(t.get(b"b").unwrap(), Some(&b"given"[..]));
-        let mut fresh = b"new".to_vec();
-        t.put_owned(b"ab3", &mut fresh).unwrap();
         let keys: Vec<Vec<u8>> = t
             .prefixed(b"ab")
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)
             .collect();
-        assert_eq!(
-            keys,
-            vec![
-                b"ab".to_vec(),
-                b"ab1".to_vec(),
-                b"ab2".to_vec(),
-                b"ab3".to_vec()
-            ]
-        );
+        assert_eq!(keys, vec![b"ab".to_vec(), b"ab1".to_vec(), b"ab2".to_vec()]);
         assert_eq!(t.get(b"ab1").unwrap(), Some(&b"x"[..]));
         t.delete(b"ab1").unwrap();
         assert_eq!(t.get(b"ab1").unwrap(), None);
-        assert_eq!(t.len(), 5);
+        assert_eq!(t.len(), 4);
     }
 }

@@ -271,13 +271,6 @@ impl StateTable for EngineTable<'_, '_, '_> {
         }
     }
 
-    fn put_owned(&mut self, key: &[u8], value: &mut Vec<u8>) -> Result<(), heed::Error> {
-        match self {
-            EngineTable::Direct(t) => t.put_owned(key, value),
-            EngineTable::Deferred(t) => t.put_owned(key, value),
-        }
-    }
-
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
         match self {
             EngineTable::Direct(t) => t.delete(key),

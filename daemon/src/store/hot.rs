@@ -175,19 +175,6 @@ impl StateTable for HotTable<'_, '_, '_> {
         Ok(())
     }
 
-    fn put_owned(&mut self, key: &[u8], value: &mut Vec<u8>) -> Result<(), heed::Error> {
-        match self.hot.open.get_mut(key) {
-            Some(Some(held)) => std::mem::swap(held, value),
-            Some(slot) => *slot = Some(std::mem::take(value)),
-            None => {
-                self.hot
-                    .open
-                    .insert(key.into(), Some(std::mem::take(value)));
-            }
-        }
-        Ok(())
-    }
-
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
         self.hot.open.insert(key.into(), None);
         Ok(())

@@ -199,11 +199,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
 /// Encodes into `buf` (cleared first).
 pub(crate) fn encode(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     buf.clear();
-    postcard::serialize_with_flavor(state, Append(buf))
+    match state {
+        StoredState::V1(rule) => {
+            wire::rule_state(rule, buf);
+            Ok(())
+        }
+        other => postcard::serialize_with_flavor(other, Append(buf)),
+    }
 }
 
-/// Postcard's output straight into a borrowed `Vec`: every state an event
-/// changes is encoded again, and this pushes each byte where postcard's
+/// Postcard's output straight into a borrowed `Vec`, where postcard's
 /// general `Extend` output goes through an iterator per byte.
 struct Append<'a>(&'a mut Vec<u8>);
 
@@ -225,6 +230,113 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
     }
 }
 
+/// A rule state in postcard's wire format, written directly.
+///
+/// Every rule state an event changes is encoded again, and serde's
+/// general path costs several times the bytes it writes. The bytes are
+/// postcard's own (a property test holds the two to the same output), so
+/// [`decode`] and every stored record are unaffected. The matches are
+/// exhaustive: a new measure variant does not compile until it is
+/// written here too.
+mod wire {
+    use super::{MeasureState, RuleState};
+
+    /// `StoredState::V1`'s variant index.
+    const V1: u8 = 0;
+
+    pub(super) fn rule_state(s: &RuleState, out: &mut Vec<u8>) {
+        out.push(V1);
+        match &s.measure {
+            MeasureState::Count(n) => {
+                out.push(0);
+                unsigned(out, *n);
+            }
+            MeasureState::Sum(v) => {
+                out.push(1);
+                float(out, *v);
+            }
+            MeasureState::Distinct(keys) => {
+                out.push(2);
+                unsigned(out, keys.len() as u64);
+                for key in keys {
+                    unsigned(out, key.len() as u64);
+                    out.extend_from_slice(key.as_bytes());
+                }
+            }
+            MeasureState::Extreme(v) => {
+                out.push(3);
+                match v {
+                    None => out.push(0),
+                    Some(v) => {
+                        out.push(1);
+                        float(out, *v);
+                    }
+                }
+            }
+            MeasureState::Streak { last, len } => {
+                out.push(4);
+                match last {
+                    None => out.push(0),
+                    Some(last) => {
+                        out.push(1);
+                        signed(out, *last);
+                    }
+                }
+                unsigned(out, *len);
+            }
+            MeasureState::Sequence {
+                next,
+                start_ms,
+                runs,
+            } => {
+                out.push(5);
+                unsigned(out, u64::from(*next));
+                signed(out, *start_ms);
+                unsigned(out, *runs);
+            }
+            MeasureState::Rolling {
+                buckets,
+                start_ms,
+                latest_ms,
+            } => {
+                out.push(6);
+                unsigned(out, buckets.len() as u64);
+                for (at, v) in buckets {
+                    signed(out, *at);
+                    float(out, *v);
+                }
+                signed(out, *start_ms);
+                signed(out, *latest_ms);
+            }
+            MeasureState::Share(v) => {
+                out.push(7);
+                float(out, *v);
+            }
+        }
+        unsigned(out, u64::from(s.tiers_awarded));
+        signed(out, s.first_ms);
+        signed(out, s.updated_ms);
+    }
+
+    /// Seven bits per byte, low first; the high bit says more follow.
+    fn unsigned(out: &mut Vec<u8>, mut n: u64) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+
+    /// Zigzag, so small negative numbers stay short.
+    fn signed(out: &mut Vec<u8>, n: i64) {
+        unsigned(out, ((n << 1) ^ (n >> 63)) as u64);
+    }
+
+    fn float(out: &mut Vec<u8>, v: f64) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 pub(crate) fn decode_global(bytes: &[u8]) -> Result<StoredGlobal, postcard::Error> {
     postcard::from_bytes::<StoredGlobal>(bytes)
 }
@@ -236,6 +348,59 @@ pub(crate) fn encode_global(value: &StoredGlobal) -> Result<Vec<u8>, postcard::E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    fn measure() -> impl Strategy<Value = MeasureState> {
+        let float = prop_oneof![
+            any::<f64>(),
+            Just(0.0),
+            Just(-0.0),
+            Just(f64::NAN),
+            Just(f64::INFINITY)
+        ];
+        prop_oneof![
+            any::<u64>().prop_map(MeasureState::Count),
+            float.clone().prop_map(MeasureState::Sum),
+            proptest::collection::vec(".{0,40}", 0..20).prop_map(MeasureState::Distinct),
+            proptest::option::of(float.clone()).prop_map(MeasureState::Extreme),
+            (proptest::option::of(any::<i64>()), any::<u64>())
+                .prop_map(|(last, len)| MeasureState::Streak { last, len }),
+            (any::<u32>(), any::<i64>(), any::<u64>()).prop_map(|(next, start_ms, runs)| {
+                MeasureState::Sequence {
+                    next,
+                    start_ms,
+                    runs,
+                }
+            }),
+            (
+                proptest::collection::vec((any::<i64>(), float.clone()), 0..70),
+                any::<i64>(),
+                any::<i64>()
+            )
+                .prop_map(|(buckets, start_ms, latest_ms)| MeasureState::Rolling {
+                    buckets,
+                    start_ms,
+                    latest_ms,
+                }),
+            float.prop_map(MeasureState::Share),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn rule_states_are_written_as_postcard_writes_them(
+            measure in measure(),
+            tiers_awarded in any::<u32>(),
+            first_ms in any::<i64>(),
+            updated_ms in any::<i64>(),
+        ) {
+            let state = StoredState::V1(RuleState { measure, tiers_awarded, first_ms, updated_ms });
+            let mut buf = vec![9; 5];
+            encode(&state, &mut buf).unwrap();
+            prop_assert_eq!(&buf, &postcard::to_allocvec(&state).unwrap());
+        }
+    }
 
     #[test]
     fn a_state_larger_than_the_first_buffer_encodes_whole() {

@@ -265,23 +265,11 @@ mod wire {
             }
             MeasureState::Extreme(v) => {
                 out.push(3);
-                match v {
-                    None => out.push(0),
-                    Some(v) => {
-                        out.push(1);
-                        float(out, *v);
-                    }
-                }
+                option(out, *v, float);
             }
             MeasureState::Streak { last, len } => {
                 out.push(4);
-                match last {
-                    None => out.push(0),
-                    Some(last) => {
-                        out.push(1);
-                        signed(out, *last);
-                    }
-                }
+                option(out, *last, signed);
                 unsigned(out, *len);
             }
             MeasureState::Sequence {
@@ -330,6 +318,17 @@ mod wire {
     /// Zigzag, so small negative numbers stay short.
     fn signed(out: &mut Vec<u8>, n: i64) {
         unsigned(out, ((n << 1) ^ (n >> 63)) as u64);
+    }
+
+    /// A tag byte, 0 for none, 1 followed by the value.
+    fn option<T>(out: &mut Vec<u8>, v: Option<T>, write: fn(&mut Vec<u8>, T)) {
+        match v {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                write(out, v);
+            }
+        }
     }
 
     fn float(out: &mut Vec<u8>, v: f64) {

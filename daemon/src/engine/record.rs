@@ -276,7 +276,7 @@ impl Records {
                 let tail = &mut open.bytes[p.slot_end..p.value_end];
                 tail[..8].copy_from_slice(&end_ms.to_be_bytes());
                 tail[8..16].copy_from_slice(&expiry.lateness_ms.to_be_bytes());
-                tail[20..].copy_from_slice(value);
+                tail[FIXED..].copy_from_slice(value);
             }
             Some(p) => {
                 let entry = &mut self.scratch;

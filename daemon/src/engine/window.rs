@@ -8,7 +8,7 @@
 //! Periods (matches, concerts) are not computed from the clock but opened
 //! and closed by venue events; [`Periods`] is their registry.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use edge_config::{TimeZone, Window};
 use rustc_hash::FxHashMap;
@@ -21,6 +21,11 @@ pub const LIFETIME: &str = "lifetime";
 /// State key of a `rolling` window: one record per customer and rule; the
 /// instance the award names is kept in the state (`rolling:<start>`).
 pub const ROLLING_KEY: &str = "rolling";
+
+/// The names of the windows with a single instance, made once: nearly
+/// every event has a rule in each.
+static LIFETIME_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(LIFETIME));
+static ROLLING_NAME: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(ROLLING_KEY));
 
 /// The longest period id kept; longer ones are refused (a counted bad
 /// event), so period names stay readable and keys bounded.
@@ -94,11 +99,10 @@ impl Default for Names {
     }
 }
 
-/// Which sequence of instances an ordinal counts in.
+/// Which sequence of instances an ordinal counts in (windows with more
+/// than one instance; the others share one name each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
-    Lifetime,
-    Rolling,
     Day,
     Tumbling(i64),
     Period,
@@ -119,7 +123,7 @@ impl Names {
     ) -> Option<Placement> {
         match window {
             Window::Lifetime => Some(Placement {
-                name: self.name(Kind::Lifetime, 0, || LIFETIME.to_string()),
+                name: LIFETIME_NAME.clone(),
                 ordinal: 0,
                 end_ms: None,
             }),
@@ -136,16 +140,16 @@ impl Names {
                 let ordinal = i as i64;
                 // A period that starts earlier than a known one is
                 // inserted before it, so an ordinal can come to mean
-                // another period: check the name still fits.
-                let fits = self
-                    .memo
-                    .get(&(Kind::Period, ordinal))
-                    .is_some_and(|n| names_period(n, &p.id));
-                if !fits {
-                    self.memo.remove(&(Kind::Period, ordinal));
-                }
+                // another period: the name is used only if it still fits.
+                let name = match self.memo.get(&(Kind::Period, ordinal)) {
+                    Some(name) if names_period(name, &p.id) => name.clone(),
+                    _ => {
+                        self.memo.remove(&(Kind::Period, ordinal));
+                        self.name(Kind::Period, ordinal, || period_name(&p.id))
+                    }
+                };
                 Some(Placement {
-                    name: self.name(Kind::Period, ordinal, || period_name(&p.id)),
+                    name,
                     ordinal,
                     end_ms: p.end_ms,
                 })
@@ -163,7 +167,7 @@ impl Names {
                 })
             }
             Window::Rolling(span) => Some(Placement {
-                name: self.name(Kind::Rolling, 0, || ROLLING_KEY.to_string()),
+                name: ROLLING_NAME.clone(),
                 ordinal: 0,
                 // The event leaves the window `span` after it happened.
                 end_ms: Some(time_ms.saturating_add(duration_ms(*span))),

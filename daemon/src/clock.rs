@@ -31,19 +31,21 @@ pub fn rfc3339(ms: i64) -> Option<String> {
 /// the same.
 pub fn push_rfc3339(out: &mut String, ms: i64) -> bool {
     const MS_PER_DAY: i64 = 86_400_000;
-    let (year, month, day) = civil_from_days(ms.div_euclid(MS_PER_DAY));
-    if !(0..=9999).contains(&year) {
-        let general = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok());
-        return match general {
+    // The calendar date from `time`; only its formatter is slow.
+    let date = OffsetDateTime::UNIX_EPOCH
+        .date()
+        .checked_add(time::Duration::days(ms.div_euclid(MS_PER_DAY)))
+        .filter(|d| (0..=9999).contains(&d.year()));
+    let Some(date) = date else {
+        return match general(ms) {
             Some(text) => {
                 out.push_str(&text);
                 true
             }
             None => false,
         };
-    }
+    };
+    let (year, month, day) = (i64::from(date.year()), u8::from(date.month()), date.day());
     let in_day = ms.rem_euclid(MS_PER_DAY);
     let (secs, millis) = (in_day / 1000, in_day % 1000);
     let mut text = *b"0000-00-00T00:00:00.000Z";
@@ -83,37 +85,16 @@ fn put_digits(digits: &mut [u8], mut n: i64) {
     }
 }
 
-/// The proleptic Gregorian (year, month, day) of day `days` since
-/// 1970-01-01, counted in 400-year eras starting in March so the leap
-/// day falls at the end of each year.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// RFC 3339 text by the general formatter, `None` where it has none.
+fn general(ms: i64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// What the general formatter writes, for comparison.
-    fn general(ms: i64) -> Option<String> {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok())
-    }
 
     #[test]
     fn rfc3339_writes_what_the_general_formatter_writes() {

@@ -220,9 +220,7 @@ pub fn day_name(n: i64) -> String {
 pub fn rolling_name(start_ms: i64) -> String {
     let mut name = String::with_capacity(32);
     name.push_str("rolling:");
-    if !crate::clock::push_rfc3339(&mut name, start_ms) {
-        name.push_str(&start_ms.to_string());
-    }
+    push_time(&mut name, start_ms);
     name
 }
 
@@ -264,7 +262,17 @@ fn duration_text(ms: i64) -> String {
 }
 
 pub fn rfc3339(ms: i64) -> String {
-    crate::clock::rfc3339(ms).unwrap_or_else(|| ms.to_string())
+    let mut text = String::with_capacity(24);
+    push_time(&mut text, ms);
+    text
+}
+
+/// A time as window names write it: RFC 3339, or the number of ms where
+/// it has no RFC 3339 text.
+fn push_time(out: &mut String, ms: i64) {
+    if !crate::clock::push_rfc3339(out, ms) {
+        out.push_str(&ms.to_string());
+    }
 }
 
 /// One venue period, as announced by `venue.period.started` / `.ended`.

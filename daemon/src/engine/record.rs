@@ -259,17 +259,12 @@ impl Records {
         let open = &mut self.open[i];
         open.dirty = true;
         let end_ms = expiry.end_ms.unwrap_or(i64::MAX);
-        // The last look holds when it was for this slot of this record
-        // (and, where it found the entry, the entry is still there).
+        // The last look holds when it was for this slot of this record:
+        // only a put changes a record, and a put forgets the look.
         let place = match looked {
-            Some(l) if l.open == i && self.looked_slot == slot => match l.entry {
-                Some(p) if open.bytes.get(p.at + 2..p.slot_end) == Some(slot) => Some(Some(p)),
-                Some(_) => None,
-                None => Some(None),
-            },
-            _ => None,
+            Some(l) if l.open == i && self.looked_slot == slot => l.entry,
+            _ => locate(&open.bytes, slot),
         };
-        let place = place.unwrap_or_else(|| locate(&open.bytes, slot));
         match place {
             // Same length: the entry is rewritten where it is.
             Some(p) if p.value_end - p.slot_end == FIXED + value.len() => {

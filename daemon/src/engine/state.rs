@@ -402,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn a_state_larger_than_the_first_buffer_encodes_whole() {
+    fn a_large_state_encodes_as_postcard_and_decodes_back() {
         let keys: Vec<String> = (0..500).map(|i| format!("zone-{i}")).collect();
         let state = StoredState::V1(RuleState::new(MeasureState::Distinct(keys.clone()), 1));
         let mut buf = vec![7; 3];

@@ -1,10 +1,10 @@
 //! Appending to tables whose keys grow.
 //!
 //! The outbox, the publication queue, the journal, offer instances and
-//! their expiry timers are written in key order almost always. LMDB's plain put
-//! searches the tree and splits a full page in the middle, so such a
-//! table ends up with half-empty pages: twice the pages to copy, write
-//! and sync. An append skips the search and starts a fresh page instead,
+//! their expiry timers are written in key order almost always. LMDB's
+//! plain put searches the tree and splits a full page in the middle, so
+//! such a table ends up with half-empty pages: twice the pages to copy,
+//! write and sync. An append skips the search and starts a fresh page instead,
 //! leaving the full one full. When a key does not sort after the last one
 //! (a clock step, a counter gaining a digit), LMDB refuses the append
 //! before changing anything and the ordinary put takes over.

@@ -28,6 +28,7 @@
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
 //! only, `-- --store` for one round of the store modes only,
+//! `-- --pipeline` for one journal-mode HTTP pipeline run only,
 //! `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's store
 //! syncing less than the default `full`). The engine modes run twice,
 //! alternating, and the faster run of each is reported. Absolute numbers
@@ -385,19 +386,36 @@ fn memory_run(rules: &str, events: &[Event], start_ms: i64) -> anyhow::Result<Ru
     let mut records = 0u64;
     let started = Instant::now();
     for batch in events.chunks(SUBMIT_BATCH) {
-        engine.begin();
-        for e in batch {
-            let profile = e.subject.as_ref().and_then(|c| profiles.get(c));
-            engine.apply(&mut table, e, profile, now_ms, &mut out)?;
-            records += out.records.len() as u64;
-            out.records.clear();
-            out.progress.clear();
-        }
-        engine.flush(&mut table)?;
-        engine.committed();
+        records += timed_batch(&mut engine, &mut table, &profiles, batch, now_ms, &mut out)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(Run::new(seconds, &engine.stats(), records))
+}
+
+/// One commit's worth of the timed events through the engine; the
+/// records they emitted. A function of its own so that a profiler can
+/// count the timed work alone (`--toggle-collect='*timed_batch*'`).
+#[inline(never)]
+fn timed_batch(
+    engine: &mut Engine,
+    table: &mut MemoryTable,
+    profiles: &FxHashMap<String, Profile>,
+    batch: &[Event],
+    now_ms: i64,
+    out: &mut Output,
+) -> anyhow::Result<u64> {
+    let mut records = 0;
+    engine.begin();
+    for e in batch {
+        let profile = e.subject.as_ref().and_then(|c| profiles.get(c));
+        engine.apply(table, e, profile, now_ms, out)?;
+        records += out.records.len() as u64;
+        out.records.clear();
+        out.progress.clear();
+    }
+    engine.flush(table)?;
+    engine.committed();
+    Ok(records)
 }
 
 fn cloud_event(e: &Event) -> Value {
@@ -487,6 +505,7 @@ fn main() -> anyhow::Result<()> {
     // for profiling.
     let alone_only = std::env::args().any(|a| a == "--alone");
     let store_only = std::env::args().any(|a| a == "--store");
+    let pipeline_only = std::env::args().any(|a| a == "--pipeline");
     // `--pipeline-sync <mode>`: the pipeline store's durability, to see
     // what the disk's share of the pipeline's time is.
     let pipeline_sync =
@@ -530,6 +549,18 @@ fn main() -> anyhow::Result<()> {
             ("store, 100 rules, journal", Some(&selective), false, "journal"),
             ("store, 100 rules, direct", Some(&selective), false, "direct"),
         ];
+        if pipeline_only {
+            let events = main_events(http_events, start_ms);
+            let http = http_run(&selective, &events, start_ms, pipeline_sync, "journal").await?;
+            println!(
+                "  pipeline, journal (sync {pipeline_sync}): {:.0} events/s ({:.2} s, stop {:.2} s), {} awards",
+                http_events as f64 / http.seconds,
+                http.seconds,
+                http.stop_seconds,
+                http.awards
+            );
+            return Ok(());
+        }
         let mut best: Vec<Option<Run>> = (0..modes.len()).map(|_| None).collect();
         let mut predicate_evals = 0;
         for round in 1..=2 {

@@ -112,11 +112,16 @@ pub struct Emitted {
 
 /// A fan's progress crossed a quarter of the next tier.
 #[derive(Debug, Clone, PartialEq)]
+///
+/// Notes are frequent (a rule with low tiers crosses a quarter on most
+/// events), so their names are shared, not copied: the rule's id and the
+/// window's name with the engine, the customer's with the event's other
+/// notes.
 pub struct ProgressNote {
-    pub customer: String,
-    pub rule: String,
+    pub customer: Arc<str>,
+    pub rule: Arc<str>,
     pub version: u32,
-    pub window: String,
+    pub window: Arc<str>,
     pub value: f64,
     pub next_at: f64,
     /// 25, 50 or 75.
@@ -227,6 +232,8 @@ struct CompiledStep {
 
 pub(crate) struct CompiledRule {
     pub rule: AchievementRule,
+    /// `rule.id`, shared with the progress notes.
+    id: Arc<str>,
     when: Option<Predicate>,
     /// `value` (sum, max, min) or `key` (distinct).
     expr: Option<Expr>,
@@ -302,6 +309,8 @@ pub struct Engine {
     slot: Vec<u8>,
     names: window::Names,
     value: Vec<u8>,
+    /// The customer named in the last progress note.
+    noted: Option<Arc<str>>,
 }
 
 /// Customers remembered in [`Engine::active`].
@@ -316,6 +325,7 @@ pub(crate) struct Work<'a> {
     pub slot: &'a mut Vec<u8>,
     pub names: &'a mut window::Names,
     pub value: &'a mut Vec<u8>,
+    pub noted: &'a mut Option<Arc<str>>,
     pub pseudonymizer: &'a Pseudonymizer,
     pub pools: &'a Pools,
     pub periods: &'a Periods,
@@ -372,6 +382,7 @@ impl Engine {
             };
             rules.push(CompiledRule {
                 rule: rule.clone(),
+                id: Arc::from(rule.id.as_str()),
                 when: exprs.when,
                 expr: exprs.expr,
                 group_by: exprs.group_by,
@@ -414,6 +425,7 @@ impl Engine {
             records: record::Records::default(),
             slot: Vec::new(),
             names: window::Names::default(),
+            noted: None,
             value: Vec::new(),
         })
     }
@@ -556,6 +568,7 @@ impl Engine {
             slot,
             names,
             value,
+            noted,
             ..
         } = self;
         let Some(globals) = working.as_mut() else {
@@ -578,6 +591,7 @@ impl Engine {
                 slot,
                 names,
                 value,
+                noted,
                 pseudonymizer,
                 pools,
                 periods: &none,
@@ -595,6 +609,7 @@ impl Engine {
             slot,
             names,
             value,
+            noted,
             pseudonymizer,
             pools,
             periods: &globals.periods,
@@ -999,8 +1014,14 @@ fn update_customer(
             state.tiers_awarded += 1;
             awarded += 1;
         }
-    } else if let Some(note) = progress_note(c, target, window, before, value, state.tiers_awarded)
-    {
+    } else if let Some(note) = progress_note(
+        c,
+        || shared_name(work.noted, target),
+        window,
+        before,
+        value,
+        state.tiers_awarded,
+    ) {
         out.progress.push(note);
     }
     encode_state(&StoredState::V1(state), work.value)?;
@@ -1074,11 +1095,19 @@ pub(crate) fn award(
     Ok(())
 }
 
+/// `name` as an `Arc`, the one in `last` when it is the same name.
+fn shared_name(last: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
+    match last {
+        Some(n) if **n == *name => n.clone(),
+        _ => last.insert(Arc::from(name)).clone(),
+    }
+}
+
 /// A note when the value crossed 25, 50 or 75 % of the next tier (the
 /// highest mark crossed; `min` rules count down and get none).
 fn progress_note(
     c: &CompiledRule,
-    customer: &str,
+    customer: impl FnOnce() -> Arc<str>,
     window: impl FnOnce() -> Arc<str>,
     before: f64,
     after: f64,
@@ -1093,10 +1122,10 @@ fn progress_note(
         before < mark && after >= mark
     })?;
     Some(ProgressNote {
-        customer: customer.to_string(),
-        rule: c.rule.id.clone(),
+        customer: customer(),
+        rule: c.id.clone(),
         version: c.rule.version,
-        window: String::from(&*window()),
+        window: window(),
         value: after,
         next_at: next.at,
         percent,

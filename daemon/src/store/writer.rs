@@ -1267,10 +1267,10 @@ fn progress_crossed(prefix: &str, site: &str, note: &ProgressNote) -> Publicatio
     let payload = serde_json::json!({
         "id": format!("{site}:{}@{}:{}:{}%{}:{}", note.rule, note.version, note.window, note.percent, note.next_at, note.customer),
         "kind": "progress",
-        "customer": note.customer,
-        "achievement": note.rule,
+        "customer": &*note.customer,
+        "achievement": &*note.rule,
         "version": note.version,
-        "window": note.window,
+        "window": &*note.window,
         "percent": note.percent,
         "value": note.value,
         "next_at": note.next_at,

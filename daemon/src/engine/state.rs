@@ -147,16 +147,17 @@ pub(crate) fn global_key<'b>(buf: &'b mut KeyBuf, name: &str) -> &'b [u8] {
     buf.start("").short("").rest(name).finish(MAX_STATE_KEY)
 }
 
-/// A period's activity index: prefix, and one customer's entry.
-pub(crate) fn activity_index_prefix(period: &str) -> Vec<u8> {
-    let mut buf = KeyBuf::default();
+/// A period's activity index: prefix, and one customer's entry. Built
+/// with room for the customer's id the entry appends: a customer's first
+/// event in a period builds one.
+pub(crate) fn activity_index_prefix(period: &str, room: usize) -> Vec<u8> {
+    let mut buf = KeyBuf::with_capacity(16 + period.len() + room);
     buf.start("")
         .short("")
         .rest("active\0")
         .rest(period)
-        .rest("\0")
-        .finish(MAX_INDEX_KEY)
-        .to_vec()
+        .rest("\0");
+    buf.into_key(MAX_INDEX_KEY)
 }
 
 /// The shared state key of a group goal.
@@ -177,9 +178,16 @@ pub(crate) fn group_key<'b>(
         .finish(MAX_STATE_KEY)
 }
 
-/// The prefix of a group goal's member index.
-pub(crate) fn member_index_prefix(rule: &str, version: u32, window: &str, group: &str) -> Vec<u8> {
-    let mut buf = KeyBuf::default();
+/// The prefix of a group goal's member index, with room for the
+/// customer's id a member's entry appends.
+pub(crate) fn member_index_prefix(
+    rule: &str,
+    version: u32,
+    window: &str,
+    group: &str,
+    room: usize,
+) -> Vec<u8> {
+    let mut buf = KeyBuf::with_capacity(32 + rule.len() + window.len() + group.len() + room);
     buf.start("")
         .short(rule)
         .u32(version)
@@ -187,9 +195,8 @@ pub(crate) fn member_index_prefix(rule: &str, version: u32, window: &str, group:
         .rest(window)
         .rest("\0")
         .rest(group)
-        .rest("\0")
-        .finish(MAX_INDEX_KEY)
-        .to_vec()
+        .rest("\0");
+    buf.into_key(MAX_INDEX_KEY)
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
@@ -442,7 +449,7 @@ mod tests {
         assert!(site.starts_with(b"\x00\x00"));
         assert!(!k.starts_with(b"\x00\x00"));
         // A member index entry extends the group's prefix.
-        let prefix = member_index_prefix("r", 1, "period:m1", "101");
+        let prefix = member_index_prefix("r", 1, "period:m1", "101", 0);
         assert!(prefix.starts_with(b"\x00\x00\x01r"));
     }
 }

@@ -18,6 +18,19 @@ pub(crate) struct KeyBuf {
 }
 
 impl KeyBuf {
+    /// A buffer with room for keys of `capacity` bytes.
+    pub(crate) fn with_capacity(capacity: usize) -> KeyBuf {
+        KeyBuf {
+            buf: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// The finished key (see [`KeyBuf::finish`]), taking the buffer.
+    pub(crate) fn into_key(mut self, max: usize) -> Vec<u8> {
+        self.finish(max);
+        self.buf
+    }
+
     /// Starts a key with a length-prefixed first component (at most
     /// `u16::MAX` bytes are meaningful; longer input is hashed anyway).
     pub(crate) fn start(&mut self, first: &str) -> &mut Self {

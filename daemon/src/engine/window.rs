@@ -81,11 +81,11 @@ pub struct Names {
     day: Option<DayAt>,
 }
 
-/// A time's local day and the start of the next.
+/// A local day: its number, its first instant and the next day's.
 #[derive(Debug, Clone, Copy)]
 struct DayAt {
-    time_ms: i64,
     n: i64,
+    start_ms: i64,
     end_ms: i64,
 }
 
@@ -176,15 +176,23 @@ impl Names {
     }
 
     /// The local day `time_ms` falls in and the instant the next one
-    /// starts. An event's rules ask for the same time one after another,
-    /// and the time zone's arithmetic is the costly part of placing them.
+    /// starts. The time zone's arithmetic is the costly part of placing
+    /// an event, and nearly every event falls in the day the last one
+    /// did: the last day's bounds answer for any time between them.
     pub fn day(&mut self, tz: TimeZone, time_ms: i64) -> (i64, i64) {
         match self.day {
-            Some(d) if d.time_ms == time_ms => (d.n, d.end_ms),
+            Some(d) if d.start_ms <= time_ms && time_ms < d.end_ms => (d.n, d.end_ms),
             _ => {
                 let n = tz.day_of(time_ms);
+                let start_ms = tz.day_start_ms(n);
                 let end_ms = tz.day_start_ms(n + 1);
-                self.day = Some(DayAt { time_ms, n, end_ms });
+                // Bounds that do not hold the time (out of the time
+                // zone's range) are not kept.
+                self.day = (start_ms <= time_ms && time_ms < end_ms).then_some(DayAt {
+                    n,
+                    start_ms,
+                    end_ms,
+                });
                 (n, end_ms)
             }
         }
@@ -420,6 +428,31 @@ mod tests {
                 .name,
             "period:m1"
         );
+    }
+
+    #[test]
+    fn a_remembered_day_answers_as_the_time_zone_does_across_clock_changes() {
+        // London's clocks went forward on 2025-03-30 and back on
+        // 2025-10-26 (at 01:00 UTC): days of 23 and 25 hours.
+        let london = TimeZone::parse("Europe/London").unwrap();
+        let spring = 1_743_296_400_000; // 2025-03-30T01:00:00Z
+        let autumn = 1_761_440_400_000; // 2025-10-26T01:00:00Z
+        let mut names = Names::default();
+        let hour = 3_600_000;
+        for around in [spring, autumn] {
+            // Forwards through two days, then back across the change.
+            let times = (-30..30).map(|h| around + h * hour + 17);
+            let back = (-30..30).rev().map(|h| around + h * hour - 1);
+            for t in times.chain(back) {
+                let n = london.day_of(t);
+                assert_eq!(names.day(london, t), (n, london.day_start_ms(n + 1)), "{t}");
+            }
+        }
+        // Day boundaries themselves belong to the day they start.
+        let n = london.day_of(autumn);
+        for t in [london.day_start_ms(n), london.day_start_ms(n + 1) - 1] {
+            assert_eq!(names.day(london, t).0, london.day_of(t), "{t}");
+        }
     }
 
     #[test]

@@ -934,7 +934,8 @@ fn update_customer(
     // Awards below leave `work.slot` alone: it still names this state
     // when the state is put back.
     record::slot(work.slot, &rule.id, rule.version, &step.place.name);
-    let stored = work.records.get(table, target, work.slot)?;
+    let rec = work.records.open(table, target)?;
+    let stored = work.records.get(rec, work.slot);
     let mut state = state_or_fresh(c, logs, stored, time_ms)?;
     let before = if state.measure.is_empty() {
         0.0
@@ -1029,8 +1030,7 @@ fn update_customer(
         end_ms: step.place.end_ms,
         lateness_ms: c.lateness_ms,
     };
-    work.records
-        .put(table, target, work.slot, expiry, work.value)?;
+    work.records.put(rec, work.slot, expiry, work.value);
     Ok(awarded)
 }
 

@@ -140,11 +140,15 @@ fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
 }
 
 fn push_entry(out: &mut Vec<u8>, slot: &[u8], end_ms: i64, lateness_ms: i64, value: &[u8]) {
-    out.extend_from_slice(&u16::try_from(slot.len()).unwrap_or(u16::MAX).to_be_bytes());
-    out.extend_from_slice(&slot[..slot.len().min(u16::MAX as usize)]);
-    out.extend_from_slice(&end_ms.to_be_bytes());
-    out.extend_from_slice(&lateness_ms.to_be_bytes());
-    out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+    let slot = &slot[..slot.len().min(u16::MAX as usize)];
+    let mut fixed = [0u8; FIXED];
+    fixed[..8].copy_from_slice(&end_ms.to_be_bytes());
+    fixed[8..16].copy_from_slice(&lateness_ms.to_be_bytes());
+    fixed[16..].copy_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.reserve(2 + slot.len() + FIXED + value.len());
+    out.extend_from_slice(&(slot.len() as u16).to_be_bytes());
+    out.extend_from_slice(slot);
+    out.extend_from_slice(&fixed);
     out.extend_from_slice(value);
 }
 
@@ -195,13 +199,23 @@ pub(crate) struct Records {
     looked_slot: Vec<u8>,
 }
 
+/// A record opened for the current event by [`Records::open`]; it names
+/// that record until the event's records are written back or cleared.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rec(usize);
+
 impl Records {
-    fn index(&mut self, table: &dyn StateTable, customer: &str) -> Result<usize, heed::Error> {
+    /// `customer`'s record, read from `table` on the event's first use.
+    pub(crate) fn open(
+        &mut self,
+        table: &dyn StateTable,
+        customer: &str,
+    ) -> Result<Rec, heed::Error> {
         if let Some(i) = self.open[..self.used]
             .iter()
             .position(|o| o.customer == customer)
         {
-            return Ok(i);
+            return Ok(Rec(i));
         }
         let stored = match table.get(key(&mut self.key, customer))? {
             Some(stored) if stored.first() == Some(&TAG) => stored,
@@ -222,17 +236,12 @@ impl Records {
         open.bytes.clear();
         open.bytes.extend_from_slice(stored);
         self.used += 1;
-        Ok(self.used - 1)
+        Ok(Rec(self.used - 1))
     }
 
-    /// The value in `slot` of `customer`'s record.
-    pub(crate) fn get(
-        &mut self,
-        table: &dyn StateTable,
-        customer: &str,
-        slot: &[u8],
-    ) -> Result<Option<&[u8]>, heed::Error> {
-        let i = self.index(table, customer)?;
+    /// The value in `slot` of an open record.
+    pub(crate) fn get(&mut self, rec: Rec, slot: &[u8]) -> Option<&[u8]> {
+        let i = rec.0;
         let bytes = &self.open[i].bytes;
         let found = locate(bytes, slot);
         self.looked_slot.clear();
@@ -241,21 +250,14 @@ impl Records {
             open: i,
             entry: found,
         });
-        Ok(found.map(|p| &bytes[p.value_start()..p.value_end]))
+        found.map(|p| &bytes[p.value_start()..p.value_end])
     }
 
-    /// Sets `slot` of `customer`'s record (read first by [`Records::get`]
-    /// or read now).
-    pub(crate) fn put(
-        &mut self,
-        table: &dyn StateTable,
-        customer: &str,
-        slot: &[u8],
-        expiry: Expiry,
-        value: &[u8],
-    ) -> Result<(), heed::Error> {
+    /// Sets `slot` of an open record (usually read first by
+    /// [`Records::get`]).
+    pub(crate) fn put(&mut self, rec: Rec, slot: &[u8], expiry: Expiry, value: &[u8]) {
         let looked = self.looked.take();
-        let i = self.index(table, customer)?;
+        let i = rec.0;
         let open = &mut self.open[i];
         open.dirty = true;
         let end_ms = expiry.end_ms.unwrap_or(i64::MAX);
@@ -281,7 +283,6 @@ impl Records {
             }
             None => push_entry(&mut open.bytes, slot, end_ms, expiry.lateness_ms, value),
         }
-        Ok(())
     }
 
     /// Writes back every record the event changed, leaving out instances
@@ -377,27 +378,52 @@ mod tests {
         lateness_ms: 0,
     };
 
+    /// Opens `customer`'s record and reads `slot`, as a rule does.
+    fn get<'r>(
+        r: &'r mut Records,
+        table: &MemoryTable,
+        customer: &str,
+        slot: &[u8],
+    ) -> Result<Option<&'r [u8]>, heed::Error> {
+        let rec = r.open(table, customer)?;
+        Ok(r.get(rec, slot))
+    }
+
+    /// Opens `customer`'s record and sets `slot`, as a rule does.
+    fn put(
+        r: &mut Records,
+        table: &MemoryTable,
+        customer: &str,
+        slot: &[u8],
+        expiry: Expiry,
+        value: &[u8],
+    ) -> Result<(), heed::Error> {
+        let rec = r.open(table, customer)?;
+        r.put(rec, slot, expiry, value);
+        Ok(())
+    }
+
     #[test]
     fn entries_are_set_replaced_and_found() {
         let mut table = MemoryTable::new();
         let mut r = Records::default();
         let a = slot_of("a", "lifetime");
         let b = slot_of("b", "day:2026-11-23");
-        assert_eq!(r.get(&table, "c1", &a).unwrap(), None);
-        r.put(&table, "c1", &a, NEVER, b"one").unwrap();
-        r.put(&table, "c1", &b, NEVER, b"two").unwrap();
+        assert_eq!(get(&mut r, &table, "c1", &a).unwrap(), None);
+        put(&mut r, &table, "c1", &a, NEVER, b"one").unwrap();
+        put(&mut r, &table, "c1", &b, NEVER, b"two").unwrap();
         // Same length in place, another length spliced.
-        r.put(&table, "c1", &a, NEVER, b"ONE").unwrap();
-        r.put(&table, "c1", &b, NEVER, b"three").unwrap();
-        r.put(&table, "c2", &a, NEVER, b"other").unwrap();
+        put(&mut r, &table, "c1", &a, NEVER, b"ONE").unwrap();
+        put(&mut r, &table, "c1", &b, NEVER, b"three").unwrap();
+        put(&mut r, &table, "c2", &a, NEVER, b"other").unwrap();
         r.write_back(&mut table, 0, &Periods::default()).unwrap();
 
         let mut kb = KeyBuf::default();
         let stored = table.get(key(&mut kb, "c1")).unwrap().unwrap().to_vec();
         assert_eq!(find(&stored, &a), Some(&b"ONE"[..]));
         assert_eq!(find(&stored, &b), Some(&b"three"[..]));
-        assert_eq!(r.get(&table, "c2", &a).unwrap(), Some(&b"other"[..]));
-        assert_eq!(r.get(&table, "c2", &b).unwrap(), None);
+        assert_eq!(get(&mut r, &table, "c2", &a).unwrap(), Some(&b"other"[..]));
+        assert_eq!(get(&mut r, &table, "c2", &b).unwrap(), None);
         // A truncated record yields what parses and nothing past its end.
         assert_eq!(find(&stored[..stored.len() - 1], &b), None);
         assert_eq!(find(&stored[..stored.len() - 1], &a), Some(&b"ONE"[..]));
@@ -414,19 +440,19 @@ mod tests {
             slot_of("b", "lifetime"),
             slot_of("c", "lifetime"),
         );
-        r.put(&table, "x", &a, NEVER, b"a1").unwrap();
-        r.put(&table, "x", &b, NEVER, b"b1").unwrap();
+        put(&mut r, &table, "x", &a, NEVER, b"a1").unwrap();
+        put(&mut r, &table, "x", &b, NEVER, b"b1").unwrap();
         // Looked for a missing slot, then wrote two others: neither may be
         // appended as if it were the missing one.
-        assert_eq!(r.get(&table, "x", &c).unwrap(), None);
-        r.put(&table, "x", &b, NEVER, b"b2").unwrap();
-        r.put(&table, "x", &a, NEVER, b"a-longer").unwrap();
+        assert_eq!(get(&mut r, &table, "x", &c).unwrap(), None);
+        put(&mut r, &table, "x", &b, NEVER, b"b2").unwrap();
+        put(&mut r, &table, "x", &a, NEVER, b"a-longer").unwrap();
         // Found one slot, then wrote another before it.
-        assert_eq!(r.get(&table, "x", &b).unwrap(), Some(&b"b2"[..]));
-        r.put(&table, "x", &a, NEVER, b"a3").unwrap();
-        r.put(&table, "x", &b, NEVER, b"b-longer").unwrap();
-        assert_eq!(r.get(&table, "x", &c).unwrap(), None);
-        r.put(&table, "x", &c, NEVER, b"c1").unwrap();
+        assert_eq!(get(&mut r, &table, "x", &b).unwrap(), Some(&b"b2"[..]));
+        put(&mut r, &table, "x", &a, NEVER, b"a3").unwrap();
+        put(&mut r, &table, "x", &b, NEVER, b"b-longer").unwrap();
+        assert_eq!(get(&mut r, &table, "x", &c).unwrap(), None);
+        put(&mut r, &table, "x", &c, NEVER, b"c1").unwrap();
         r.write_back(&mut table, 0, &Periods::default()).unwrap();
         let mut kb = KeyBuf::default();
         let stored = table.get(key(&mut kb, "x")).unwrap().unwrap().to_vec();
@@ -447,9 +473,10 @@ mod tests {
             end_ms: Some(end),
             lateness_ms: 100,
         };
-        r.put(&table, "c", &day, ends(1_000), b"d").unwrap();
-        r.put(&table, "c", &life, NEVER, b"l").unwrap();
-        r.put(
+        put(&mut r, &table, "c", &day, ends(1_000), b"d").unwrap();
+        put(&mut r, &table, "c", &life, NEVER, b"l").unwrap();
+        put(
+            &mut r,
             &table,
             "c",
             &period,
@@ -469,7 +496,7 @@ mod tests {
         assert!(find(&stored(&table, &mut kb), &day).is_some());
 
         // Past it the day goes; the period stays while it is open.
-        r.put(&table, "c", &life, NEVER, b"L").unwrap();
+        put(&mut r, &table, "c", &life, NEVER, b"L").unwrap();
         let mut periods = Periods::default();
         periods.open("m1", 0);
         r.write_back(&mut table, 1_101, &periods).unwrap();
@@ -480,10 +507,10 @@ mod tests {
 
         // Once the period has ended (and its lateness passed) it goes too.
         periods.close("m1", 2_000);
-        r.put(&table, "c", &life, NEVER, b"L").unwrap();
+        put(&mut r, &table, "c", &life, NEVER, b"L").unwrap();
         r.write_back(&mut table, 2_050, &periods).unwrap();
         assert!(find(&stored(&table, &mut kb), &period).is_some());
-        r.put(&table, "c", &life, NEVER, b"L").unwrap();
+        put(&mut r, &table, "c", &life, NEVER, b"L").unwrap();
         r.write_back(&mut table, 2_101, &periods).unwrap();
         let s = stored(&table, &mut kb);
         assert_eq!(find(&s, &period), None);

@@ -30,6 +30,9 @@ pub mod table;
 pub mod vouchers;
 pub mod window;
 
+#[cfg(test)]
+mod tests;
+
 use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -326,6 +329,10 @@ pub(crate) struct Work<'a> {
     pub names: &'a mut window::Names,
     pub value: &'a mut Vec<u8>,
     pub noted: &'a mut Option<Arc<str>>,
+    /// The event's subject's record, once a rule has opened it: most
+    /// rules credit the subject, and each would search the open records
+    /// for them again.
+    pub subject_rec: Option<record::Rec>,
     pub pseudonymizer: &'a Pseudonymizer,
     pub pools: &'a Pools,
     pub periods: &'a Periods,
@@ -592,6 +599,7 @@ impl Engine {
                 names,
                 value,
                 noted,
+                subject_rec: None,
                 pseudonymizer,
                 pools,
                 periods: &none,
@@ -610,6 +618,7 @@ impl Engine {
             names,
             value,
             noted,
+            subject_rec: None,
             pseudonymizer,
             pools,
             periods: &globals.periods,
@@ -934,7 +943,19 @@ fn update_customer(
     // Awards below leave `work.slot` alone: it still names this state
     // when the state is put back.
     record::slot(work.slot, &rule.id, rule.version, &step.place.name);
-    let rec = work.records.open(table, target)?;
+    // The subject's own id (not a credited customer's equal one) is the
+    // event's: the same reference every time.
+    let subject = std::ptr::eq(target, ctx.customer);
+    let rec = match work.subject_rec {
+        Some(rec) if subject => rec,
+        _ => {
+            let rec = work.records.open(table, target)?;
+            if subject {
+                work.subject_rec = Some(rec);
+            }
+            rec
+        }
+    };
     let stored = work.records.get(rec, work.slot);
     let mut state = state_or_fresh(c, logs, stored, time_ms)?;
     let before = if state.measure.is_empty() {

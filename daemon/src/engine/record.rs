@@ -140,15 +140,11 @@ fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
 }
 
 fn push_entry(out: &mut Vec<u8>, slot: &[u8], end_ms: i64, lateness_ms: i64, value: &[u8]) {
-    let slot = &slot[..slot.len().min(u16::MAX as usize)];
-    let mut fixed = [0u8; FIXED];
-    fixed[..8].copy_from_slice(&end_ms.to_be_bytes());
-    fixed[8..16].copy_from_slice(&lateness_ms.to_be_bytes());
-    fixed[16..].copy_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
-    out.reserve(2 + slot.len() + FIXED + value.len());
-    out.extend_from_slice(&(slot.len() as u16).to_be_bytes());
-    out.extend_from_slice(slot);
-    out.extend_from_slice(&fixed);
+    out.extend_from_slice(&u16::try_from(slot.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(&slot[..slot.len().min(u16::MAX as usize)]);
+    out.extend_from_slice(&end_ms.to_be_bytes());
+    out.extend_from_slice(&lateness_ms.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
     out.extend_from_slice(value);
 }
 

@@ -96,8 +96,10 @@ pub(crate) struct Dbs {
     pub meta: Database<Str, Bytes>,
     /// `dedup`: dedup key → first-seen arrival time (ms).
     pub dedup: Database<Bytes, BeU64>,
-    /// `dedup_expiry`: arrival time (8 bytes BE) ‖ dedup key → ().
-    pub dedup_expiry: Database<Bytes, Unit>,
+    /// `dedup_expiry`: arrival time (8 bytes BE) ‖ number (8 bytes BE) →
+    /// dedup key; entries written before the number existed are arrival
+    /// time ‖ dedup key → empty (see `dedup.rs`).
+    pub dedup_expiry: Database<Bytes, Bytes>,
     /// `outbox`: sequence (BE) → postcard `Record`.
     pub outbox: Database<BeU64, Bytes>,
     /// `rule_state`: state key → postcard rule state (engine-owned format).

@@ -114,12 +114,12 @@ pub struct Emitted {
 }
 
 /// A fan's progress crossed a quarter of the next tier.
-#[derive(Debug, Clone, PartialEq)]
 ///
 /// Notes are frequent (a rule with low tiers crosses a quarter on most
 /// events), so their names are shared, not copied: the rule's id and the
 /// window's name with the engine, the customer's with the event's other
 /// notes.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProgressNote {
     pub customer: Arc<str>,
     pub rule: Arc<str>,
@@ -328,6 +328,7 @@ pub(crate) struct Work<'a> {
     pub slot: &'a mut Vec<u8>,
     pub names: &'a mut window::Names,
     pub value: &'a mut Vec<u8>,
+    /// The customer named in the last progress note ([`shared_name`]).
     pub noted: &'a mut Option<Arc<str>>,
     /// The event's subject's record, once a rule has opened it: most
     /// rules credit the subject, and each would search the open records

@@ -6,13 +6,13 @@
 //! same keys by that time so old ones can be swept a bounded number at a
 //! time, inside the writer's normal commits.
 //!
-//! An expiry entry is keyed by arrival time and a running number, and
-//! holds the dedup key as its value. Keyed so, entries arrive in key
-//! order and are appended, with no search of the tree: every event writes
-//! one. (Keyed by time and dedup key, as entries written by earlier
-//! versions still are, a commit's events, which share one arrival time,
-//! landed in random order.) A clock step back or a number reused after a
-//! restart only costs the search again.
+//! Every event writes an expiry entry, keyed by arrival time and a running
+//! number and holding the dedup key as its value: keyed so, entries come
+//! in key order and are appended without searching the tree. A clock
+//! step back or a number reused after a restart only costs the search
+//! again. Earlier versions keyed an entry by arrival time and dedup key,
+//! with an empty value, which put a commit's events (they share one
+//! arrival time) in random order; the sweep reads both layouts.
 
 use std::ops::Bound;
 

@@ -150,8 +150,7 @@ fn new_activity(
     customer: &str,
     period: &str,
 ) -> Result<Activity, ApplyError> {
-    let mut index = state::activity_index_prefix(period, customer.len());
-    index.extend_from_slice(customer.as_bytes());
+    let index = state::activity_index_key(period, customer);
     table.put(&index, &[])?;
     Ok(Activity {
         index,
@@ -213,7 +212,7 @@ fn summarize(
     at_ms: i64,
     out: &mut Output,
 ) -> Result<u64, ApplyError> {
-    let prefix = state::activity_index_prefix(period, 0);
+    let prefix = state::activity_index_key(period, "");
     let mut customers = Vec::new();
     for (k, _) in table.prefixed(&prefix)? {
         if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {

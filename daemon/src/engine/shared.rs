@@ -55,9 +55,7 @@ pub(crate) fn update(
         }
     }
     if member.is_none() || stale {
-        let mut index =
-            state::member_index_prefix(&rule.id, rule.version, window, &group, customer.len());
-        index.extend_from_slice(customer.as_bytes());
+        let index = state::member_index_key(&rule.id, rule.version, window, &group, customer);
         member = Some(MemberState {
             share: 0.0,
             tiers_awarded: 0,
@@ -164,7 +162,7 @@ fn award_members(
     min: f64,
 ) -> Result<u64, RuleError> {
     let rule = &c.rule;
-    let prefix = state::member_index_prefix(&rule.id, rule.version, goal.window, group, 0);
+    let prefix = state::member_index_key(&rule.id, rule.version, goal.window, group, "");
     let mut members = Vec::new();
     for (k, _) in table.prefixed(&prefix)? {
         if let Ok(id) = std::str::from_utf8(&k[prefix.len()..]) {

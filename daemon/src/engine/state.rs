@@ -147,17 +147,25 @@ pub(crate) fn global_key<'b>(buf: &'b mut KeyBuf, name: &str) -> &'b [u8] {
     buf.start("").short("").rest(name).finish(MAX_STATE_KEY)
 }
 
-/// A period's activity index: prefix, and one customer's entry. Built
-/// with room for the customer's id the entry appends: a customer's first
-/// event in a period builds one.
-pub(crate) fn activity_index_prefix(period: &str, room: usize) -> Vec<u8> {
-    let mut buf = KeyBuf::with_capacity(16 + period.len() + room);
+/// `customer`'s entry in a period's activity index; with `""`, the
+/// prefix every entry of the period starts with.
+pub(crate) fn activity_index_key(period: &str, customer: &str) -> Vec<u8> {
+    let mut buf = KeyBuf::with_capacity(16 + period.len() + customer.len());
     buf.start("")
         .short("")
         .rest("active\0")
         .rest(period)
         .rest("\0");
-    buf.into_key(MAX_INDEX_KEY)
+    index_entry(buf, customer)
+}
+
+/// An index's prefix (hashed when too long) and then the member's id,
+/// built at its final size: a customer's first event in a period (or in
+/// a group goal) builds one.
+fn index_entry(prefix: KeyBuf, member: &str) -> Vec<u8> {
+    let mut key = prefix.into_key(MAX_INDEX_KEY);
+    key.extend_from_slice(member.as_bytes());
+    key
 }
 
 /// The shared state key of a group goal.
@@ -178,16 +186,17 @@ pub(crate) fn group_key<'b>(
         .finish(MAX_STATE_KEY)
 }
 
-/// The prefix of a group goal's member index, with room for the
-/// customer's id a member's entry appends.
-pub(crate) fn member_index_prefix(
+/// `customer`'s entry in a group goal's member index; with `""`, the
+/// prefix every member's entry starts with.
+pub(crate) fn member_index_key(
     rule: &str,
     version: u32,
     window: &str,
     group: &str,
-    room: usize,
+    customer: &str,
 ) -> Vec<u8> {
-    let mut buf = KeyBuf::with_capacity(32 + rule.len() + window.len() + group.len() + room);
+    let mut buf =
+        KeyBuf::with_capacity(32 + rule.len() + window.len() + group.len() + customer.len());
     buf.start("")
         .short(rule)
         .u32(version)
@@ -196,7 +205,7 @@ pub(crate) fn member_index_prefix(
         .rest("\0")
         .rest(group)
         .rest("\0");
-    buf.into_key(MAX_INDEX_KEY)
+    index_entry(buf, customer)
 }
 
 pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
@@ -449,7 +458,15 @@ mod tests {
         assert!(site.starts_with(b"\x00\x00"));
         assert!(!k.starts_with(b"\x00\x00"));
         // A member index entry extends the group's prefix.
-        let prefix = member_index_prefix("r", 1, "period:m1", "101", 0);
+        let prefix = member_index_key("r", 1, "period:m1", "101", "");
         assert!(prefix.starts_with(b"\x00\x00\x01r"));
+        let entry = member_index_key("r", 1, "period:m1", "101", "fan-7");
+        assert_eq!(entry, [&prefix[..], b"fan-7"].concat());
+        // Also when the prefix is too long and hashed.
+        let period = "p".repeat(600);
+        let prefix = activity_index_key(&period, "");
+        assert_eq!(prefix.len(), 33);
+        let entry = activity_index_key(&period, "fan-7");
+        assert_eq!(entry, [&prefix[..], b"fan-7"].concat());
     }
 }

@@ -16,8 +16,9 @@
 
 use std::ops::Bound;
 
-use heed::{MdbError, PutFlags, RwTxn};
+use heed::RwTxn;
 
+use super::append;
 use super::env::Dbs;
 use super::keys::KeyBuf;
 
@@ -64,23 +65,15 @@ impl Dedup {
             }
             dbs.dedup.put(txn, key, &now)?;
         }
-        // Appended when it sorts last, as it does unless the clock went
-        // back; else put where it belongs, never over another entry.
+        // A number already used at this time (a clock step back, a
+        // restart) takes the next one.
         loop {
             self.number = self.number.wrapping_add(1);
             let mut expiry = [0u8; 16];
             expiry[..8].copy_from_slice(&now.to_be_bytes());
             expiry[8..].copy_from_slice(&self.number.to_be_bytes());
-            let db = dbs.dedup_expiry;
-            let put = match db.put_with_flags(txn, PutFlags::APPEND, &expiry, key) {
-                Err(heed::Error::Mdb(MdbError::KeyExist)) => {
-                    db.put_with_flags(txn, PutFlags::NO_OVERWRITE, &expiry, key)
-                }
-                other => other,
-            };
-            match put {
-                Err(heed::Error::Mdb(MdbError::KeyExist)) => continue,
-                other => return other.map(|()| false),
+            if append::put_new(dbs.dedup_expiry, txn, &expiry, key)? {
+                return Ok(false);
             }
         }
     }

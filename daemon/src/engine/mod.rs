@@ -237,6 +237,9 @@ pub(crate) struct CompiledRule {
     pub rule: AchievementRule,
     /// `rule.id`, shared with the progress notes.
     id: Arc<str>,
+    /// What the slots of this rule's states start with
+    /// ([`record::slot_prefix`]).
+    slot_prefix: Box<[u8]>,
     when: Option<Predicate>,
     /// `value` (sum, max, min) or `key` (distinct).
     expr: Option<Expr>,
@@ -391,6 +394,7 @@ impl Engine {
             rules.push(CompiledRule {
                 rule: rule.clone(),
                 id: Arc::from(rule.id.as_str()),
+                slot_prefix: record::slot_prefix(&rule.id, rule.version),
                 when: exprs.when,
                 expr: exprs.expr,
                 group_by: exprs.group_by,
@@ -807,32 +811,16 @@ fn apply_rule(
         }
         _ => Cow::Borrowed(ctx.customer),
     };
-    // Both rates are checked before either is recorded, so an event one
-    // limit refuses uses up nothing of the other.
-    let mut admitted: [Option<limits::Admitted>; 2] = [None, None];
-    let rates = [
-        (rule.limits.max_per_customer.as_ref(), ctx.customer, "rate"),
-        (
-            rule.referral
-                .as_ref()
-                .and_then(|r| r.max_per_referrer.as_ref()),
-            target.as_ref(),
-            "referral",
-        ),
-    ];
-    for (slot, (rate, who, what)) in admitted.iter_mut().zip(rates) {
-        let Some(rate) = rate else { continue };
-        let key = state::rate_key(work.key, who, &rule.id, rule.version, what).to_vec();
-        match limits::check(table, key, rate, event.time_ms)? {
-            Some(a) => *slot = Some(a),
-            None => {
-                count(&ctx.counters.limited);
-                return Ok(0);
-            }
-        }
-    }
-    for a in admitted.into_iter().flatten() {
-        limits::record(table, work.value, a)?;
+    let per_referrer = rule
+        .referral
+        .as_ref()
+        .and_then(|r| r.max_per_referrer.as_ref());
+    // Most rules have no rate: they skip the bookkeeping.
+    if (rule.limits.max_per_customer.is_some() || per_referrer.is_some())
+        && !within_rates(c, ctx, work, table, &target, per_referrer)?
+    {
+        count(&ctx.counters.limited);
+        return Ok(0);
     }
     let input = Step {
         input,
@@ -845,6 +833,38 @@ fn apply_rule(
             shared::update(c, logs, ctx, work, table, out, input)
         }
     }
+}
+
+/// Checks the rule's rates (the customer's, and the referrer's for a
+/// referral) and records the event in them when both admit it. Both are
+/// checked before either is recorded, so an event one limit refuses uses
+/// up nothing of the other.
+fn within_rates(
+    c: &CompiledRule,
+    ctx: &Ctx<'_, '_, '_>,
+    work: &mut Work<'_>,
+    table: &mut dyn StateTable,
+    target: &str,
+    per_referrer: Option<&edge_config::Rate>,
+) -> Result<bool, RuleError> {
+    let rule = &c.rule;
+    let mut admitted: [Option<limits::Admitted>; 2] = [None, None];
+    let rates = [
+        (rule.limits.max_per_customer.as_ref(), ctx.customer, "rate"),
+        (per_referrer, target, "referral"),
+    ];
+    for (slot, (rate, who, what)) in admitted.iter_mut().zip(rates) {
+        let Some(rate) = rate else { continue };
+        let key = state::rate_key(work.key, who, &rule.id, rule.version, what).to_vec();
+        match limits::check(table, key, rate, ctx.event.time_ms)? {
+            Some(a) => *slot = Some(a),
+            None => return Ok(false),
+        }
+    }
+    for a in admitted.into_iter().flatten() {
+        limits::record(table, work.value, a)?;
+    }
+    Ok(true)
 }
 
 /// What the gauntlet established for the update.
@@ -943,7 +963,7 @@ fn update_customer(
     let time_ms = ctx.event.time_ms;
     // Awards below leave `work.slot` alone: it still names this state
     // when the state is put back.
-    record::slot(work.slot, &rule.id, rule.version, &step.place.name);
+    record::slot_from(work.slot, &c.slot_prefix, &step.place.name);
     // The subject's own id (not a credited customer's equal one) is the
     // event's: the same reference every time.
     let subject = std::ptr::eq(target, ctx.customer);

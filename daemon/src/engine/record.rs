@@ -46,10 +46,31 @@ pub(crate) fn key<'b>(buf: &'b mut KeyBuf, customer: &str) -> &'b [u8] {
 /// The slot of a rule's state in a window instance.
 pub(crate) fn slot(buf: &mut Vec<u8>, rule: &str, version: u32, window: &str) {
     buf.clear();
+    push_slot_prefix(buf, rule, version);
+    buf.extend_from_slice(window.as_bytes());
+}
+
+/// What every slot of a rule starts with: built once per compiled rule,
+/// so the slot of each update is that and the window (see
+/// [`slot_from`]).
+pub(crate) fn slot_prefix(rule: &str, version: u32) -> Box<[u8]> {
+    let mut buf = Vec::with_capacity(1 + rule.len() + 4);
+    push_slot_prefix(&mut buf, rule, version);
+    buf.into_boxed_slice()
+}
+
+/// The slot of a rule's state in a window instance, from the rule's
+/// [`slot_prefix`]: the same bytes as [`slot`].
+pub(crate) fn slot_from(buf: &mut Vec<u8>, prefix: &[u8], window: &str) {
+    buf.clear();
+    buf.extend_from_slice(prefix);
+    buf.extend_from_slice(window.as_bytes());
+}
+
+fn push_slot_prefix(buf: &mut Vec<u8>, rule: &str, version: u32) {
     buf.push(u8::try_from(rule.len()).unwrap_or(u8::MAX));
     buf.extend_from_slice(rule.as_bytes());
     buf.extend_from_slice(&version.to_be_bytes());
-    buf.extend_from_slice(window.as_bytes());
 }
 
 /// The window instance a slot names (slots this module built).
@@ -75,32 +96,24 @@ struct Entry {
     value: std::ops::Range<usize>,
 }
 
-/// Walks a record's entries; stops at the first that does not parse (a
-/// truncated record loses its tail, never reads past it).
-fn entries(bytes: &[u8]) -> impl Iterator<Item = Entry> + '_ {
-    let mut at = usize::from(bytes.first() == Some(&TAG));
-    if at == 0 {
-        at = bytes.len();
+/// The entry that starts at `at`, if one parses there.
+fn entry_at(bytes: &[u8], at: usize) -> Option<Entry> {
+    let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+    let slot = at + 2..at + 2 + n;
+    let mut p = slot.end;
+    let end_ms = i64::from_be_bytes(bytes.get(p..p + 8)?.try_into().ok()?);
+    let lateness_ms = i64::from_be_bytes(bytes.get(p + 8..p + 16)?.try_into().ok()?);
+    p += 16;
+    let v = u32::from_be_bytes(bytes.get(p..p + 4)?.try_into().ok()?) as usize;
+    let value = p + 4..p + 4 + v;
+    if value.end > bytes.len() {
+        return None;
     }
-    std::iter::from_fn(move || {
-        let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
-        let slot = at + 2..at + 2 + n;
-        let mut p = slot.end;
-        let end_ms = i64::from_be_bytes(bytes.get(p..p + 8)?.try_into().ok()?);
-        let lateness_ms = i64::from_be_bytes(bytes.get(p + 8..p + 16)?.try_into().ok()?);
-        p += 16;
-        let v = u32::from_be_bytes(bytes.get(p..p + 4)?.try_into().ok()?) as usize;
-        let value = p + 4..p + 4 + v;
-        if value.end > bytes.len() {
-            return None;
-        }
-        at = value.end;
-        Some(Entry {
-            slot,
-            end_ms,
-            lateness_ms,
-            value,
-        })
+    Some(Entry {
+        slot,
+        end_ms,
+        lateness_ms,
+        value,
     })
 }
 
@@ -128,7 +141,7 @@ fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
         if value_end > bytes.len() {
             return None;
         }
-        if n == slot.len() && bytes[at + 2..slot_end] == *slot {
+        if n == slot.len() && same_slot(&bytes[at + 2..slot_end], slot) {
             return Some(Place {
                 at,
                 slot_end,
@@ -136,6 +149,17 @@ fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
             });
         }
         at = value_end;
+    }
+}
+
+/// Slot equality for slots of one length. Slots of different rules
+/// mostly differ within their first eight bytes (the rule's id), and a
+/// record holds many slots of one length, so those bytes are compared
+/// in one step before the general comparison.
+fn same_slot(a: &[u8], b: &[u8]) -> bool {
+    match (a.first_chunk::<8>(), b.first_chunk::<8>()) {
+        (Some(x), Some(y)) => x == y && a[8..] == b[8..],
+        _ => a == b,
     }
 }
 
@@ -295,7 +319,7 @@ impl Records {
             if !open.dirty {
                 continue;
             }
-            prune(&mut open.bytes, &mut self.scratch, watermark_ms, periods);
+            prune(&mut open.bytes, watermark_ms, periods);
             let key = key(&mut self.key, &open.customer);
             if open.bytes.len() > 1 {
                 table.put(key, &open.bytes)?;
@@ -316,34 +340,39 @@ impl Records {
 
 /// Removes the entries of instances that ended more than their lateness
 /// before the watermark; resolves the end of periods that have ended.
-fn prune(bytes: &mut Vec<u8>, out: &mut Vec<u8>, watermark_ms: i64, periods: &Periods) {
-    let over = |e: &Entry, end_ms: i64| {
-        end_ms != i64::MAX && watermark_ms > end_ms.saturating_add(e.lateness_ms)
-    };
+/// In place, in one pass: most writes change nothing here, and the
+/// entries that stay are moved down over the ones that go.
+fn prune(bytes: &mut Vec<u8>, watermark_ms: i64, periods: &Periods) {
     // Open ends resolve only once some period has ended.
     let ended = periods.list.iter().any(|p| p.end_ms.is_some());
-    // Most writes change nothing here: look before copying the record.
-    let stale = entries(bytes).any(|e| {
+    let mut at = usize::from(bytes.first() == Some(&TAG));
+    if at == 0 {
+        return;
+    }
+    // Entries before `kept` are final; `at` is the next one to look at.
+    let mut kept = at;
+    while let Some(e) = entry_at(bytes, at) {
+        let next = e.value.end;
         let end_ms = if ended {
             resolved_end(bytes, &e, periods)
         } else {
             e.end_ms
         };
-        end_ms != e.end_ms || over(&e, end_ms)
-    });
-    if !stale {
-        return;
-    }
-    out.clear();
-    out.push(TAG);
-    for e in entries(bytes) {
-        let end_ms = resolved_end(bytes, &e, periods);
-        if !over(&e, end_ms) {
-            let (slot, value) = (&bytes[e.slot.clone()], &bytes[e.value.clone()]);
-            push_entry(out, slot, end_ms, e.lateness_ms, value);
+        let over = end_ms != i64::MAX && watermark_ms > end_ms.saturating_add(e.lateness_ms);
+        if !over {
+            if kept != at {
+                bytes.copy_within(at..next, kept);
+            }
+            if end_ms != e.end_ms {
+                let end_at = kept + (e.slot.end - at);
+                bytes[end_at..end_at + 8].copy_from_slice(&end_ms.to_be_bytes());
+            }
+            kept += next - at;
         }
+        at = next;
     }
-    std::mem::swap(bytes, out);
+    // A tail that does not parse is dropped, as `entries` would.
+    bytes.truncate(kept);
 }
 
 /// The entry's end, or its period's once the period has ended.
@@ -362,6 +391,20 @@ fn resolved_end(bytes: &[u8], e: &Entry, periods: &Periods) -> i64 {
 mod tests {
     use super::*;
     use crate::engine::table::MemoryTable;
+
+    /// Walks a record's entries; stops at the first that does not parse (a
+    /// truncated record loses its tail, never reads past it).
+    fn entries(bytes: &[u8]) -> impl Iterator<Item = Entry> + '_ {
+        let mut at = usize::from(bytes.first() == Some(&TAG));
+        if at == 0 {
+            at = bytes.len();
+        }
+        std::iter::from_fn(move || {
+            let e = entry_at(bytes, at)?;
+            at = e.value.end;
+            Some(e)
+        })
+    }
 
     fn slot_of(rule: &str, window: &str) -> Vec<u8> {
         let mut s = Vec::new();
@@ -511,5 +554,72 @@ mod tests {
         let s = stored(&table, &mut kb);
         assert_eq!(find(&s, &period), None);
         assert_eq!(find(&s, &life), Some(&b"L"[..]));
+    }
+
+    #[test]
+    fn pruning_moves_what_stays_over_what_goes_and_resolves_period_ends() {
+        let mut table = MemoryTable::new();
+        let mut r = Records::default();
+        let (a, p, l, b) = (
+            slot_of("a", "day:2026-11-23"),
+            slot_of("p", "period:m1"),
+            slot_of("l", "lifetime"),
+            slot_of("b", "day:2026-11-24"),
+        );
+        let ends = |end| Expiry {
+            end_ms: Some(end),
+            lateness_ms: 100,
+        };
+        let open = Expiry {
+            end_ms: None,
+            lateness_ms: 100,
+        };
+        put(&mut r, &table, "c", &a, ends(1_000), b"a").unwrap();
+        put(&mut r, &table, "c", &p, open, b"period").unwrap();
+        put(&mut r, &table, "c", &b, ends(1_050), b"b").unwrap();
+        put(&mut r, &table, "c", &l, NEVER, b"life").unwrap();
+        r.write_back(&mut table, 0, &Periods::default()).unwrap();
+
+        // Two entries go; the period's end is written where it lands.
+        let mut periods = Periods::default();
+        periods.open("m1", 0);
+        periods.close("m1", 5_000);
+        put(&mut r, &table, "c", &l, NEVER, b"LIFE").unwrap();
+        r.write_back(&mut table, 1_151, &periods).unwrap();
+        let mut kb = KeyBuf::default();
+        let stored = table.get(key(&mut kb, "c")).unwrap().unwrap().to_vec();
+        let kept: Vec<(Vec<u8>, i64, Vec<u8>)> = entries(&stored)
+            .map(|e| (stored[e.slot].to_vec(), e.end_ms, stored[e.value].to_vec()))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                (p.clone(), 5_000, b"period".to_vec()),
+                (l.clone(), i64::MAX, b"LIFE".to_vec()),
+            ]
+        );
+        // A slot built from the rule's prefix is the same slot.
+        let mut from = Vec::new();
+        slot_from(&mut from, &slot_prefix("p", 1), "period:m1");
+        assert_eq!(from, p);
+    }
+
+    #[test]
+    fn a_tail_that_does_not_parse_is_dropped_on_write() {
+        let mut table = MemoryTable::new();
+        let mut kb = KeyBuf::default();
+        let a = slot_of("a", "lifetime");
+        let mut bytes = vec![TAG];
+        push_entry(&mut bytes, &a, i64::MAX, 0, b"one");
+        let whole = bytes.len();
+        // Half an entry: a slot length and nothing after it.
+        bytes.extend_from_slice(&[0, 9, 1]);
+        table.put(key(&mut kb, "c"), &bytes).unwrap();
+        let mut r = Records::default();
+        put(&mut r, &table, "c", &a, NEVER, b"two").unwrap();
+        r.write_back(&mut table, 0, &Periods::default()).unwrap();
+        let stored = table.get(key(&mut kb, "c")).unwrap().unwrap().to_vec();
+        assert_eq!(stored.len(), whole);
+        assert_eq!(find(&stored, &a), Some(&b"two"[..]));
     }
 }

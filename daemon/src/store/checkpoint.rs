@@ -118,16 +118,18 @@ impl Deferred {
     }
 
     /// Journals the event just applied, with the profiles it was given
-    /// and read.
+    /// and read; `data_text` is its data as [`super::journal::render_data`]
+    /// rendered it, when the submitter did.
     pub(crate) fn journal(
         &mut self,
         txn: &mut RwTxn,
         now_ms: i64,
         event: &Event,
+        data_text: Option<&str>,
         profile: Option<&str>,
     ) -> Result<(), DeferredError> {
         self.journal
-            .append(txn, now_ms, event, profile, &self.read)?;
+            .append(txn, now_ms, event, data_text, profile, &self.read)?;
         self.read.clear();
         Ok(())
     }

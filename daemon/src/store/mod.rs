@@ -358,11 +358,20 @@ impl StoreHandle {
             .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
             .await
             .map_err(|_| SubmitError::Closed)?;
+        // The journal keeps each event's data as JSON text. Rendered here,
+        // on the submitter's thread, the writer (one thread for the whole
+        // store) only copies it.
+        let data_text = if self.shared.deferred_state {
+            journal::render_data(&events)
+        } else {
+            Vec::new()
+        };
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
             .send(Command::Submit {
                 events,
+                data_text,
                 reply,
                 _permit: permit,
             })

@@ -62,6 +62,10 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) enum Command {
     Submit {
         events: Vec<Event>,
+        /// Each event's `data` as the journal stores it, rendered by the
+        /// submitter; empty when the store keeps no journal (or an event
+        /// past the end is rendered by the writer).
+        data_text: Vec<String>,
         reply: oneshot::Sender<Result<Vec<EventOutcome>, SubmitError>>,
         _permit: OwnedSemaphorePermit,
     },
@@ -584,9 +588,11 @@ impl Writer {
         let mut answers = Vec::with_capacity(pick.len());
         for &i in pick {
             let answer = match &group[i] {
-                Command::Submit { events, .. } => {
-                    Answer::Submit(self.submit(&mut txn, &mut meta, &mut tally, events, now_ms)?)
-                }
+                Command::Submit {
+                    events, data_text, ..
+                } => Answer::Submit(
+                    self.submit(&mut txn, &mut meta, &mut tally, events, data_text, now_ms)?,
+                ),
                 Command::DeadLetters { samples, .. } => {
                     for sample in samples {
                         dlq::put(
@@ -658,6 +664,7 @@ impl Writer {
         meta: &mut Meta,
         tally: &mut Tally,
         events: &[Event],
+        data_text: &[String],
         now_ms: i64,
     ) -> Result<Result<Vec<EventOutcome>, SubmitError>, GroupError> {
         let s = &self.settings;
@@ -674,7 +681,7 @@ impl Writer {
             return Ok(Err(SubmitError::OutboxFull));
         }
         let mut outcomes = Vec::with_capacity(events.len());
-        for event in events {
+        for (i, event) in events.iter().enumerate() {
             let retention = self.settings.dedup_retention_ms;
             let dup = self.dedup.check_and_insert(
                 &self.dbs,
@@ -710,6 +717,7 @@ impl Writer {
                             txn,
                             now_ms,
                             event,
+                            data_text.get(i).map(String::as_str),
                             profile.as_deref().map(|p| p.text.as_str()),
                         )?;
                     }

@@ -324,25 +324,11 @@ mod wire {
 
     /// Seven bits per byte, low first; the high bit says more follow.
     fn unsigned(out: &mut Vec<u8>, mut n: u64) {
-        if n < 0x80 {
-            out.push(n as u8);
-            return;
-        }
-        // Event times take six bytes. They are built on the stack, all
-        // ten bytes are appended (a copy of fixed size is a few stores)
-        // and the tail is cut off: a push per byte checks the room and
-        // stores the length each time.
-        let mut bytes = [0u8; 10];
-        let mut len = 0;
-        while n >= 0x80 && len < 9 {
-            bytes[len] = (n as u8) | 0x80;
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
             n >>= 7;
-            len += 1;
         }
-        bytes[len] = n as u8;
-        let end = out.len() + len + 1;
-        out.extend_from_slice(&bytes);
-        out.truncate(end);
+        out.push(n as u8);
     }
 
     /// Zigzag, so small negative numbers stay short.

@@ -119,6 +119,21 @@ async fn every_tier_reached_is_published_even_across_a_broker_outage() {
             )
         })
         .collect();
+    // The note names its window instance, in the payload and in its id.
+    let windows: BTreeSet<(String, bool)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v["kind"] == "progress")
+        .map(|(_, v)| {
+            let window = v["window"].as_str().unwrap_or_default().to_string();
+            let in_id = v["id"]
+                .as_str()
+                .is_some_and(|id| id.contains(&format!(":{window}:")));
+            (window, in_id)
+        })
+        .collect();
+    assert_eq!(windows, BTreeSet::from([("lifetime".to_string(), true)]));
     for (customer, tier) in expected.keys() {
         if *tier == 2 {
             assert!(

@@ -124,11 +124,34 @@ pub struct ProgressNote {
     pub customer: Arc<str>,
     pub rule: Arc<str>,
     pub version: u32,
-    pub window: Arc<str>,
+    pub window: NoteWindow,
     pub value: f64,
     pub next_at: f64,
     /// 25, 50 or 75.
     pub percent: u8,
+}
+
+/// The window instance a progress note is about.
+///
+/// A rolling instance is named by its start time in RFC 3339, and a fan's
+/// rolling rules make a note on most events: the name is written when
+/// the note is published (see its `Display`), not when the engine makes
+/// the note.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoteWindow {
+    /// A window instance by its name, shared with the engine.
+    Named(Arc<str>),
+    /// The rolling instance that started at this event time (ms).
+    RollingFrom(i64),
+}
+
+impl std::fmt::Display for NoteWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoteWindow::Named(name) => f.write_str(name),
+            NoteWindow::RollingFrom(start_ms) => f.write_str(&window::rolling_name(*start_ms)),
+        }
+    }
 }
 
 /// What applying events produced, drained by the writer per event.
@@ -1033,14 +1056,13 @@ fn update_customer(
         };
         (value, None)
     };
-    let window = || match rolling_start {
-        Some(start) => Arc::from(window::rolling_name(start)),
-        None => step.place.name.clone(),
-    };
     state.updated_ms = time_ms;
     let mut awarded = 0u64;
     if c.reached(state.tiers_awarded as usize, value) {
-        let window = window();
+        let window = match rolling_start {
+            Some(start) => Arc::from(window::rolling_name(start)),
+            None => step.place.name.clone(),
+        };
         while c.reached(state.tiers_awarded as usize, value) {
             award(
                 c,
@@ -1060,7 +1082,10 @@ fn update_customer(
     } else if let Some(note) = progress_note(
         c,
         || shared_name(work.noted, target),
-        window,
+        || match rolling_start {
+            Some(start) => NoteWindow::RollingFrom(start),
+            None => NoteWindow::Named(step.place.name.clone()),
+        },
         before,
         value,
         state.tiers_awarded,
@@ -1150,7 +1175,7 @@ fn shared_name(last: &mut Option<Arc<str>>, name: &str) -> Arc<str> {
 fn progress_note(
     c: &CompiledRule,
     customer: impl FnOnce() -> Arc<str>,
-    window: impl FnOnce() -> Arc<str>,
+    window: impl FnOnce() -> NoteWindow,
     before: f64,
     after: f64,
     awarded: u32,

@@ -95,3 +95,68 @@ tiers = [ { at = 2, badge = "recruiter" } ]
         ]
     );
 }
+
+#[test]
+fn progress_notes_and_awards_name_the_same_rolling_instance() {
+    // Notes name a rolling instance by its start, written only when
+    // shown; the award of that instance must carry the same name.
+    let rules = r#"
+[[achievement]]
+id = "busy"
+name = "Busy"
+on = ["shop.purchase"]
+measure = "count"
+window = "rolling:10m"
+tiers = [ { at = 4, badge = "busy" } ]
+
+[[achievement]]
+id = "steady"
+name = "Steady"
+on = ["shop.purchase"]
+measure = "count"
+window = "lifetime"
+tiers = [ { at = 4, badge = "steady" } ]
+"#;
+    let mut engine = Engine::new(&bundle(rules), Pseudonymizer::raw()).unwrap();
+    let mut table = MemoryTable::new();
+    let mut out = Output::default();
+    let mut notes = Vec::new();
+    let mut award_windows = Vec::new();
+    for k in 1..=4 {
+        engine.begin();
+        let e = purchase(&format!("e{k}"), "fan-1", "", k * 1_000);
+        engine
+            .apply(&mut table, &e, None, T0 + 60_000, &mut out)
+            .unwrap();
+        engine.flush(&mut table).unwrap();
+        engine.committed();
+        notes.extend(
+            out.progress
+                .drain(..)
+                .map(|n| (n.rule.to_string(), n.percent, n.window.to_string())),
+        );
+        for r in out.records.drain(..) {
+            if let RecordBody::AchievementAwarded(a) = r.body {
+                award_windows.push((a.achievement, a.window));
+            }
+        }
+    }
+    let rolling = super::window::rolling_name(T0 + 1_000);
+    let expected: Vec<(String, u8, String)> = [25, 50, 75]
+        .into_iter()
+        .flat_map(|p| {
+            [
+                ("busy".to_string(), p, rolling.clone()),
+                ("steady".to_string(), p, "lifetime".to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(notes, expected);
+    assert_eq!(
+        award_windows,
+        [
+            ("busy".to_string(), rolling),
+            ("steady".to_string(), "lifetime".to_string())
+        ]
+    );
+}

@@ -1092,7 +1092,7 @@ fn update_customer(
     ) {
         out.progress.push(note);
     }
-    encode_state(&StoredState::V1(state), work.value)?;
+    state::encode_rule(&state, work.value);
     let expiry = record::Expiry {
         end_ms: step.place.end_ms,
         lateness_ms: c.lateness_ms,

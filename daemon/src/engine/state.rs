@@ -212,6 +212,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<StoredState, postcard::Error> {
     postcard::from_bytes::<StoredState>(bytes)
 }
 
+/// Encodes a customer's rule state as `StoredState::V1` into `buf`
+/// (cleared first), without wrapping it: the state is still the
+/// caller's, and a state is encoded on every update.
+pub(crate) fn encode_rule(state: &RuleState, buf: &mut Vec<u8>) {
+    buf.clear();
+    wire::rule_state(state, buf);
+}
+
 /// Encodes into `buf` (cleared first).
 pub(crate) fn encode(state: &StoredState, buf: &mut Vec<u8>) -> Result<(), postcard::Error> {
     buf.clear();
@@ -410,10 +418,14 @@ mod tests {
             first_ms in any::<i64>(),
             updated_ms in any::<i64>(),
         ) {
-            let state = StoredState::V1(RuleState { measure, tiers_awarded, first_ms, updated_ms });
+            let rule = RuleState { measure, tiers_awarded, first_ms, updated_ms };
+            let mut direct = vec![1; 2];
+            encode_rule(&rule, &mut direct);
+            let state = StoredState::V1(rule);
             let mut buf = vec![9; 5];
             encode(&state, &mut buf).unwrap();
             prop_assert_eq!(&buf, &postcard::to_allocvec(&state).unwrap());
+            prop_assert_eq!(&direct, &buf);
         }
     }
 

@@ -145,6 +145,16 @@ pub enum NoteWindow {
     RollingFrom(i64),
 }
 
+impl NoteWindow {
+    /// The instance's name, as awards carry it.
+    pub fn name(&self) -> Arc<str> {
+        match self {
+            NoteWindow::Named(name) => name.clone(),
+            NoteWindow::RollingFrom(start_ms) => Arc::from(window::rolling_name(*start_ms)),
+        }
+    }
+}
+
 impl std::fmt::Display for NoteWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -1056,13 +1066,14 @@ fn update_customer(
         };
         (value, None)
     };
+    let instance = || match rolling_start {
+        Some(start) => NoteWindow::RollingFrom(start),
+        None => NoteWindow::Named(step.place.name.clone()),
+    };
     state.updated_ms = time_ms;
     let mut awarded = 0u64;
     if c.reached(state.tiers_awarded as usize, value) {
-        let window = match rolling_start {
-            Some(start) => Arc::from(window::rolling_name(start)),
-            None => step.place.name.clone(),
-        };
+        let window = instance().name();
         while c.reached(state.tiers_awarded as usize, value) {
             award(
                 c,
@@ -1082,10 +1093,7 @@ fn update_customer(
     } else if let Some(note) = progress_note(
         c,
         || shared_name(work.noted, target),
-        || match rolling_start {
-            Some(start) => NoteWindow::RollingFrom(start),
-            None => NoteWindow::Named(step.place.name.clone()),
-        },
+        instance,
         before,
         value,
         state.tiers_awarded,

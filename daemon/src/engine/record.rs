@@ -120,29 +120,28 @@ fn entry_at(bytes: &[u8], at: usize) -> Option<Entry> {
 /// The value in `slot` of a stored record (for readers outside the
 /// engine's transaction: progress queries).
 pub(crate) fn find<'r>(record: &'r [u8], slot: &[u8]) -> Option<&'r [u8]> {
-    locate(record, slot).map(|p| &record[p.value_start()..p.value_end])
+    locate(record, slot)
+        .ok()
+        .map(|p| &record[p.value_start()..p.value_end])
 }
 
-/// Where `slot`'s entry is in a record. Every rule an event counts for
-/// looks up its slot, so this reads only the lengths it needs to step
-/// from entry to entry; like [`entries`], it stops at the first entry
-/// that does not parse.
-fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
+/// Where `slot`'s entry is in a record or, when it has none, where its
+/// entries that parse end: a new entry goes there, after the last entry
+/// a search can reach. Every rule an event counts for looks up its
+/// slot, so this reads only the lengths it needs to step from entry to
+/// entry, and stops at the first entry that does not parse.
+fn locate(bytes: &[u8], slot: &[u8]) -> Result<Place, usize> {
     if bytes.first() != Some(&TAG) {
-        return None;
+        return Err(0);
     }
     let mut at = 1;
     loop {
-        let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+        let Some((n, value_end)) = bounds(bytes, at) else {
+            return Err(at);
+        };
         let slot_end = at + 2 + n;
-        let len_at = slot_end + 16;
-        let v = u32::from_be_bytes(bytes.get(len_at..len_at + 4)?.try_into().ok()?) as usize;
-        let value_end = len_at + 4 + v;
-        if value_end > bytes.len() {
-            return None;
-        }
         if n == slot.len() && same_slot(&bytes[at + 2..slot_end], slot) {
-            return Some(Place {
+            return Ok(Place {
                 at,
                 slot_end,
                 value_end,
@@ -150,6 +149,15 @@ fn locate(bytes: &[u8], slot: &[u8]) -> Option<Place> {
         }
         at = value_end;
     }
+}
+
+/// The slot length and end of the entry at `at`, if one parses there.
+fn bounds(bytes: &[u8], at: usize) -> Option<(usize, usize)> {
+    let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+    let len_at = at + 2 + n + 16;
+    let v = u32::from_be_bytes(bytes.get(len_at..len_at + 4)?.try_into().ok()?) as usize;
+    let value_end = len_at + 4 + v;
+    (value_end <= bytes.len()).then_some((n, value_end))
 }
 
 /// Slot equality for slots of one length. Slots of different rules
@@ -186,8 +194,8 @@ struct Open {
 #[derive(Debug, Clone, Copy)]
 struct Looked {
     open: usize,
-    /// The entry's place, `None` when the slot was not in the record.
-    entry: Option<Place>,
+    /// The entry's place, or where a new one goes (see [`locate`]).
+    entry: Result<Place, usize>,
 }
 
 /// An entry's byte ranges in a record.
@@ -270,7 +278,7 @@ impl Records {
             open: i,
             entry: found,
         });
-        found.map(|p| &bytes[p.value_start()..p.value_end])
+        found.ok().map(|p| &bytes[p.value_start()..p.value_end])
     }
 
     /// Sets `slot` of an open record (usually read first by
@@ -289,19 +297,24 @@ impl Records {
         };
         match place {
             // Same length: the entry is rewritten where it is.
-            Some(p) if p.value_end - p.slot_end == FIXED + value.len() => {
+            Ok(p) if p.value_end - p.slot_end == FIXED + value.len() => {
                 let tail = &mut open.bytes[p.slot_end..p.value_end];
                 tail[..8].copy_from_slice(&end_ms.to_be_bytes());
                 tail[8..16].copy_from_slice(&expiry.lateness_ms.to_be_bytes());
                 tail[FIXED..].copy_from_slice(value);
             }
-            Some(p) => {
+            Ok(p) => {
                 let entry = &mut self.scratch;
                 entry.clear();
                 push_entry(entry, slot, end_ms, expiry.lateness_ms, value);
                 open.bytes.splice(p.at..p.value_end, entry.iter().copied());
             }
-            None => push_entry(&mut open.bytes, slot, end_ms, expiry.lateness_ms, value),
+            Err(end) => {
+                // Past a tail that does not parse, no search would find
+                // the entry: it replaces the tail.
+                open.bytes.truncate(end.max(1));
+                push_entry(&mut open.bytes, slot, end_ms, expiry.lateness_ms, value);
+            }
         }
     }
 
@@ -371,7 +384,7 @@ fn prune(bytes: &mut Vec<u8>, watermark_ms: i64, periods: &Periods) {
         }
         at = next;
     }
-    // A tail that does not parse is dropped, as `entries` would.
+    // A tail that does not parse is dropped: no search reaches past it.
     bytes.truncate(kept);
 }
 
@@ -605,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tail_that_does_not_parse_is_dropped_on_write() {
+    fn a_tail_that_does_not_parse_is_dropped_and_new_entries_take_its_place() {
         let mut table = MemoryTable::new();
         let mut kb = KeyBuf::default();
         let a = slot_of("a", "lifetime");
@@ -621,5 +634,16 @@ mod tests {
         let stored = table.get(key(&mut kb, "c")).unwrap().unwrap().to_vec();
         assert_eq!(stored.len(), whole);
         assert_eq!(find(&stored, &a), Some(&b"two"[..]));
+
+        // A new entry takes the tail's place, so it can be found again.
+        bytes.truncate(whole);
+        bytes.extend_from_slice(&[0, 9, 1]);
+        table.put(key(&mut kb, "c"), &bytes).unwrap();
+        let b = slot_of("b", "lifetime");
+        put(&mut r, &table, "c", &b, NEVER, b"new").unwrap();
+        r.write_back(&mut table, 0, &Periods::default()).unwrap();
+        let stored = table.get(key(&mut kb, "c")).unwrap().unwrap().to_vec();
+        assert_eq!(find(&stored, &a), Some(&b"one"[..]));
+        assert_eq!(find(&stored, &b), Some(&b"new"[..]));
     }
 }

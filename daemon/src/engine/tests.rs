@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use edge_config::RuleBundle;
 use serde_json::json;
-use touchline_proto::RecordBody;
+use touchline_proto::{AchievementAwarded, RecordBody};
 
 use super::table::MemoryTable;
-use super::{Engine, Output, Pseudonymizer};
+use super::{Engine, Output, ProgressNote, Pseudonymizer};
 use crate::event::Event;
 
 const T0: i64 = 1_750_000_000_000;
@@ -34,12 +34,12 @@ fn purchase(id: &str, buyer: &str, referrer: &str, at: i64) -> Event {
     }
 }
 
-/// (customer, rule) of every award `events` earn, in order.
-fn awards(rules: &str, events: &[Event]) -> Vec<(String, String)> {
+/// Every progress note and award `events` make, one commit per event.
+fn run(rules: &str, events: &[Event]) -> (Vec<ProgressNote>, Vec<AchievementAwarded>) {
     let mut engine = Engine::new(&bundle(rules), Pseudonymizer::raw()).unwrap();
     let mut table = MemoryTable::new();
     let mut out = Output::default();
-    let mut awarded = Vec::new();
+    let (mut notes, mut awarded) = (Vec::new(), Vec::new());
     for e in events {
         engine.begin();
         engine
@@ -47,14 +47,23 @@ fn awards(rules: &str, events: &[Event]) -> Vec<(String, String)> {
             .unwrap();
         engine.flush(&mut table).unwrap();
         engine.committed();
-        out.progress.clear();
+        notes.append(&mut out.progress);
         for r in out.records.drain(..) {
             if let RecordBody::AchievementAwarded(a) = r.body {
-                awarded.push((a.customer, a.achievement));
+                awarded.push(a);
             }
         }
     }
+    (notes, awarded)
+}
+
+/// (customer, rule) of every award `events` earn, in order.
+fn awards(rules: &str, events: &[Event]) -> Vec<(String, String)> {
+    let (_, awarded) = run(rules, events);
     awarded
+        .into_iter()
+        .map(|a| (a.customer, a.achievement))
+        .collect()
 }
 
 #[test]
@@ -117,30 +126,18 @@ measure = "count"
 window = "lifetime"
 tiers = [ { at = 4, badge = "steady" } ]
 "#;
-    let mut engine = Engine::new(&bundle(rules), Pseudonymizer::raw()).unwrap();
-    let mut table = MemoryTable::new();
-    let mut out = Output::default();
-    let mut notes = Vec::new();
-    let mut award_windows = Vec::new();
-    for k in 1..=4 {
-        engine.begin();
-        let e = purchase(&format!("e{k}"), "fan-1", "", k * 1_000);
-        engine
-            .apply(&mut table, &e, None, T0 + 60_000, &mut out)
-            .unwrap();
-        engine.flush(&mut table).unwrap();
-        engine.committed();
-        notes.extend(
-            out.progress
-                .drain(..)
-                .map(|n| (n.rule.to_string(), n.percent, n.window.to_string())),
-        );
-        for r in out.records.drain(..) {
-            if let RecordBody::AchievementAwarded(a) = r.body {
-                award_windows.push((a.achievement, a.window));
-            }
-        }
-    }
+    let events: Vec<Event> = (1..=4)
+        .map(|k| purchase(&format!("e{k}"), "fan-1", "", k * 1_000))
+        .collect();
+    let (notes, awarded) = run(rules, &events);
+    let notes: Vec<(String, u8, String)> = notes
+        .into_iter()
+        .map(|n| (n.rule.to_string(), n.percent, n.window.to_string()))
+        .collect();
+    let award_windows: Vec<(String, String)> = awarded
+        .into_iter()
+        .map(|a| (a.achievement, a.window))
+        .collect();
     let rolling = super::window::rolling_name(T0 + 1_000);
     let expected: Vec<(String, u8, String)> = [25, 50, 75]
         .into_iter()

@@ -21,9 +21,10 @@
 //!    predicate costs (including building its `data` variable).
 //! 4. Full pipeline: the daemon in-process with HTTP ingest, batches of
 //!    1,000 CloudEvents JSON from 4 concurrent clients, in journal mode
-//!    and then direct mode, each rate including the daemon's stop.
-//! 5. Resident memory of that daemon before and after 100,000 customers
-//!    have profiles and state in the rules.
+//!    and then direct mode, twice alternating, each rate including the
+//!    daemon's stop; the faster run of each mode is reported.
+//! 5. Resident memory of that journal-mode daemon before and after
+//!    100,000 customers have profiles and state in the rules.
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
@@ -607,11 +608,31 @@ fn main() -> anyhow::Result<()> {
             }
         }
 
+        // The pipeline too runs twice per mode, alternating, and the
+        // faster run of each is reported (its stop counted in).
         let events = main_events(http_events, start_ms);
-        let http = http_run(&selective, &events, start_ms, pipeline_sync, "journal").await?;
-        let http_direct =
-            http_run(&selective, &events, start_ms, pipeline_sync, "direct").await?;
+        let mut http: Option<Http> = None;
+        let mut http_direct: Option<Http> = None;
+        for round in 1..=2 {
+            for (rule_state, best) in [("journal", &mut http), ("direct", &mut http_direct)] {
+                let run = http_run(&selective, &events, start_ms, pipeline_sync, rule_state).await?;
+                println!(
+                    "  round {round}: pipeline, {rule_state:<25} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}",
+                    run.seconds,
+                    http_events as f64 / run.seconds,
+                    run.stop_seconds,
+                    run.awards
+                );
+                let total = |h: &Http| h.seconds + h.stop_seconds;
+                if best.as_ref().is_none_or(|b| total(&run) < total(b)) {
+                    *best = Some(run);
+                }
+            }
+        }
         drop(events);
+        let (Some(http), Some(http_direct)) = (http, http_direct) else {
+            bail!("the pipeline ran no round");
+        };
 
         let cel_ns = (best[1].seconds - best[2].seconds) * 1e9 / predicate_evals as f64;
         println!();
@@ -659,9 +680,9 @@ fn main() -> anyhow::Result<()> {
             http.predicate_errors
         );
         // Four clients interleave differently in each run, and order
-        // matters to sequences and rate limits, so the two pipeline runs
-        // may differ by a few awards; the in-order store runs above are
-        // the exact comparison.
+        // matters to sequences and rate limits, so the pipeline runs may
+        // differ by a few awards; the in-order store runs above are the
+        // exact comparison.
         println!(
             "     awards: journal {}, direct {} (concurrent clients: arrival order differs per run)",
             http.awards, http_direct.awards

@@ -98,22 +98,16 @@ struct Entry {
 
 /// The entry that starts at `at`, if one parses there.
 fn entry_at(bytes: &[u8], at: usize) -> Option<Entry> {
-    let n = u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?) as usize;
+    let (n, value_end) = bounds(bytes, at)?;
     let slot = at + 2..at + 2 + n;
-    let mut p = slot.end;
+    let p = slot.end;
     let end_ms = i64::from_be_bytes(bytes.get(p..p + 8)?.try_into().ok()?);
     let lateness_ms = i64::from_be_bytes(bytes.get(p + 8..p + 16)?.try_into().ok()?);
-    p += 16;
-    let v = u32::from_be_bytes(bytes.get(p..p + 4)?.try_into().ok()?) as usize;
-    let value = p + 4..p + 4 + v;
-    if value.end > bytes.len() {
-        return None;
-    }
     Some(Entry {
         slot,
         end_ms,
         lateness_ms,
-        value,
+        value: p + FIXED..value_end,
     })
 }
 

@@ -24,10 +24,7 @@ where
     KC: BytesEncode<'a>,
     DC: BytesEncode<'a>,
 {
-    match db.put_with_flags(txn, PutFlags::APPEND, key, value) {
-        Err(heed::Error::Mdb(MdbError::KeyExist)) => db.put(txn, key, value),
-        other => other,
-    }
+    append_or(db, txn, key, value, PutFlags::empty())
 }
 
 /// [`put`] for a key that must not replace another: false, and nothing
@@ -42,16 +39,29 @@ where
     KC: BytesEncode<'a>,
     DC: BytesEncode<'a>,
 {
-    let put = match db.put_with_flags(txn, PutFlags::APPEND, key, value) {
-        Err(heed::Error::Mdb(MdbError::KeyExist)) => {
-            db.put_with_flags(txn, PutFlags::NO_OVERWRITE, key, value)
-        }
-        other => other,
-    };
-    match put {
+    match append_or(db, txn, key, value, PutFlags::NO_OVERWRITE) {
         Ok(()) => Ok(true),
         Err(heed::Error::Mdb(MdbError::KeyExist)) => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// An append, or when LMDB refuses it (the key does not sort last), a
+/// put with `fallback`'s flags.
+fn append_or<'a, KC, DC>(
+    db: Database<KC, DC>,
+    txn: &mut RwTxn,
+    key: &'a KC::EItem,
+    value: &'a DC::EItem,
+    fallback: PutFlags,
+) -> heed::Result<()>
+where
+    KC: BytesEncode<'a>,
+    DC: BytesEncode<'a>,
+{
+    match db.put_with_flags(txn, PutFlags::APPEND, key, value) {
+        Err(heed::Error::Mdb(MdbError::KeyExist)) => db.put_with_flags(txn, fallback, key, value),
+        other => other,
     }
 }
 

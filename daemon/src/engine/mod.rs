@@ -146,21 +146,27 @@ pub enum NoteWindow {
 }
 
 impl NoteWindow {
+    /// The instance's name: borrowed when it has one, written when it is
+    /// a rolling instance's.
+    pub fn text(&self) -> Cow<'_, str> {
+        match self {
+            NoteWindow::Named(name) => Cow::Borrowed(name),
+            NoteWindow::RollingFrom(start_ms) => Cow::Owned(window::rolling_name(*start_ms)),
+        }
+    }
+
     /// The instance's name, as awards carry it.
     pub fn name(&self) -> Arc<str> {
         match self {
             NoteWindow::Named(name) => name.clone(),
-            NoteWindow::RollingFrom(start_ms) => Arc::from(window::rolling_name(*start_ms)),
+            NoteWindow::RollingFrom(_) => Arc::from(self.text()),
         }
     }
 }
 
 impl std::fmt::Display for NoteWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NoteWindow::Named(name) => f.write_str(name),
-            NoteWindow::RollingFrom(start_ms) => f.write_str(&window::rolling_name(*start_ms)),
-        }
+        f.write_str(&self.text())
     }
 }
 
@@ -537,7 +543,7 @@ impl Engine {
             let place = window::place(&rule.window, self.timezone, periods, time_ms);
             let stored = match (record, place) {
                 (Some(record), Some(place)) => {
-                    record::slot(&mut slot, &rule.id, rule.version, &place.name);
+                    record::slot_from(&mut slot, &c.slot_prefix, &place.name);
                     record::find(record, &slot).map(state::decode)
                 }
                 _ => None,

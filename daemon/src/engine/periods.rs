@@ -240,7 +240,7 @@ fn summarize(
             if rule.window != Window::Period || !matches!(rule.scope, Scope::Customer) {
                 continue;
             }
-            record::slot(work.slot, &rule.id, rule.version, &window);
+            record::slot_from(work.slot, &c.slot_prefix, &window);
             let Some(bytes) = record::find(&states, work.slot) else {
                 continue;
             };

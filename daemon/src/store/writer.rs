@@ -1272,14 +1272,14 @@ fn json_bytes(value: &serde_json::Value) -> Vec<u8> {
 /// The MQTT message telling a fan they are 25, 50 or 75 % of the way to
 /// their next tier.
 fn progress_crossed(prefix: &str, site: &str, note: &ProgressNote) -> Publication {
-    let window = note.window.to_string();
+    let window = note.window.text();
     let payload = serde_json::json!({
         "id": format!("{site}:{}@{}:{window}:{}%{}:{}", note.rule, note.version, note.percent, note.next_at, note.customer),
         "kind": "progress",
         "customer": &*note.customer,
         "achievement": &*note.rule,
         "version": note.version,
-        "window": window,
+        "window": &*window,
         "percent": note.percent,
         "value": note.value,
         "next_at": note.next_at,

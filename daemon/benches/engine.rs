@@ -446,6 +446,17 @@ struct Http {
     loaded: support::Rss,
 }
 
+/// One line for a pipeline run of `events` events.
+fn print_pipeline_run(label: &str, run: &Http, events: usize) {
+    println!(
+        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}",
+        run.seconds,
+        events as f64 / run.seconds,
+        run.stop_seconds,
+        run.awards
+    );
+}
+
 /// The daemon with the rules and HTTP ingest; profiles first (untimed),
 /// then `events` from 4 clients.
 async fn http_run(
@@ -553,12 +564,10 @@ fn main() -> anyhow::Result<()> {
         if pipeline_only {
             let events = main_events(http_events, start_ms);
             let http = http_run(&selective, &events, start_ms, pipeline_sync, "journal").await?;
-            println!(
-                "  pipeline, journal (sync {pipeline_sync}): {:.0} events/s ({:.2} s, stop {:.2} s), {} awards",
-                http_events as f64 / http.seconds,
-                http.seconds,
-                http.stop_seconds,
-                http.awards
+            print_pipeline_run(
+                &format!("pipeline, journal (sync {pipeline_sync})"),
+                &http,
+                http_events,
             );
             return Ok(());
         }
@@ -616,12 +625,10 @@ fn main() -> anyhow::Result<()> {
         for round in 1..=2 {
             for (rule_state, best) in [("journal", &mut http), ("direct", &mut http_direct)] {
                 let run = http_run(&selective, &events, start_ms, pipeline_sync, rule_state).await?;
-                println!(
-                    "  round {round}: pipeline, {rule_state:<25} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}",
-                    run.seconds,
-                    http_events as f64 / run.seconds,
-                    run.stop_seconds,
-                    run.awards
+                print_pipeline_run(
+                    &format!("round {round}: pipeline, {rule_state}"),
+                    &run,
+                    http_events,
                 );
                 let total = |h: &Http| h.seconds + h.stop_seconds;
                 if best.as_ref().is_none_or(|b| total(&run) < total(b)) {

@@ -484,7 +484,7 @@ fn memory_run(
     engine.flush(&mut table)?;
     engine.committed();
     for batch in earlier.chunks(SUBMIT_BATCH) {
-        timed_batch(&mut engine, &mut table, &profiles, batch, now_ms, &mut out)?;
+        apply_batch(&mut engine, &mut table, &profiles, batch, now_ms, &mut out)?;
     }
     let before = Run::new(0.0, &engine.stats(), 0);
     let mut records = 0u64;
@@ -501,6 +501,20 @@ fn memory_run(
 /// count the timed work alone (`--toggle-collect='*timed_batch*'`).
 #[inline(never)]
 fn timed_batch(
+    engine: &mut Engine,
+    table: &mut MemoryTable,
+    profiles: &FxHashMap<String, Profile>,
+    batch: &[Event],
+    now_ms: i64,
+    out: &mut Output,
+) -> anyhow::Result<u64> {
+    apply_batch(engine, table, profiles, batch, now_ms, out)
+}
+
+/// One commit's worth of events through the engine; the records they
+/// emitted.
+#[inline(always)]
+fn apply_batch(
     engine: &mut Engine,
     table: &mut MemoryTable,
     profiles: &FxHashMap<String, Profile>,

@@ -640,4 +640,44 @@ mod tests {
         assert_eq!(find(&stored, &a), Some(&b"one"[..]));
         assert_eq!(find(&stored, &b), Some(&b"new"[..]));
     }
+
+    proptest::proptest! {
+        /// Within one event, reads see every earlier write to the record,
+        /// whether it rewrote an entry in place, spliced one of another
+        /// length (moving every later entry) or appended one; the record
+        /// written back holds the same.
+        #[test]
+        fn an_open_record_reads_what_was_written_to_it(
+            ops in proptest::collection::vec((0usize..6, 0usize..40, proptest::bool::ANY), 1..60),
+        ) {
+            let mut table = MemoryTable::new();
+            let mut kb = KeyBuf::default();
+            let slots: Vec<Vec<u8>> = (0..6)
+                .map(|k| slot_of(&format!("rule-{}", k % 3), &format!("w{}", k / 3)))
+                .collect();
+            let mut model: Vec<Option<Vec<u8>>> = vec![None; slots.len()];
+            let mut r = Records::default();
+            for (step, (k, len, read_first)) in ops.into_iter().enumerate() {
+                // A new event every tenth write: the record is read again.
+                if step % 10 == 0 {
+                    r.write_back(&mut table, 0, &Periods::default()).unwrap();
+                }
+                let value = vec![u8::try_from(step % 251).unwrap(); len];
+                let rec = r.open(&table, "c").unwrap();
+                if read_first {
+                    proptest::prop_assert_eq!(r.get(rec, &slots[k]), model[k].as_deref());
+                }
+                r.put(rec, &slots[k], NEVER, &value);
+                model[k] = Some(value);
+                for (j, slot) in slots.iter().enumerate() {
+                    proptest::prop_assert_eq!(r.get(rec, slot), model[j].as_deref());
+                }
+            }
+            r.write_back(&mut table, 0, &Periods::default()).unwrap();
+            let stored = table.get(key(&mut kb, "c")).unwrap().unwrap().to_vec();
+            for (j, slot) in slots.iter().enumerate() {
+                proptest::prop_assert_eq!(find(&stored, slot), model[j].as_deref());
+            }
+        }
+    }
 }

@@ -82,11 +82,16 @@ impl HotState {
         db: Database<Bytes, Bytes>,
     ) -> heed::Result<usize> {
         let committed = std::mem::take(&mut self.committed);
-        let mut merged: BTreeMap<&[u8], Option<&[u8]>> = committed
+        // The open transaction's change to a key replaces the committed
+        // one: a key in both is written once, with its open value.
+        let mut merged: Vec<(&[u8], Option<&[u8]>)> = committed
             .iter()
+            .filter(|(k, _)| !self.open.contains_key(&**k))
+            .chain(self.open.iter())
             .map(|(k, v)| (&**k, v.as_deref()))
             .collect();
-        merged.extend(self.open.iter().map(|(k, v)| (&**k, v.as_deref())));
+        // Keys are unique, so an unstable sort puts them in key order.
+        merged.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let written = merged.len();
         for (key, value) in merged {
             match value {
@@ -288,14 +293,17 @@ mod tests {
         drop(txn);
         hot.begin();
         assert_eq!(hot.keys(), 3);
-        // ...and one that commits writes each once and forgets them.
+        // ...and one that commits writes each once, a key changed again
+        // in the open transaction with its open value, and forgets them.
         let mut txn = env.write_txn().unwrap();
-        hot.write_back(&mut txn, db).unwrap();
+        let mut t = table(&mut hot, &mut txn, db, &mut read);
+        t.put(b"a1", b"uno").unwrap();
+        assert_eq!(hot.write_back(&mut txn, db).unwrap(), 3);
         txn.commit().unwrap();
         hot.commit();
         assert_eq!(hot.keys(), 0);
         let txn = env.read_txn().unwrap();
-        assert_eq!(db.get(&txn, b"a1").unwrap(), Some(&b"one"[..]));
+        assert_eq!(db.get(&txn, b"a1").unwrap(), Some(&b"uno"[..]));
         assert_eq!(db.get(&txn, b"a2").unwrap(), None);
         assert_eq!(db.get(&txn, b"a3").unwrap(), Some(&b"three"[..]));
         assert_eq!(db.get(&txn, b"b").unwrap(), Some(&b"lmdb"[..]));

@@ -20,7 +20,7 @@
 //!    difference in time divided by the predicate evaluations is what a
 //!    predicate costs (including building its `data` variable).
 //! 4. Full pipeline: the daemon in-process with HTTP ingest, batches of
-//!    1,000 CloudEvents JSON from 4 concurrent clients, in journal mode
+//!    1,000 CloudEvents JSON from 4 concurrent clients (`--clients`), in journal mode
 //!    and then direct mode, twice alternating, each rate including the
 //!    daemon's stop; the faster run of each mode is reported.
 //! 5. Resident memory of that journal-mode daemon before and after
@@ -28,11 +28,11 @@
 //!
 //! Cold and warm: every run times the same hour of events. In the cold
 //! runs most of them are their customer's first of the match, so each
-//! creates the customer's rule states, period activity and presence: the
-//! engine's costliest case. In the warm runs (engine alone, the store in
-//! journal mode, the pipeline in journal mode) an earlier hour of as many
-//! events is played untimed first, as in a stadium where each fan sends
-//! many events per match and most events update state that exists.
+//! creates the customer's rule states, period activity and presence. In
+//! the warm runs (engine alone, the store in journal mode, the pipeline
+//! in journal mode) an earlier hour of as many events is played untimed
+//! first, as in a stadium where each fan sends many events per match:
+//! most events update state that exists, in records that have grown.
 //!
 //! `cargo bench -p touchline --bench engine` (add `-- --quick` for a
 //! smaller run, `-- --alone` for one round of the engine-alone modes
@@ -40,7 +40,9 @@
 //! `-- --pipeline` for one journal-mode HTTP pipeline run only, and
 //! `--warm` with any of those three for its warm runs instead of cold,
 //! `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's store
-//! syncing less than the default `full`). The engine modes run twice,
+//! syncing less than the default `full`, `-- --clients 16` for more
+//! batches in flight than the default 4, `-- --checkpoint-interval 5s`
+//! for fewer journal-mode checkpoints than the default one a second). The engine modes run twice,
 //! alternating, and the faster run of each is reported. Absolute numbers
 //! on a shared machine are noisy; the ratios are the figures to compare
 //! across machines.
@@ -67,7 +69,6 @@ const RULES: usize = 100;
 const SECTIONS: usize = 40;
 const SUBMIT_BATCH: usize = 4_096;
 const HTTP_BATCH: usize = 1_000;
-const HTTP_CLIENTS: usize = 4;
 const PERIOD: &str = "match-1";
 
 /// The event types the rules are written over.
@@ -574,22 +575,33 @@ fn print_pipeline_run(label: &str, run: &Http, events: usize) {
     );
 }
 
+/// How the pipeline runs are set up, from the command line.
+struct Pipeline<'a> {
+    rules: &'a str,
+    /// `store.sync`.
+    sync: &'static str,
+    /// `store.checkpoint_interval` (journal mode).
+    checkpoint_interval: &'static str,
+    /// Concurrent HTTP clients, each with one batch in flight.
+    clients: usize,
+}
+
 /// The daemon with the rules and HTTP ingest; profiles and `earlier`
-/// events first (untimed), then `events` from 4 clients.
+/// events first (untimed), then `events` from the clients.
 async fn http_run(
-    rules: &str,
+    p: &Pipeline<'_>,
     earlier: &[Event],
     events: &[Event],
     start_ms: i64,
-    sync: &str,
     rule_state: &str,
 ) -> anyhow::Result<Http> {
     let dir = tempfile::tempdir()?;
     let (site, bundle) = site(
         dir.path(),
-        Some(rules),
+        Some(p.rules),
         &format!(
-            "sync = \"{sync}\"\nrule_state = \"{rule_state}\"\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n"
+            "sync = \"{}\"\nrule_state = \"{rule_state}\"\ncheckpoint_interval = \"{}\"\n\n[ingest.http]\nlisten = \"127.0.0.1:0\"\n",
+            p.sync, p.checkpoint_interval
         ),
     )?;
     // Bodies are serialised before the daemon starts: we measure the daemon
@@ -601,8 +613,8 @@ async fn http_run(
     let url = format!("http://{}/v1/events", daemon.http_addr().context("http")?);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = support::rss_kib("self")?;
-    support::post_batches(&url, warmup, HTTP_CLIENTS).await?;
-    support::post_batches(&url, earlier, HTTP_CLIENTS).await?;
+    support::post_batches(&url, warmup, p.clients).await?;
+    support::post_batches(&url, earlier, p.clients).await?;
     let awards_before: u64 = daemon
         .store()
         .engine_stats()
@@ -612,7 +624,7 @@ async fn http_run(
         .sum();
     let before = daemon.ingest_stats().snapshot().accepted;
     let started = Instant::now();
-    support::post_batches(&url, main, HTTP_CLIENTS).await?;
+    support::post_batches(&url, main, p.clients).await?;
     let seconds = started.elapsed().as_secs_f64();
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = support::rss_kib("self")?;
@@ -651,6 +663,12 @@ fn main() -> anyhow::Result<()> {
     // what the disk's share of the pipeline's time is.
     let pipeline_sync =
         support::flag_value("--pipeline-sync", &["full", "no-meta-sync", "none"], "full")?;
+    // `--clients <n>`: concurrent HTTP clients, each with one batch in
+    // flight; they bound how many events a commit can gather.
+    let clients: usize = support::flag_value("--clients", &["1", "4", "16", "64"], "4")?.parse()?;
+    // `--checkpoint-interval <d>`: the pipeline store's, in journal mode.
+    let checkpoint_interval =
+        support::flag_value("--checkpoint-interval", &["1s", "5s", "10s"], "1s")?;
     let (engine_events, http_events) = if quick {
         (200_000, 150_000)
     } else {
@@ -672,6 +690,12 @@ fn main() -> anyhow::Result<()> {
         let (pass, pass_evals) = rules_toml(Whens::Pass);
         let (absent, _) = rules_toml(Whens::Absent);
         let with_when = evals.iter().filter(|n| **n > 0).count();
+        let pipeline = Pipeline {
+            rules: &selective,
+            sync: pipeline_sync,
+            checkpoint_interval,
+            clients,
+        };
         println!(
             "{RULES} rules over {} event types ({} `when` predicates; {with_when} types carry one), {CUSTOMERS} customers, {SECTIONS} sections",
             TYPES.len(),
@@ -700,10 +724,10 @@ fn main() -> anyhow::Result<()> {
             };
             let events = main_events(http_events, start_ms, &SECOND_HOUR);
             let http =
-                http_run(&selective, &earlier, &events, start_ms, pipeline_sync, "journal").await?;
+                http_run(&pipeline, &earlier, &events, start_ms, "journal").await?;
             print_pipeline_run(
                 &format!(
-                    "pipeline, journal (sync {pipeline_sync}){}",
+                    "pipeline, journal (sync {pipeline_sync}, checkpoints every {checkpoint_interval}){}",
                     if warm_only { ", warm" } else { "" }
                 ),
                 &http,
@@ -783,7 +807,7 @@ fn main() -> anyhow::Result<()> {
         for round in 1..=2 {
             for ((label, rule_state, earlier), best) in pipelines.iter().zip(&mut pipeline_best) {
                 let run =
-                    http_run(&selective, earlier, &events, start_ms, pipeline_sync, rule_state)
+                    http_run(&pipeline, earlier, &events, start_ms, rule_state)
                         .await?;
                 print_pipeline_run(&format!("round {round}: pipeline, {label}"), &run, http_events);
                 let total = |h: &Http| h.seconds + h.stop_seconds;
@@ -846,7 +870,7 @@ fn main() -> anyhow::Result<()> {
         );
         let http_rate = |h: &Http| http_events as f64 / (h.seconds + h.stop_seconds);
         println!(
-            "  4. full pipeline, HTTP (sync {pipeline_sync}, {HTTP_CLIENTS} clients × {HTTP_BATCH}-event batches, clients in-process): rule_state journal {:.0} events/s ({:.0} with the write-back at stop, {:.2} s) vs direct {:.0} events/s: {:.2}x (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
+            "  4. full pipeline, HTTP (sync {pipeline_sync}, {clients} clients × {HTTP_BATCH}-event batches, clients in-process): rule_state journal {:.0} events/s ({:.0} with the write-back at stop, {:.2} s) vs direct {:.0} events/s: {:.2}x (target ≥ 100,000/s on 2 cores); {} awards, {} predicate errors",
             http_events as f64 / http.seconds,
             http_rate(&http),
             http.stop_seconds,

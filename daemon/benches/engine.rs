@@ -467,74 +467,82 @@ fn memory_run(
 ) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
     let (_, bundle) = site(dir.path(), Some(rules), "")?;
-    let mut engine = Engine::new(&bundle, Pseudonymizer::keyed(b"bench"))?;
-    let mut table = MemoryTable::new();
-    // The caller's profile lookup is not the engine's work: keep it cheap.
-    let mut profiles: FxHashMap<String, Profile> = FxHashMap::default();
-    let mut out = Output::default();
-    let now_ms = touchline::clock::now_ms();
-    engine.begin();
+    let mut alone = Alone {
+        engine: Engine::new(&bundle, Pseudonymizer::keyed(b"bench"))?,
+        table: MemoryTable::new(),
+        profiles: FxHashMap::default(),
+        out: Output::default(),
+        now_ms: touchline::clock::now_ms(),
+    };
+    alone.engine.begin();
     for e in warmup_events(start_ms) {
         match (&e.subject, &e.data) {
             (Some(customer), Value::Object(data)) => {
-                profiles.insert(customer.clone(), data.clone());
+                alone.profiles.insert(customer.clone(), data.clone());
             }
-            _ => engine.apply(&mut table, &e, None, now_ms, &mut out)?,
+            _ => alone
+                .engine
+                .apply(&mut alone.table, &e, None, alone.now_ms, &mut alone.out)?,
         }
     }
-    engine.flush(&mut table)?;
-    engine.committed();
+    alone.engine.flush(&mut alone.table)?;
+    alone.engine.committed();
     for batch in earlier.chunks(SUBMIT_BATCH) {
-        apply_batch(&mut engine, &mut table, &profiles, batch, now_ms, &mut out)?;
+        alone.apply_batch(batch)?;
     }
-    let before = Run::new(0.0, &engine.stats(), 0);
+    let before = Run::new(0.0, &alone.engine.stats(), 0);
     let mut records = 0u64;
     let started = Instant::now();
     for batch in events.chunks(SUBMIT_BATCH) {
-        records += timed_batch(&mut engine, &mut table, &profiles, batch, now_ms, &mut out)?;
+        records += timed_batch(&mut alone, batch)?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(Run::new(seconds, &engine.stats(), records).since(&before))
+    Ok(Run::new(seconds, &alone.engine.stats(), records).since(&before))
+}
+
+/// The engine alone and what its runs feed it.
+struct Alone {
+    engine: Engine,
+    table: MemoryTable,
+    /// The caller's profile lookup is not the engine's work: kept cheap.
+    profiles: FxHashMap<String, Profile>,
+    out: Output,
+    now_ms: i64,
+}
+
+impl Alone {
+    /// One commit's worth of events through the engine; the records
+    /// they emitted.
+    #[inline(always)]
+    fn apply_batch(&mut self, batch: &[Event]) -> anyhow::Result<u64> {
+        let Alone {
+            engine,
+            table,
+            profiles,
+            out,
+            now_ms,
+        } = self;
+        let mut records = 0;
+        engine.begin();
+        for e in batch {
+            let profile = e.subject.as_ref().and_then(|c| profiles.get(c));
+            engine.apply(table, e, profile, *now_ms, out)?;
+            records += out.records.len() as u64;
+            out.records.clear();
+            out.progress.clear();
+        }
+        engine.flush(table)?;
+        engine.committed();
+        Ok(records)
+    }
 }
 
 /// One commit's worth of the timed events through the engine; the
 /// records they emitted. A function of its own so that a profiler can
 /// count the timed work alone (`--toggle-collect='*timed_batch*'`).
 #[inline(never)]
-fn timed_batch(
-    engine: &mut Engine,
-    table: &mut MemoryTable,
-    profiles: &FxHashMap<String, Profile>,
-    batch: &[Event],
-    now_ms: i64,
-    out: &mut Output,
-) -> anyhow::Result<u64> {
-    apply_batch(engine, table, profiles, batch, now_ms, out)
-}
-
-/// One commit's worth of events through the engine; the records they
-/// emitted.
-#[inline(always)]
-fn apply_batch(
-    engine: &mut Engine,
-    table: &mut MemoryTable,
-    profiles: &FxHashMap<String, Profile>,
-    batch: &[Event],
-    now_ms: i64,
-    out: &mut Output,
-) -> anyhow::Result<u64> {
-    let mut records = 0;
-    engine.begin();
-    for e in batch {
-        let profile = e.subject.as_ref().and_then(|c| profiles.get(c));
-        engine.apply(table, e, profile, now_ms, out)?;
-        records += out.records.len() as u64;
-        out.records.clear();
-        out.progress.clear();
-    }
-    engine.flush(table)?;
-    engine.committed();
-    Ok(records)
+fn timed_batch(alone: &mut Alone, batch: &[Event]) -> anyhow::Result<u64> {
+    alone.apply_batch(batch)
 }
 
 fn cloud_event(e: &Event) -> Value {

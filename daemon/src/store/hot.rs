@@ -273,7 +273,10 @@ mod tests {
         hot.begin();
         let mut t = table(&mut hot, &mut txn, db, &mut read);
         t.put(b"a1", b"lost").unwrap();
+        t.put(b"a1", b"lost again").unwrap();
+        t.delete(b"a3").unwrap();
         t.put(b"z", b"lost").unwrap();
+        t.put(b"z", b"lost again").unwrap();
         drop(txn);
         hot.begin();
         let mut txn = env.write_txn().unwrap();
@@ -281,6 +284,7 @@ mod tests {
         assert_eq!(t.get(b"a1").unwrap(), Some(&b"one"[..]));
         assert_eq!(t.get(b"z").unwrap(), None);
         assert_eq!(t.get(b"a2").unwrap(), None);
+        assert_eq!(t.get(b"a3").unwrap(), Some(&b"three"[..]));
         assert_eq!(t.get(b"b").unwrap(), Some(&b"lmdb"[..]));
         // LMDB itself still has the old values.
         assert_eq!(db.get(&txn, b"a1").unwrap(), Some(&b"lmdb"[..]));

@@ -666,30 +666,19 @@ async fn http_run(
     let main = Arc::new(bodies(events));
     let daemon = Daemon::start(site, bundle).await?;
     let url = format!("http://{}/v1/events", daemon.http_addr().context("http")?);
-    // The clients get a runtime (one thread) of their own, so that their
-    // CPU time is not the daemon's.
-    let load = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(LOAD_THREAD)
-        .enable_all()
-        .build()?;
-    let post = |bodies: Arc<Vec<String>>| {
-        let url = url.clone();
-        let clients = p.clients;
-        load.spawn(async move { support::post_batches(&url, bodies, clients).await })
-    };
+    let clients = support::Clients::start(LOAD_THREAD, &url, p.clients)?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = support::rss_kib("self")?;
-    post(warmup).await??;
-    post(earlier).await??;
+    clients.post(warmup).await?;
+    clients.post(earlier).await?;
     let counts_before = Run::new(0.0, &daemon.store().engine_stats(), 0);
     let before = daemon.ingest_stats().snapshot().accepted;
     let cpu_before = support::thread_cpu()?;
     let started = Instant::now();
-    post(main).await??;
+    clients.post(main).await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = Cpu::between(&cpu_before, &support::thread_cpu()?);
-    load.shutdown_background();
+    drop(clients);
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = support::rss_kib("self")?;
     let counts = Run::new(seconds, &daemon.store().engine_stats(), 0).since(&counts_before);

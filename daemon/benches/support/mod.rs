@@ -150,3 +150,49 @@ pub fn thread_cpu() -> anyhow::Result<std::collections::BTreeMap<u32, (String, u
     }
     Ok(threads)
 }
+
+/// HTTP clients posting batches from a runtime of their own, whose
+/// threads are named `thread_name`, so that their CPU time can be told
+/// apart from the daemon's. Dropping it stops that runtime without
+/// waiting for it, which async code may do (on every path, errors
+/// included).
+pub struct Clients {
+    runtime: Option<tokio::runtime::Runtime>,
+    url: String,
+    clients: usize,
+}
+
+impl Clients {
+    /// One thread: the clients only write pre-built bodies to sockets.
+    pub fn start(thread_name: &str, url: &str, clients: usize) -> anyhow::Result<Clients> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name(thread_name)
+            .enable_all()
+            .build()?;
+        Ok(Clients {
+            runtime: Some(runtime),
+            url: url.to_owned(),
+            clients,
+        })
+    }
+
+    /// [`post_batches`] from the clients' runtime.
+    pub async fn post(&self, bodies: Arc<Vec<String>>) -> anyhow::Result<()> {
+        let Some(runtime) = &self.runtime else {
+            bail!("the clients' runtime has stopped");
+        };
+        let (url, clients) = (self.url.clone(), self.clients);
+        runtime
+            .spawn(async move { post_batches(&url, bodies, clients).await })
+            .await?
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

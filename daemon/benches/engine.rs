@@ -594,10 +594,7 @@ struct Cpu {
 const LOAD_THREAD: &str = "load-client";
 
 impl Cpu {
-    fn between(
-        before: &std::collections::BTreeMap<u32, (String, u64)>,
-        after: &std::collections::BTreeMap<u32, (String, u64)>,
-    ) -> Cpu {
+    fn between(before: &support::ThreadTimes, after: &support::ThreadTimes) -> Cpu {
         let mut cpu = Cpu::default();
         for (tid, (name, ns)) in after {
             let earlier = before.get(tid).map_or(0, |(_, ns)| *ns);
@@ -945,7 +942,7 @@ fn main() -> anyhow::Result<()> {
         for (label, h) in [("cold", &http), ("warm", &http_warm)] {
             let (writer, daemon, load) = h.cpu.per_event(http_events);
             println!(
-                "     CPU per event, journal {label}: writer {writer:.1} µs, rest of the daemon {daemon:.1} µs, the bench's clients {load:.1} µs; at 100,000 events/s: {:.2} cores (writer {:.2}, of one)",
+                "     CPU per event, journal {label}: writer {writer:.1} µs, rest of the daemon {daemon:.1} µs, the bench's clients {load:.1} µs; at 100,000 events/s: {:.2} cores in all, {:.2} of them on the writer's one thread",
                 (writer + daemon + load) / 10.0,
                 writer / 10.0
             );

@@ -117,11 +117,14 @@ pub fn rss_kib(process: &str) -> anyhow::Result<Rss> {
     })
 }
 
-/// Time each of this process's threads has spent on a CPU so far, in
-/// nanoseconds, by thread id, with the thread's name (from the kernel's
-/// scheduler statistics: exact, unlike the tick-counted `stat`).
-pub fn thread_cpu() -> anyhow::Result<std::collections::BTreeMap<u32, (String, u64)>> {
-    let mut threads = std::collections::BTreeMap::new();
+/// Each thread's name and nanoseconds on a CPU, by thread id.
+pub type ThreadTimes = std::collections::BTreeMap<u32, (String, u64)>;
+
+/// Time each of this process's threads has spent on a CPU so far (from
+/// the kernel's scheduler statistics: exact, unlike the tick-counted
+/// `stat`).
+pub fn thread_cpu() -> anyhow::Result<ThreadTimes> {
+    let mut threads = ThreadTimes::new();
     for entry in std::fs::read_dir("/proc/self/task")? {
         let path = entry?.path();
         let Some(tid) = path
@@ -131,8 +134,9 @@ pub fn thread_cpu() -> anyhow::Result<std::collections::BTreeMap<u32, (String, u
         else {
             continue;
         };
-        // A thread that ends between the listing and the reads is gone
-        // from both readings' sums alike: skip it.
+        // A thread that ends between the listing and the reads is
+        // skipped. (One that ends inside a measured phase takes its time
+        // in that phase with it; the daemon's threads outlive the runs.)
         let (Ok(name), Ok(stats)) = (
             std::fs::read_to_string(path.join("comm")),
             std::fs::read_to_string(path.join("schedstat")),

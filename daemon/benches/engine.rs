@@ -577,8 +577,9 @@ struct Http {
     predicate_errors: u64,
     idle: support::Rss,
     loaded: support::Rss,
-    /// CPU time over the timed hour, by who spent it.
-    cpu: Cpu,
+    /// CPU time over the timed hour, by who spent it; none where the
+    /// system does not say.
+    cpu: Option<Cpu>,
 }
 
 /// CPU time spent during a timed phase, in seconds, split by thread: the
@@ -610,22 +611,30 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Name of the store's writer thread.
+const WRITER_THREAD: &str = "store-writer";
+
 /// Name of the clients' threads.
 const LOAD_THREAD: &str = "load-client";
 
 impl Cpu {
-    fn between(before: &support::ThreadTimes, after: &support::ThreadTimes) -> Cpu {
+    /// None unless the writer's thread was read (it is the figure that
+    /// matters, and its absence means the times could not be read).
+    fn between(before: &support::ThreadTimes, after: &support::ThreadTimes) -> Option<Cpu> {
+        if !after.values().any(|(name, _)| name == WRITER_THREAD) {
+            return None;
+        }
         let mut cpu = Cpu::default();
         for (tid, (name, ns)) in after {
             let earlier = before.get(tid).map_or(0, |(_, ns)| *ns);
             let seconds = ns.saturating_sub(earlier) as f64 / 1e9;
             match name.as_str() {
-                "store-writer" => cpu.writer += seconds,
+                WRITER_THREAD => cpu.writer += seconds,
                 n if n.starts_with(LOAD_THREAD) => cpu.load += seconds,
                 _ => cpu.daemon += seconds,
             }
         }
-        cpu
+        Some(cpu)
     }
 
     /// Microseconds per event: writer, other daemon threads, clients.
@@ -637,9 +646,15 @@ impl Cpu {
 
 /// One line for a pipeline run of `events` events.
 fn print_pipeline_run(label: &str, run: &Http, events: usize) {
-    let (writer, daemon, load) = run.cpu.per_event(events);
+    let cpu = match run.cpu {
+        Some(cpu) => {
+            let (writer, daemon, load) = cpu.per_event(events);
+            format!("writer {writer:.1}, rest of daemon {daemon:.1}, clients {load:.1}")
+        }
+        None => "not available here".to_owned(),
+    };
     println!(
-        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: writer {writer:.1}, rest of daemon {daemon:.1}, clients {load:.1}",
+        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}",
         run.seconds,
         events as f64 / run.seconds,
         run.stop_seconds,
@@ -690,11 +705,11 @@ async fn http_run(
     clients.post(earlier).await?;
     let counts_before = Run::new(0.0, &daemon.store().engine_stats(), 0);
     let before = daemon.ingest_stats().snapshot().accepted;
-    let cpu_before = support::thread_cpu()?;
+    let cpu_before = support::thread_cpu();
     let started = Instant::now();
     clients.post(main).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = Cpu::between(&cpu_before, &support::thread_cpu()?);
+    let cpu = Cpu::between(&cpu_before, &support::thread_cpu());
     drop(clients);
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = support::rss_kib("self")?;
@@ -968,7 +983,11 @@ fn main() -> anyhow::Result<()> {
         // What the target asks of the machine, from the CPU each event
         // took: the cores 100,000 events/s would keep busy at this cost.
         for (label, h) in [("cold", &http), ("warm", &http_warm)] {
-            let (writer, daemon, load) = h.cpu.per_event(http_events);
+            let Some(cpu) = h.cpu else {
+                println!("     CPU per event, journal {label}: not available here (no per-thread times in /proc)");
+                continue;
+            };
+            let (writer, daemon, load) = cpu.per_event(http_events);
             println!(
                 "     CPU per event, journal {label}: writer {writer:.1} µs, rest of the daemon {daemon:.1} µs, the bench's clients {load:.1} µs; at 100,000 events/s: {:.2} cores in all, {:.2} of them on the writer's one thread",
                 (writer + daemon + load) / 10.0,

@@ -67,7 +67,7 @@ use touchline::app::Daemon;
 use touchline::engine::table::{MemoryTable, Profile};
 use touchline::engine::{Engine, EngineStats, Output, Pseudonymizer};
 use touchline::event::Event;
-use touchline::store::{Store, StoreOptions};
+use touchline::store::{Store, StoreOptions, WRITER_THREAD};
 
 const SITE: &str = "bench-arena";
 const CUSTOMERS: usize = 100_000;
@@ -76,6 +76,23 @@ const SECTIONS: usize = 40;
 const SUBMIT_BATCH: usize = 4_096;
 const HTTP_BATCH: usize = 1_000;
 const PERIOD: &str = "match-1";
+
+/// Rounds of each store mode and of the pipeline.
+const ROUNDS: u32 = 2;
+/// Rounds of each engine-alone mode: they take seconds, and the machine's
+/// noise moves them most.
+const ALONE_ROUNDS: u32 = 5;
+
+/// Where each engine mode sits in `main`'s list of modes, by which the
+/// summary reads its figures.
+const ALONE: usize = 0;
+const ALONE_PASS: usize = 1;
+const ALONE_ABSENT: usize = 2;
+const STORE_NO_RULES: usize = 3;
+const STORE_JOURNAL: usize = 4;
+const STORE_DIRECT: usize = 5;
+const ALONE_WARM: usize = 6;
+const STORE_JOURNAL_WARM: usize = 7;
 
 /// The event types the rules are written over.
 const TYPES: [&str; 20] = [
@@ -383,6 +400,18 @@ impl<'a> Mode<'a> {
     }
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// One engine-alone run's figures.
 struct Run {
     seconds: f64,
@@ -593,27 +622,6 @@ struct Cpu {
     load: f64,
 }
 
-/// Rounds of each store mode and of the pipeline.
-const ROUNDS: u32 = 2;
-/// Rounds of each engine-alone mode: they take seconds, and the machine's
-/// noise moves them most.
-const ALONE_ROUNDS: u32 = 5;
-
-/// The middle value (the mean of the two middle ones for an even count).
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => sorted[n / 2],
-        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
-
-/// Name of the store's writer thread.
-const WRITER_THREAD: &str = "store-writer";
-
 /// Name of the clients' threads.
 const LOAD_THREAD: &str = "load-client";
 
@@ -792,8 +800,8 @@ fn main() -> anyhow::Result<()> {
         // the engine-alone modes in every round, the store modes in the
         // first `ROUNDS`.
         // The engine-alone modes run on this thread; the store modes on
-        // the store's writer thread.
-        // (label, rules, engine alone, the store's rule_state)
+        // the store's writer thread. Each sits at the index its constant
+        // names, by which the summary reads it.
         let modes: [Mode; 8] = [
             Mode::alone("engine alone, 100 rules", &selective),
             Mode::alone("engine alone, `when` always true", &pass),
@@ -843,7 +851,7 @@ fn main() -> anyhow::Result<()> {
                     Vec::new()
                 };
                 let events = main_events(engine_events, start_ms, &SECOND_HOUR);
-                if m == 1 {
+                if m == ALONE_PASS {
                     predicate_evals = evaluations(&events, &pass_evals);
                 }
                 let run = match (mode.rules, mode.alone) {
@@ -871,10 +879,17 @@ fn main() -> anyhow::Result<()> {
         if alone_only || store_only {
             return Ok(());
         }
-        let best: Vec<Run> = best.into_iter().flatten().collect();
+        // Every mode ran, so each index still names its mode.
+        let Some(best) = best.into_iter().collect::<Option<Vec<Run>>>() else {
+            bail!("a mode ran no round");
+        };
         let rate = |r: &Run| engine_events as f64 / r.seconds;
         let median_rate = |m: usize| engine_events as f64 / median(&times[m]);
-        for (alone, store) in [(0, 4), (0, 5), (6, 7)] {
+        for (alone, store) in [
+            (ALONE, STORE_JOURNAL),
+            (ALONE, STORE_DIRECT),
+            (ALONE_WARM, STORE_JOURNAL_WARM),
+        ] {
             if best[alone].awards != best[store].awards {
                 bail!(
                     "{} awarded {} and {} {}: they must agree",
@@ -886,8 +901,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
 
-        // The pipeline too runs twice per mode, alternating, and the
-        // faster run of each is reported (its stop counted in).
+        // The pipeline too runs `ROUNDS` times per mode, alternating, and
+        // the fastest run of each is reported (its stop counted in).
         let first_hour = main_events(http_events, start_ms, &FIRST_HOUR);
         let events = main_events(http_events, start_ms, &SECOND_HOUR);
         let pipelines: [(&str, &str, &[Event]); 3] = [
@@ -913,7 +928,7 @@ fn main() -> anyhow::Result<()> {
             bail!("the pipeline ran no round");
         };
 
-        let cel_ns = (best[1].seconds - best[2].seconds) * 1e9 / predicate_evals as f64;
+        let cel_ns = (best[ALONE_PASS].seconds - best[ALONE_ABSENT].seconds) * 1e9 / predicate_evals as f64;
         println!();
         println!("summary (best of {ROUNDS} rounds per mode, {ALONE_ROUNDS} for the engine alone; a 2-core machine shared with other work: expect noise)");
         println!("  rules: {RULES} (count, sum, distinct, max, streak, sequence, group, limits, sources; lifetime/day/period/tumbling/rolling)");
@@ -921,46 +936,46 @@ fn main() -> anyhow::Result<()> {
         println!("  cold: the timed hour holds most customers' first events of the match; warm: an untimed hour of {engine_events} events ({http_events} over HTTP) came first");
         println!(
             "  1. engine alone (no I/O, one thread): cold {:.0} events/s, warm {:.0} events/s (target ≥ 300,000/s); medians of {ALONE_ROUNDS} rounds {:.0} and {:.0}; {:.2} and {:.2} µs per event; {} and {} awards, {} and {} records",
-            rate(&best[0]),
-            rate(&best[6]),
-            median_rate(0),
-            median_rate(6),
-            best[0].seconds * 1e6 / engine_events as f64,
-            best[6].seconds * 1e6 / engine_events as f64,
-            best[0].awards,
-            best[6].awards,
-            best[0].records,
-            best[6].records
+            rate(&best[ALONE]),
+            rate(&best[ALONE_WARM]),
+            median_rate(ALONE),
+            median_rate(ALONE_WARM),
+            best[ALONE].seconds * 1e6 / engine_events as f64,
+            best[ALONE_WARM].seconds * 1e6 / engine_events as f64,
+            best[ALONE].awards,
+            best[ALONE_WARM].awards,
+            best[ALONE].records,
+            best[ALONE_WARM].records
         );
         // The journal's write-back at stop is work the run deferred: it
         // counts against the run.
         let with_stop = |r: &Run| engine_events as f64 / (r.seconds + r.stop_seconds);
         println!(
             "  2. engine in the store (LMDB, sync none, one writer thread): rule_state journal {:.0} events/s ({:.0} with the write-back at stop, {:.2} s) vs direct {:.0} events/s: {:.2}x; store alone, no rules: {:.0} events/s ({:.2} µs/event of rules on top of {:.2} µs/event of store, journal); {} awards, {} records",
-            rate(&best[4]),
-            with_stop(&best[4]),
-            best[4].stop_seconds,
-            rate(&best[5]),
-            with_stop(&best[4]) / with_stop(&best[5]),
-            rate(&best[3]),
-            (best[4].seconds - best[3].seconds) * 1e6 / engine_events as f64,
-            best[3].seconds * 1e6 / engine_events as f64,
-            best[4].awards,
-            best[4].records
+            rate(&best[STORE_JOURNAL]),
+            with_stop(&best[STORE_JOURNAL]),
+            best[STORE_JOURNAL].stop_seconds,
+            rate(&best[STORE_DIRECT]),
+            with_stop(&best[STORE_JOURNAL]) / with_stop(&best[STORE_DIRECT]),
+            rate(&best[STORE_NO_RULES]),
+            (best[STORE_JOURNAL].seconds - best[STORE_NO_RULES].seconds) * 1e6 / engine_events as f64,
+            best[STORE_NO_RULES].seconds * 1e6 / engine_events as f64,
+            best[STORE_JOURNAL].awards,
+            best[STORE_JOURNAL].records
         );
         println!(
             "     warm, rule_state journal: {:.0} events/s ({:.0} with the write-back at stop, {:.2} s); {} awards, {} records",
-            rate(&best[7]),
-            with_stop(&best[7]),
-            best[7].stop_seconds,
-            best[7].awards,
-            best[7].records
+            rate(&best[STORE_JOURNAL_WARM]),
+            with_stop(&best[STORE_JOURNAL_WARM]),
+            best[STORE_JOURNAL_WARM].stop_seconds,
+            best[STORE_JOURNAL_WARM].awards,
+            best[STORE_JOURNAL_WARM].records
         );
         println!(
             "  3. CEL: {predicate_evals} predicate evaluations ({:.2} per event); engine alone with `when` always true {:.0} events/s vs no `when` {:.0} events/s → {cel_ns:.0} ns per predicate",
             predicate_evals as f64 / engine_events as f64,
-            rate(&best[1]),
-            rate(&best[2])
+            rate(&best[ALONE_PASS]),
+            rate(&best[ALONE_ABSENT])
         );
         let http_rate = |h: &Http| http_events as f64 / (h.seconds + h.stop_seconds);
         println!(

@@ -1478,6 +1478,67 @@ payload = { title = "Goal! Scarf -20%" }
     close(h, w).await;
 }
 
+/// In `journal` mode presence is held in memory between checkpoints. A
+/// venue-wide trigger still reaches every fan seen: those whose presence
+/// a crash lost (the replay rebuilds it from the journal) and those seen
+/// since, whose presence is still held when the trigger comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_reaches_fans_whose_presence_was_held_or_lost_in_a_crash() {
+    const FANS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = journal_site(dir.path());
+    cfg.nba.control_share = 0.0;
+    let rules = with_offers(
+        Vec::new(),
+        r#"
+[[offer]]
+id = "goal-scarf"
+on = ["match.goal"]
+consent = "marketing"
+value = 5.0
+expires_after = "1h"
+payload = { title = "Goal! Scarf -20%" }
+"#,
+    );
+    let options = |crash: bool| StoreOptions {
+        clock: Some(Arc::new(|| T0)),
+        skip_final_checkpoint: crash,
+        ..Default::default()
+    };
+    let fans = |range: std::ops::Range<usize>| -> Vec<Event> {
+        range.map(|i| consenting(&format!("fan-{i}"))).collect()
+    };
+
+    // Seen, then a stop without a checkpoint: their presence was only
+    // ever in memory and in the journal.
+    let (h, w) = Store::open_with(&cfg, &rules, options(true)).unwrap();
+    h.submit(fans(0..FANS)).await.unwrap();
+    close(h, w).await;
+
+    let (h, w) = Store::open_with(&cfg, &rules, options(false)).unwrap();
+    assert_eq!(h.stats().journal_replayed(), FANS as u64);
+    // Seen after the restart: held until the trigger's scan.
+    h.submit(fans(FANS..2 * FANS)).await.unwrap();
+    let goal = ev("goal-1", "match.goal", None, json!({ "team": "A" }));
+    h.submit(vec![goal]).await.unwrap();
+    let records = wait_for_records(&h, |r| {
+        r.iter()
+            .filter(|r| matches!(r.body, RecordBody::OfferDecision(_)))
+            .count()
+            >= 2 * FANS
+    })
+    .await;
+    let decided: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::OfferDecision(d) => Some(d.customer.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(decided.len(), 2 * FANS, "every fan seen is decided once");
+    close(h, w).await;
+}
+
 /// The test site in `journal` mode, with no checkpoint due by time
 /// before a test's end.
 fn journal_site(dir: &Path) -> SiteConfig {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use edge_config::Store as StoreConfig;
 use heed::RwTxn;
+use rustc_hash::FxHashMap;
 use tracing::{info, warn};
 
 use super::engine_table::LmdbTable;
@@ -170,6 +171,9 @@ pub(crate) fn replay(
     let mut out = Output::default();
     let mut replayed = 0u64;
     let mut skipped = 0u64;
+    // Where each fan was last seen, which the run held in memory: every
+    // journaled event touched the subject's presence.
+    let mut seen: FxHashMap<String, i64> = FxHashMap::default();
     let mut after = 0u64;
     loop {
         let batch = deferred.journal.read(&txn, after, REPLAY_BATCH)?;
@@ -202,6 +206,10 @@ pub(crate) fn replay(
             )?;
             out.records.clear();
             out.progress.clear();
+            if let Some(customer) = &entry.event.subject {
+                let t = seen.entry(customer.clone()).or_insert(entry.event.time_ms);
+                *t = (*t).max(entry.event.time_ms);
+            }
             replayed += 1;
         }
     }
@@ -213,6 +221,7 @@ pub(crate) fn replay(
         key: KeyBuf::default(),
     })?;
     let written = deferred.checkpoint(&mut txn, dbs)?;
+    super::presence::restore(dbs.nba.presence, &mut txn, &seen)?;
     txn.commit()?;
     deferred.commit();
     info!(

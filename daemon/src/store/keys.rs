@@ -75,6 +75,15 @@ impl KeyBuf {
     }
 }
 
+/// (first component, rest) of a key built with [`KeyBuf::start`]; `None`
+/// for a hashed key or one that is not such a key.
+pub(crate) fn split_first(k: &[u8]) -> Option<(&str, &[u8])> {
+    let (len, rest) = k.split_at_checked(2)?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let (first, rest) = rest.split_at_checked(len)?;
+    Some((std::str::from_utf8(first).ok()?, rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +103,15 @@ mod tests {
         let a = k.start("ab").rest("c").finish(64).to_vec();
         let b = k.start("a").rest("bc").finish(64).to_vec();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn the_first_component_splits_off() {
+        let mut k = KeyBuf::default();
+        let key = k.start("fan-1").rest("x").finish(64).to_vec();
+        assert_eq!(split_first(&key), Some(("fan-1", &b"x"[..])));
+        let long = "x".repeat(600);
+        let hashed = k.start(&long).finish(511).to_vec();
+        assert_eq!(split_first(&hashed), None, "a hashed key names no one");
     }
 }

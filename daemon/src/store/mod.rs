@@ -30,6 +30,7 @@ pub(crate) mod keys;
 mod meta;
 pub mod nba;
 mod outbox;
+mod presence;
 pub mod publications;
 pub(crate) mod ratelimit;
 pub mod rewards;
@@ -256,6 +257,7 @@ impl Store {
             })?;
             txn.commit().map_err(write_err)?;
             nba.with_fanout_chunk(options.fanout_chunk.unwrap_or(fanout::CHUNK))
+                .with_presence_held(site.store.rule_state == edge_config::RuleStateMode::Journal)
         };
         // What an unclean stop in `journal` mode left in the journal is
         // replayed (with a throwaway engine, so the counters of this run

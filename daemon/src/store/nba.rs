@@ -21,7 +21,6 @@
 //! stored.
 
 use std::collections::HashMap;
-use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,11 +33,11 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::committed::Committed;
 use super::customers;
 use super::engine_table::ProgressView;
 use super::fanout::{self, Job, JobError, Jobs};
-use super::keys::KeyBuf;
+use super::keys::{split_first, KeyBuf};
+use super::presence::Presence;
 use super::publications::{topic_level, Publication};
 use super::ratelimit::LogLimiter;
 use super::rewards::{self, RewardDbs, RewardError};
@@ -61,12 +60,6 @@ use touchline_proto::{OfferDecision, OfferOutcome, RecordBody};
 /// an event of theirs was seen within this window: the length of a
 /// match day.
 pub const PRESENCE_WINDOW: Duration = Duration::from_secs(6 * 3600);
-
-/// Presence is rewritten only when older than this, so a fan costs one
-/// write per ten minutes, not one per event. A fan's stored presence is
-/// then at most this much older than their last event: next to the
-/// 6-hour window, they may leave it up to 3 % early.
-const PRESENCE_REFRESH_MS: i64 = 600_000;
 
 /// How often `offer_stats` records are queued.
 pub const STATS_INTERVAL: Duration = Duration::from_secs(60);
@@ -308,8 +301,8 @@ pub(crate) struct Nba {
     prefix: Option<String>,
     pseudonymizer: Pseudonymizer,
     snapshot: Option<Snapshot>,
-    /// Presence times as committed: only a refresh reads the store.
-    presence: Committed<i64>,
+    /// Where fans were last seen, for fan-outs.
+    presence: Presence,
     tally: Tally,
     stats: Arc<NbaStats>,
     key: KeyBuf,
@@ -319,9 +312,6 @@ pub(crate) struct Nba {
     /// Fans a fan-out decides per transaction.
     fanout_chunk: usize,
 }
-
-/// Customers remembered in [`Nba::presence`] (about 100 bytes each).
-const PRESENCE_CACHE_MAX: usize = 1_000_000;
 
 /// Other stages' tables next best action reads (profiles, for fan-outs
 /// and escalations; achievement progress, for expressions that read it)
@@ -398,7 +388,7 @@ impl Nba {
             prefix,
             pseudonymizer,
             snapshot: None,
-            presence: Committed::new(PRESENCE_CACHE_MAX),
+            presence: Presence::new(dbs.presence, false),
             tally: Tally::default(),
             stats,
             key: KeyBuf::default(),
@@ -413,6 +403,25 @@ impl Nba {
     pub(crate) fn with_fanout_chunk(mut self, fans: usize) -> Nba {
         self.fanout_chunk = fans.max(1);
         self
+    }
+
+    /// Holds presence in memory until [`Nba::write_back_presence`]
+    /// (the store's `journal` mode; see `presence.rs`).
+    pub(crate) fn with_presence_held(mut self, hold: bool) -> Nba {
+        self.presence = Presence::new(self.dbs.presence, hold);
+        self
+    }
+
+    /// Writes back the presence held in memory, in the open transaction
+    /// (each checkpoint does, as it empties the journal). Returns the
+    /// fans whose stored presence changed.
+    pub(crate) fn write_back_presence(&mut self, txn: &mut RwTxn) -> heed::Result<usize> {
+        self.presence.write_back(txn)
+    }
+
+    /// Whether presence waits in memory to be written back.
+    pub(crate) fn presence_held(&self) -> bool {
+        self.presence.held()
     }
 
     /// A transaction starts. When the previous one did not commit, its
@@ -493,7 +502,7 @@ impl Nba {
             rewards, progress, ..
         } = neighbours;
         if let Some(customer) = event.subject.as_deref() {
-            self.touch_presence(txn, customer, event.time_ms)?;
+            self.presence.touch(txn, customer, event.time_ms)?;
             if let Some(outcome) = Outcome::from_event_type(&event.kind) {
                 self.answer(txn, rewards, event, customer, outcome, out)?;
             }
@@ -566,8 +575,7 @@ impl Nba {
     pub(crate) fn erase(&mut self, txn: &mut RwTxn, customer: &str) -> Result<(), NbaError> {
         let prefix = self.key.start(customer).finish(MAX_KEY).to_vec();
         self.dbs.contacts.delete(txn, &prefix)?;
-        self.dbs.presence.delete(txn, &prefix)?;
-        self.presence.forget(customer);
+        self.presence.erase(txn, customer)?;
         let mut doomed = Vec::new();
         for entry in self.dbs.offer_state.prefix_iter(txn, &prefix)? {
             doomed.push(entry?.0.to_vec());
@@ -671,40 +679,6 @@ impl Nba {
         Ok(())
     }
 
-    fn touch_presence(
-        &mut self,
-        txn: &mut RwTxn,
-        customer: &str,
-        at_ms: i64,
-    ) -> Result<(), NbaError> {
-        let known = self.presence.get(customer).copied();
-        if known.is_some_and(|t| at_ms - t < PRESENCE_REFRESH_MS) {
-            return Ok(());
-        }
-        let key = self.key.start(customer).finish(MAX_KEY);
-        // A remembered time is the stored one: only this stage writes
-        // presence, and erasure forgets it.
-        let last = match known {
-            Some(t) => Some(t),
-            None => self
-                .dbs
-                .presence
-                .get(txn, key)?
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(i64::from_be_bytes),
-        };
-        let stored = match last {
-            Some(t) if at_ms - t < PRESENCE_REFRESH_MS => t,
-            _ => {
-                let v = last.map_or(at_ms, |t| t.max(at_ms));
-                self.dbs.presence.put(txn, key, &v.to_be_bytes())?;
-                v
-            }
-        };
-        self.presence.note(customer, stored);
-        Ok(())
-    }
-
     /// Decides the trigger for the next present fans after `after` (from
     /// the first when `None`), at most `fanout_chunk` of them. Returns
     /// the presence key of the last fan decided when more may follow.
@@ -724,7 +698,13 @@ impl Nba {
             triggered,
             event_seed,
         } = chunk;
-        let (present, next) = self.present(txn, trigger.time_ms, after, self.fanout_chunk)?;
+        let (present, next) = self.presence.present(
+            txn,
+            trigger.time_ms,
+            millis(PRESENCE_WINDOW),
+            after,
+            self.fanout_chunk,
+        )?;
         self.tally.fanout_customers += present.len() as u64;
         let mut memo = catalog.deciding_fields(&trigger.kind).map(Memo::new);
         for customer in present {
@@ -826,36 +806,6 @@ impl Nba {
         }
         self.tally.fanouts_open = Some(self.dbs.fanouts.len(txn)?);
         Ok(())
-    }
-
-    /// Up to `limit` customers seen within [`PRESENCE_WINDOW`] of
-    /// `at_ms`, in key order after `after`, and the key of the last one
-    /// when the limit cut the scan short.
-    fn present(
-        &self,
-        txn: &RwTxn,
-        at_ms: i64,
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<(Vec<String>, Option<Vec<u8>>), NbaError> {
-        let from = at_ms.saturating_sub(millis(PRESENCE_WINDOW));
-        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        let mut out = Vec::new();
-        for entry in self.dbs.presence.range(txn, &(start, Bound::Unbounded))? {
-            let (k, v) = entry?;
-            let seen = <[u8; 8]>::try_from(v).map(i64::from_be_bytes).unwrap_or(0);
-            // Seen after the moment (a late trigger) counts as present too.
-            if seen < from {
-                continue;
-            }
-            if let Some(c) = customer_of(k) {
-                out.push(c);
-                if out.len() >= limit {
-                    return Ok((out, Some(k.to_vec())));
-                }
-            }
-        }
-        Ok((out, None))
     }
 
     fn event_seed(&self, event: &Event) -> u64 {
@@ -1531,18 +1481,6 @@ fn arm_key<'k>(key: &'k mut KeyBuf, offer: &str, version: u32, segment: &str) ->
     key.start(offer).u32(version).rest(segment).finish(MAX_KEY)
 }
 
-/// (first component, rest) of a key built with `KeyBuf::start`.
-fn split_first(k: &[u8]) -> Option<(&str, &[u8])> {
-    let (len, rest) = k.split_at_checked(2)?;
-    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    let (first, rest) = rest.split_at_checked(len)?;
-    Some((std::str::from_utf8(first).ok()?, rest))
-}
-
-fn customer_of(k: &[u8]) -> Option<String> {
-    split_first(k).map(|(c, _)| c.to_owned())
-}
-
 fn parse_offer_version(k: &[u8]) -> Option<(String, u32)> {
     let (offer, rest) = split_first(k)?;
     let v = u32::from_be_bytes(<[u8; 4]>::try_from(rest).ok()?);
@@ -1618,9 +1556,5 @@ mod tests {
         let b = expiry_key(2_000, "s.1");
         assert!(a < b);
         assert_eq!(parse_expiry_key(&b), Some((2_000, "s.1".to_owned())));
-        assert_eq!(
-            customer_of(k.start("fan-1").rest("x").finish(MAX_KEY)),
-            Some("fan-1".to_owned())
-        );
     }
 }

@@ -644,6 +644,7 @@ impl Writer {
         ))?;
         if let Some(d) = self.deferred.as_mut().filter(|d| d.due()) {
             tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
+            self.nba.write_back_presence(&mut txn)?;
         }
         txn.commit()?;
         self.engine.committed();
@@ -730,6 +731,7 @@ impl Writer {
                     // in this commit.
                     if let Some(d) = &mut self.deferred {
                         tally.checkpointed(d.checkpoint(txn, &self.dbs)?);
+                        self.nba.write_back_presence(txn)?;
                     }
                     self.engine
                         .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;
@@ -810,16 +812,20 @@ impl Writer {
         let Some(d) = self.deferred.as_mut() else {
             return Ok(());
         };
-        if !d.pending() {
+        if !d.pending() && !self.nba.presence_held() {
             return Ok(());
         }
+        let nba = &mut self.nba;
         let result = (|| -> heed::Result<usize> {
             let env = self.env.clone();
             let mut txn = env.write_txn()?;
             d.begin();
+            nba.begin();
             let keys = d.checkpoint(&mut txn, &self.dbs)?;
+            nba.write_back_presence(&mut txn)?;
             txn.commit()?;
             d.commit();
+            nba.committed();
             Ok(keys)
         })();
         match result {
@@ -832,6 +838,7 @@ impl Writer {
             }
             Err(e) => {
                 d.begin();
+                self.nba.begin();
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
                 }

@@ -43,38 +43,125 @@ const MAX_KEY: usize = 511;
 pub(crate) struct Presence {
     /// customer → last seen (ms, 8 bytes BE).
     db: Database<Bytes, Bytes>,
-    /// Times as committed (written back or held), so that a refresh is
-    /// decided without a read.
-    seen: Committed<i64>,
-    /// `journal` mode: what is not written back yet.
-    held: Option<Held>,
+    mode: Mode,
     key: KeyBuf,
 }
 
-/// Presence changes not yet in LMDB, in two layers like the writer's
-/// other in-memory state: a transaction that does not commit leaves no
-/// trace.
+enum Mode {
+    /// `direct`: each write goes to LMDB at once; the times remembered as
+    /// committed save the reads that decide a refresh.
+    Direct(Committed<i64>),
+    /// `journal`: held until written back.
+    Held(Held),
+}
+
+/// Presence as the writer holds it in `journal` mode, in two layers like
+/// its other in-memory state: a transaction that does not commit leaves
+/// no trace.
 #[derive(Default)]
 struct Held {
-    /// Changes committed but not written back. `None`: erased.
-    committed: FxHashMap<String, Option<i64>>,
+    /// Fans seen this run, as committed.
+    known: FxHashMap<String, Mark>,
     /// The open transaction's changes.
-    open: FxHashMap<String, Option<i64>>,
-    /// Committed changes the open transaction wrote back: they return to
-    /// `committed` when it does not commit.
-    written: FxHashMap<String, Option<i64>>,
+    open: FxHashMap<String, Mark>,
+    /// Fans of `known` the open transaction wrote back: unwritten again
+    /// if it does not commit.
+    written: Vec<String>,
+}
+
+/// What is known of a fan's presence.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// When last seen; `None` once erased.
+    seen: Option<i64>,
+    /// Whether LMDB still lacks it.
+    unwritten: bool,
 }
 
 impl Held {
-    fn get(&self, customer: &str) -> Option<Option<i64>> {
+    fn get(&self, customer: &str) -> Option<i64> {
         self.open
             .get(customer)
-            .or_else(|| self.committed.get(customer))
-            .copied()
+            .or_else(|| self.known.get(customer))
+            .and_then(|m| m.seen)
     }
 
-    fn is_empty(&self) -> bool {
-        self.committed.is_empty() && self.open.is_empty()
+    fn set(&mut self, customer: &str, mark: Mark) {
+        match self.open.get_mut(customer) {
+            Some(m) => *m = mark,
+            None => {
+                self.open.insert(customer.to_owned(), mark);
+            }
+        }
+    }
+
+    /// Writes every unwritten time to `db` in key order; returns the
+    /// fans whose stored presence changed.
+    fn write_back(
+        &mut self,
+        txn: &mut RwTxn,
+        db: Database<Bytes, Bytes>,
+        key: &mut KeyBuf,
+    ) -> heed::Result<usize> {
+        let mut changes: Vec<(Vec<u8>, i64)> = Vec::new();
+        for (customer, mark) in &self.known {
+            if !mark.unwritten || self.open.contains_key(customer) {
+                continue;
+            }
+            if let Some(t) = mark.seen {
+                changes.push((key.start(customer).finish(MAX_KEY).to_vec(), t));
+            }
+            self.written.push(customer.clone());
+        }
+        for (customer, mark) in &mut self.open {
+            if let (true, Some(t)) = (mark.unwritten, mark.seen) {
+                changes.push((key.start(customer).finish(MAX_KEY).to_vec(), t));
+            }
+            mark.unwritten = false;
+        }
+        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut stored = 0;
+        for (k, t) in &changes {
+            stored += put_later(db, txn, k, *t)?;
+        }
+        for customer in &self.written {
+            if let Some(mark) = self.known.get_mut(customer) {
+                mark.unwritten = false;
+            }
+        }
+        Ok(stored)
+    }
+
+    fn rollback(&mut self) {
+        self.open.clear();
+        for customer in self.written.drain(..) {
+            if let Some(mark) = self.known.get_mut(&customer) {
+                mark.unwritten = true;
+            }
+        }
+    }
+
+    fn committed(&mut self) {
+        self.written.clear();
+        for (customer, mark) in self.open.drain() {
+            match mark.seen {
+                Some(_) => {
+                    self.known.insert(customer, mark);
+                }
+                None => {
+                    self.known.remove(&customer);
+                }
+            }
+        }
+        // Forgetting a written fan is safe: the write-back keeps the later
+        // of a new time and the stored one.
+        if self.known.len() > CACHE_MAX {
+            self.known.retain(|_, m| m.unwritten);
+        }
+    }
+
+    fn pending(&self) -> bool {
+        !self.open.is_empty() || self.known.values().any(|m| m.unwritten)
     }
 }
 
@@ -84,8 +171,10 @@ impl Presence {
     pub(crate) fn new(db: Database<Bytes, Bytes>, hold: bool) -> Presence {
         Presence {
             db,
-            seen: Committed::new(CACHE_MAX),
-            held: hold.then(Held::default),
+            mode: match hold {
+                true => Mode::Held(Held::default()),
+                false => Mode::Direct(Committed::new(CACHE_MAX)),
+            },
             key: KeyBuf::default(),
         }
     }
@@ -97,39 +186,46 @@ impl Presence {
         customer: &str,
         at_ms: i64,
     ) -> heed::Result<()> {
-        let known = self.seen.get(customer).copied();
-        if known.is_some_and(|t| at_ms - t < REFRESH_MS) {
-            return Ok(());
-        }
-        if let Some(held) = &mut self.held {
-            let last = known.or_else(|| held.get(customer).flatten());
-            if let Some(t) = last.filter(|t| at_ms - t < REFRESH_MS) {
-                self.seen.note(customer, t);
-                return Ok(());
+        match &mut self.mode {
+            Mode::Held(held) => {
+                let last = held.get(customer);
+                if last.is_some_and(|t| at_ms - t < REFRESH_MS) {
+                    return Ok(());
+                }
+                // What LMDB holds is not read here: the write-back keeps
+                // the later of the two.
+                let seen = Some(last.map_or(at_ms, |t| t.max(at_ms)));
+                held.set(
+                    customer,
+                    Mark {
+                        seen,
+                        unwritten: true,
+                    },
+                );
             }
-            // What LMDB holds is not read here: the write-back keeps the
-            // later of the two.
-            let t = last.map_or(at_ms, |t| t.max(at_ms));
-            held.open.insert(customer.to_owned(), Some(t));
-            self.seen.note(customer, t);
-            return Ok(());
-        }
-        let key = self.key.start(customer).finish(MAX_KEY);
-        // A remembered time is the stored one: only this stage writes
-        // presence, and erasure forgets it.
-        let last = match known {
-            Some(t) => Some(t),
-            None => self.db.get(txn, key)?.and_then(decode),
-        };
-        let stored = match last {
-            Some(t) if at_ms - t < REFRESH_MS => t,
-            _ => {
-                let t = last.map_or(at_ms, |t| t.max(at_ms));
-                self.db.put(txn, key, &t.to_be_bytes())?;
-                t
+            Mode::Direct(committed) => {
+                // A remembered time is the stored one: only this stage
+                // writes presence, and erasure forgets it.
+                let known = committed.get(customer).copied();
+                if known.is_some_and(|t| at_ms - t < REFRESH_MS) {
+                    return Ok(());
+                }
+                let key = self.key.start(customer).finish(MAX_KEY);
+                let last = match known {
+                    Some(t) => Some(t),
+                    None => self.db.get(txn, key)?.and_then(decode),
+                };
+                let stored = match last {
+                    Some(t) if at_ms - t < REFRESH_MS => t,
+                    _ => {
+                        let t = last.map_or(at_ms, |t| t.max(at_ms));
+                        self.db.put(txn, key, &t.to_be_bytes())?;
+                        t
+                    }
+                };
+                committed.note(customer, stored);
             }
-        };
-        self.seen.note(customer, stored);
+        }
         Ok(())
     }
 
@@ -137,9 +233,15 @@ impl Presence {
     pub(crate) fn erase(&mut self, txn: &mut RwTxn, customer: &str) -> heed::Result<()> {
         let key = self.key.start(customer).finish(MAX_KEY);
         self.db.delete(txn, key)?;
-        self.seen.forget(customer);
-        if let Some(held) = &mut self.held {
-            held.open.insert(customer.to_owned(), None);
+        match &mut self.mode {
+            Mode::Held(held) => held.set(
+                customer,
+                Mark {
+                    seen: None,
+                    unwritten: false,
+                },
+            ),
+            Mode::Direct(committed) => committed.forget(customer),
         }
         Ok(())
     }
@@ -147,30 +249,10 @@ impl Presence {
     /// Writes back what is held, in key order, in the open transaction.
     /// Returns the fans whose stored presence changed.
     pub(crate) fn write_back(&mut self, txn: &mut RwTxn) -> heed::Result<usize> {
-        let Some(held) = &mut self.held else {
-            return Ok(0);
-        };
-        if held.is_empty() {
-            return Ok(0);
+        match &mut self.mode {
+            Mode::Held(held) => held.write_back(txn, self.db, &mut self.key),
+            Mode::Direct(_) => Ok(0),
         }
-        let mut changes: Vec<(Vec<u8>, Option<i64>)> = held
-            .committed
-            .iter()
-            .filter(|(c, _)| !held.open.contains_key(*c))
-            .chain(held.open.iter())
-            .map(|(c, t)| (self.key.start(c).finish(MAX_KEY).to_vec(), *t))
-            .collect();
-        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut written = 0;
-        for (key, t) in &changes {
-            // Erased ones were deleted from LMDB by `erase` already.
-            if let Some(t) = *t {
-                written += put_later(self.db, txn, key, t)?;
-            }
-        }
-        held.written.extend(held.committed.drain());
-        held.open.clear();
-        Ok(written)
     }
 
     /// Up to `limit` customers seen within `window_ms` before `at_ms` (or
@@ -207,27 +289,26 @@ impl Presence {
 
     /// The open transaction did not commit (or a new one starts).
     pub(crate) fn rollback(&mut self) {
-        self.seen.rollback();
-        if let Some(held) = &mut self.held {
-            held.open.clear();
-            for (c, t) in held.written.drain() {
-                held.committed.entry(c).or_insert(t);
-            }
+        match &mut self.mode {
+            Mode::Held(held) => held.rollback(),
+            Mode::Direct(committed) => committed.rollback(),
         }
     }
 
     /// The open transaction committed.
     pub(crate) fn committed(&mut self) {
-        self.seen.committed();
-        if let Some(held) = &mut self.held {
-            held.written.clear();
-            held.committed.extend(held.open.drain());
+        match &mut self.mode {
+            Mode::Held(held) => held.committed(),
+            Mode::Direct(committed) => committed.committed(),
         }
     }
 
     /// Whether anything waits to be written back.
     pub(crate) fn held(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| !h.is_empty())
+        match &self.mode {
+            Mode::Held(held) => held.pending(),
+            Mode::Direct(_) => false,
+        }
     }
 }
 

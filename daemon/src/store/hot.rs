@@ -23,7 +23,7 @@ use heed::{Database, RoTxn, RwTxn};
 use rustc_hash::FxHashMap;
 
 use super::customers;
-use super::keys::KeyBuf;
+use super::keys::{head, KeyBuf};
 use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
@@ -84,16 +84,16 @@ impl HotState {
         let committed = std::mem::take(&mut self.committed);
         // The open transaction's change to a key replaces the committed
         // one: a key in both is written once, with its open value.
-        let mut merged: Vec<(&[u8], Option<&[u8]>)> = committed
+        let mut merged: Vec<_> = committed
             .iter()
             .filter(|(k, _)| !self.open.contains_key(&**k))
             .chain(self.open.iter())
-            .map(|(k, v)| (&**k, v.as_deref()))
+            .map(|(k, v)| (head(k), &**k, v.as_deref()))
             .collect();
         // Keys are unique, so an unstable sort puts them in key order.
-        merged.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        merged.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let written = merged.len();
-        for (key, value) in merged {
+        for (_, key, value) in merged {
             match value {
                 Some(value) => db.put(txn, key, value)?,
                 None => {

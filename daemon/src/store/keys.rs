@@ -84,9 +84,25 @@ pub(crate) fn split_first(k: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(first).ok()?, rest))
 }
 
+/// Bytes of a key copied inline to sort by.
+pub(crate) const HEAD: usize = 16;
+
+/// The first [`HEAD`] bytes of `key`, zero-padded. Sorting by (head, key)
+/// gives key order: a shorter key's padding sorts it before any longer
+/// key it is a prefix of, and the full keys break every tie. Comparing
+/// heads first spares most comparisons a cache miss on each key's own
+/// allocation, which dominated sorting a checkpoint's keys.
+pub(crate) fn head(key: &[u8]) -> [u8; HEAD] {
+    let mut h = [0; HEAD];
+    let n = key.len().min(HEAD);
+    h[..n].copy_from_slice(&key[..n]);
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::Just;
 
     #[test]
     fn short_keys_are_natural_long_keys_hashed() {
@@ -103,6 +119,23 @@ mod tests {
         let a = k.start("ab").rest("c").finish(64).to_vec();
         let b = k.start("a").rest("bc").finish(64).to_vec();
         assert_ne!(a, b);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sorting_by_head_then_key_is_key_order(
+            mut keys in proptest::collection::vec(
+                proptest::collection::vec(proptest::prop_oneof![Just(0u8), Just(1u8), Just(b'a'), 0u8..=255], 0..24),
+                0..64,
+            )
+        ) {
+            let mut by_head: Vec<([u8; HEAD], Vec<u8>)> =
+                keys.iter().map(|k| (head(k), k.clone())).collect();
+            by_head.sort_unstable();
+            keys.sort_unstable();
+            let by_head: Vec<Vec<u8>> = by_head.into_iter().map(|(_, k)| k).collect();
+            proptest::prop_assert_eq!(by_head, keys);
+        }
     }
 
     #[test]

@@ -609,6 +609,9 @@ struct Http {
     /// CPU time over the timed hour, by who spent it; none where the
     /// system does not say.
     cpu: Option<Cpu>,
+    /// Bytes written to storage over the timed hour (the daemon's stop
+    /// not counted); none where the system does not say.
+    disk: Option<u64>,
 }
 
 /// CPU time spent during a timed phase, in seconds, split by thread: the
@@ -661,8 +664,12 @@ fn print_pipeline_run(label: &str, run: &Http, events: usize) {
         }
         None => "not available here".to_owned(),
     };
+    let disk = match run.disk {
+        Some(bytes) => format!("{:.2}", bytes as f64 / 1024.0 / events as f64),
+        None => "not available here".to_owned(),
+    };
     println!(
-        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}",
+        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}  disk KiB/event: {disk}",
         run.seconds,
         events as f64 / run.seconds,
         run.stop_seconds,
@@ -714,10 +721,14 @@ async fn http_run(
     let counts_before = Run::new(0.0, &daemon.store().engine_stats(), 0);
     let before = daemon.ingest_stats().snapshot().accepted;
     let cpu_before = support::thread_cpu();
+    let disk_before = support::disk_written();
     let started = Instant::now();
     clients.post(main).await?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = Cpu::between(&cpu_before, &support::thread_cpu());
+    let disk = support::disk_written()
+        .zip(disk_before)
+        .map(|(after, before)| after.saturating_sub(before));
     drop(clients);
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = support::rss_kib("self")?;
@@ -730,6 +741,7 @@ async fn http_run(
         idle,
         loaded,
         cpu,
+        disk,
     };
     let stopping = Instant::now();
     daemon.shutdown(Duration::from_millis(100)).await;
@@ -1008,6 +1020,15 @@ fn main() -> anyhow::Result<()> {
                 (writer + daemon + load) / 10.0,
                 writer / 10.0
             );
+        }
+        // Bytes written do not move with the machine's load as times do.
+        for (label, h) in [("journal cold", &http), ("direct cold", &http_direct), ("journal warm", &http_warm)] {
+            if let Some(bytes) = h.disk {
+                println!(
+                    "     written to disk over the timed hour, {label}: {:.2} KiB per event",
+                    bytes as f64 / 1024.0 / http_events as f64
+                );
+            }
         }
         // Four clients interleave differently in each run, and order
         // matters to sequences and rate limits, so the pipeline runs may

@@ -117,6 +117,17 @@ pub fn rss_kib(process: &str) -> anyhow::Result<Rss> {
     })
 }
 
+/// Bytes this process has caused to be written to storage so far, as the
+/// kernel counts them when pages are dirtied (`write_bytes` in
+/// `/proc/self/io`): unlike time, the same work gives the same count on
+/// a busy machine. `None` where the kernel does not say.
+pub fn disk_written() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Each thread's name and nanoseconds on a CPU, by thread id.
 pub type ThreadTimes = std::collections::BTreeMap<u32, (String, u64)>;
 

@@ -1393,6 +1393,34 @@ async fn a_reverted_rule_version_resumes_without_awarding_again() {
     close(h, w).await;
 }
 
+/// One offer, decided for every present fan who opted in to marketing
+/// when a goal is scored.
+fn goal_scarf() -> RuleBundle {
+    with_offers(
+        Vec::new(),
+        r#"
+[[offer]]
+id = "goal-scarf"
+on = ["match.goal"]
+consent = "marketing"
+value = 5.0
+expires_after = "1h"
+payload = { title = "Goal! Scarf -20%" }
+"#,
+    )
+}
+
+/// The customers of the offer decisions among `records`, in order.
+fn decided_customers(records: &[Record]) -> Vec<&str> {
+    records
+        .iter()
+        .filter_map(|r| match &r.body {
+            RecordBody::OfferDecision(d) => Some(d.customer.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A venue-wide trigger decides present fans a chunk per transaction: its
 /// own commit holds the first chunk only, other commands commit between
 /// chunks, and a store closed mid-fan-out resumes at its cursor when
@@ -1404,18 +1432,7 @@ async fn a_venue_wide_fan_out_goes_in_chunks_and_resumes_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = site(dir.path());
     cfg.nba.control_share = 0.0;
-    let rules = with_offers(
-        Vec::new(),
-        r#"
-[[offer]]
-id = "goal-scarf"
-on = ["match.goal"]
-consent = "marketing"
-value = 5.0
-expires_after = "1h"
-payload = { title = "Goal! Scarf -20%" }
-"#,
-    );
+    let rules = goal_scarf();
     let options = || StoreOptions {
         clock: Some(Arc::new(|| T0)),
         fanout_chunk: Some(CHUNK),
@@ -1461,13 +1478,7 @@ payload = { title = "Goal! Scarf -20%" }
             >= FANS
     })
     .await;
-    let decided: Vec<&str> = records
-        .iter()
-        .filter_map(|r| match &r.body {
-            RecordBody::OfferDecision(d) => Some(d.customer.as_str()),
-            _ => None,
-        })
-        .collect();
+    let decided = decided_customers(&records);
     let distinct: std::collections::BTreeSet<&str> = decided.iter().copied().collect();
     assert_eq!((decided.len(), distinct.len()), (FANS, FANS));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1488,18 +1499,7 @@ async fn a_fan_out_reaches_fans_whose_presence_was_held_or_lost_in_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = journal_site(dir.path());
     cfg.nba.control_share = 0.0;
-    let rules = with_offers(
-        Vec::new(),
-        r#"
-[[offer]]
-id = "goal-scarf"
-on = ["match.goal"]
-consent = "marketing"
-value = 5.0
-expires_after = "1h"
-payload = { title = "Goal! Scarf -20%" }
-"#,
-    );
+    let rules = goal_scarf();
     let options = |crash: bool| StoreOptions {
         clock: Some(Arc::new(|| T0)),
         skip_final_checkpoint: crash,
@@ -1528,13 +1528,8 @@ payload = { title = "Goal! Scarf -20%" }
             >= 2 * FANS
     })
     .await;
-    let decided: std::collections::BTreeSet<&str> = records
-        .iter()
-        .filter_map(|r| match &r.body {
-            RecordBody::OfferDecision(d) => Some(d.customer.as_str()),
-            _ => None,
-        })
-        .collect();
+    let decided: std::collections::BTreeSet<&str> =
+        decided_customers(&records).into_iter().collect();
     assert_eq!(decided.len(), 2 * FANS, "every fan seen is decided once");
     close(h, w).await;
 }

@@ -400,11 +400,23 @@ mod tests {
         }
     }
 
+    /// `fan` seen at `at_ms`, in a transaction that commits.
+    fn seen(env: &LmdbEnv, p: &mut Presence, fan: &str, at_ms: i64) {
+        txn(env, p, true, |p, t| p.touch(t, fan, at_ms).unwrap());
+    }
+
+    /// A write-back that commits; the fans whose presence changed.
+    fn written_back(env: &LmdbEnv, p: &mut Presence) -> usize {
+        let mut n = 0;
+        txn(env, p, true, |p, t| n = p.write_back(t).unwrap());
+        n
+    }
+
     #[test]
     fn held_presence_reaches_lmdb_only_when_written_back() {
         let (_dir, env, db) = store();
         let mut p = Presence::new(db, true);
-        txn(&env, &mut p, true, |p, t| p.touch(t, "fan-1", T).unwrap());
+        seen(&env, &mut p, "fan-1", T);
         assert_eq!(stored(&env, db, "fan-1"), None, "held, not written");
         assert!(p.held());
 
@@ -415,9 +427,7 @@ mod tests {
         assert_eq!(stored(&env, db, "fan-1"), None);
         assert!(p.held(), "a rolled-back write-back keeps what it wrote");
 
-        txn(&env, &mut p, true, |p, t| {
-            assert_eq!(p.write_back(t).unwrap(), 1);
-        });
+        assert_eq!(written_back(&env, &mut p), 1);
         assert_eq!(stored(&env, db, "fan-1"), Some(T));
         assert!(!p.held());
     }
@@ -434,17 +444,11 @@ mod tests {
             // Within the refresh interval: the first time stands.
             p.touch(t, "fan-1", T + REFRESH_MS - 1).unwrap();
         });
-        txn(&env, &mut p, true, |p, t| {
-            p.write_back(t).unwrap();
-        });
+        written_back(&env, &mut p);
         assert_eq!(stored(&env, db, "fan-1"), Some(T));
 
-        txn(&env, &mut p, true, |p, t| {
-            p.touch(t, "fan-1", T + HOUR).unwrap()
-        });
-        txn(&env, &mut p, true, |p, t| {
-            p.write_back(t).unwrap();
-        });
+        seen(&env, &mut p, "fan-1", T + HOUR);
+        written_back(&env, &mut p);
         assert_eq!(stored(&env, db, "fan-1"), Some(T + HOUR));
     }
 
@@ -452,9 +456,7 @@ mod tests {
     fn the_write_back_never_moves_presence_back() {
         let (_dir, env, db) = store();
         let mut direct = Presence::new(db, false);
-        txn(&env, &mut direct, true, |p, t| {
-            p.touch(t, "fan-1", T + HOUR).unwrap()
-        });
+        seen(&env, &mut direct, "fan-1", T + HOUR);
         assert_eq!(
             stored(&env, db, "fan-1"),
             Some(T + HOUR),
@@ -464,12 +466,8 @@ mod tests {
         // A held presence that knows nothing of the stored one (a restart)
         // sees an older event of the same fan.
         let mut held = Presence::new(db, true);
-        txn(&env, &mut held, true, |p, t| {
-            p.touch(t, "fan-1", T).unwrap()
-        });
-        txn(&env, &mut held, true, |p, t| {
-            assert_eq!(p.write_back(t).unwrap(), 0, "nothing later to store");
-        });
+        seen(&env, &mut held, "fan-1", T);
+        assert_eq!(written_back(&env, &mut held), 0, "nothing later to store");
         assert_eq!(stored(&env, db, "fan-1"), Some(T + HOUR));
     }
 
@@ -521,9 +519,7 @@ mod tests {
     fn restore_keeps_the_later_time() {
         let (_dir, env, db) = store();
         let mut p = Presence::new(db, false);
-        txn(&env, &mut p, true, |p, t| {
-            p.touch(t, "fan-1", T + HOUR).unwrap()
-        });
+        seen(&env, &mut p, "fan-1", T + HOUR);
         let seen: FxHashMap<String, i64> = [("fan-1".to_owned(), T), ("fan-2".to_owned(), T)]
             .into_iter()
             .collect();

@@ -13,8 +13,8 @@
 //! checkpoint's transaction, which also empties the journal), and rebuilt
 //! from the journal by the replay after an unclean stop (every journaled
 //! event is a tracked one, and each touched presence). A fan-out writes
-//! what is held before it scans, in its own transaction, so it sees every
-//! fan as before. In `direct` mode nothing is held: each touch that
+//! what is held back before it scans, in the fan-out's transaction, so it
+//! sees every fan as before. In `direct` mode nothing is held: each touch that
 //! matters writes at once, as the rest of that mode's state does.
 
 use std::ops::Bound;
@@ -119,11 +119,7 @@ impl Held {
             }
             mark.unwritten = false;
         }
-        changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let mut stored = 0;
-        for (k, t) in &changes {
-            stored += put_later(db, txn, k, *t)?;
-        }
+        let stored = put_all_later(db, txn, changes)?;
         for customer in &self.written {
             if let Some(mark) = self.known.get_mut(customer) {
                 mark.unwritten = false;
@@ -321,15 +317,27 @@ pub(crate) fn restore(
     seen: &FxHashMap<String, i64>,
 ) -> heed::Result<()> {
     let mut key = KeyBuf::default();
-    let mut changes: Vec<(Vec<u8>, i64)> = seen
+    let changes = seen
         .iter()
         .map(|(c, t)| (key.start(c).finish(MAX_KEY).to_vec(), *t))
         .collect();
-    changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    for (key, t) in changes {
-        put_later(db, txn, &key, t)?;
-    }
+    put_all_later(db, txn, changes)?;
     Ok(())
+}
+
+/// [`put_later`] for each (key, time), in key order (neighbouring keys
+/// share pages). Returns the puts made.
+fn put_all_later(
+    db: Database<Bytes, Bytes>,
+    txn: &mut RwTxn,
+    mut changes: Vec<(Vec<u8>, i64)>,
+) -> heed::Result<usize> {
+    changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut stored = 0;
+    for (key, t) in &changes {
+        stored += put_later(db, txn, key, *t)?;
+    }
+    Ok(stored)
 }
 
 /// Stores `t` unless what is stored is as late already: a fan's presence

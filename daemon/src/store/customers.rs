@@ -54,16 +54,27 @@ pub(crate) const PROFILE_CACHE_MAX: usize = 200_000;
 pub(crate) struct StoredProfile {
     pub map: Map<String, Value>,
     pub text: String,
+    /// Whether the profile consents to gamification, decided once rather
+    /// than looked up in `map` for every event.
+    pub tracked: bool,
 }
 
 impl StoredProfile {
+    fn new(map: Map<String, Value>, text: String) -> StoredProfile {
+        StoredProfile {
+            tracked: consents(&map, "gamification"),
+            map,
+            text,
+        }
+    }
+
     fn encode(customer: &str, map: Map<String, Value>) -> Result<StoredProfile, CustomerError> {
         // Serialising a map of JSON values cannot fail.
         let text = serde_json::to_string(&map).map_err(|e| CustomerError::Corrupt {
             customer: customer.to_string(),
             detail: e.to_string(),
         })?;
-        Ok(StoredProfile { map, text })
+        Ok(StoredProfile::new(map, text))
     }
 }
 
@@ -139,10 +150,7 @@ pub(crate) fn admit(
         cache.note(customer, Some(stored.clone()));
         profile = Some(stored);
     }
-    if profile
-        .as_ref()
-        .is_some_and(|p| !consents(&p.map, "gamification"))
-    {
+    if profile.as_ref().is_some_and(|p| !p.tracked) {
         return Ok(Admission::NotTracked);
     }
     Ok(Admission::Track(profile))
@@ -219,10 +227,7 @@ fn load_stored(
     let text = std::str::from_utf8(json_of(bytes).map_err(corrupt)?)
         .map_err(|e| corrupt(e.to_string()))?;
     let map = serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Some(StoredProfile {
-        map,
-        text: text.to_owned(),
-    }))
+    Ok(Some(StoredProfile::new(map, text.to_owned())))
 }
 
 /// The JSON text of a stored profile record.

@@ -163,6 +163,50 @@ pub fn thread_cpu() -> ThreadTimes {
     threads
 }
 
+/// Nanoseconds the calling thread has spent on a CPU so far, from the
+/// kernel's scheduler statistics. On a virtual machine whose kernel
+/// accounts steal time (`CONFIG_PARAVIRT_TIME_ACCOUNTING`), time the
+/// hypervisor gave to other guests is not counted here, while a wall
+/// clock counts it. `None` where the kernel does not say.
+pub fn this_thread_ns() -> Option<u64> {
+    scheduled_ns(std::path::Path::new("/proc/thread-self"))
+}
+
+/// The machine's CPU time so far, in clock ticks summed over its CPUs:
+/// all of it, and what the hypervisor stole (the eighth field of the
+/// first line of `/proc/stat`). `None` where the kernel does not say.
+pub fn machine_ticks() -> Option<MachineTicks> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some(MachineTicks {
+        // Guest time is counted inside user time already.
+        total: fields.iter().take(8).sum(),
+        steal: *fields.get(7)?,
+    })
+}
+
+/// See [`machine_ticks`].
+#[derive(Debug, Clone, Copy)]
+pub struct MachineTicks {
+    pub total: u64,
+    pub steal: u64,
+}
+
+impl MachineTicks {
+    /// The share of the machine's CPU time stolen between `before` and
+    /// this reading, 0 to 1.
+    pub fn steal_since(&self, before: &MachineTicks) -> Option<f64> {
+        let total = self.total.checked_sub(before.total)?;
+        let steal = self.steal.checked_sub(before.steal)?;
+        (total > 0).then(|| steal as f64 / total as f64)
+    }
+}
+
 /// The first field of `schedstat`: nanoseconds on a CPU.
 fn scheduled_ns(task: &std::path::Path) -> Option<u64> {
     let stats = std::fs::read_to_string(task.join("schedstat")).ok()?;

@@ -50,13 +50,16 @@ pub(crate) const PROFILE_CACHE_MAX: usize = 200_000;
 
 /// A profile as stored: decoded for rules, and the JSON text it is stored
 /// as, which the journal carries without encoding it again.
+///
+/// Built only by [`StoredProfile::new`] and never changed after, so its
+/// consent flag always follows its map.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct StoredProfile {
-    pub map: Map<String, Value>,
-    pub text: String,
+    map: Map<String, Value>,
+    text: String,
     /// Whether the profile consents to gamification, decided once rather
     /// than looked up in `map` for every event.
-    pub tracked: bool,
+    tracked: bool,
 }
 
 impl StoredProfile {
@@ -66,6 +69,16 @@ impl StoredProfile {
             map,
             text,
         }
+    }
+
+    /// The profile's attributes, as the rules see them.
+    pub(crate) fn map(&self) -> &Map<String, Value> {
+        &self.map
+    }
+
+    /// The profile as stored (JSON), as the journal copies it.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
     }
 
     fn encode(customer: &str, map: Map<String, Value>) -> Result<StoredProfile, CustomerError> {

@@ -709,7 +709,7 @@ impl Writer {
                     self.engine.apply(
                         &mut EngineTable::new(&mut self.deferred, txn, &self.dbs),
                         event,
-                        profile.as_deref().map(|p| &p.map),
+                        profile.as_deref().map(|p| p.map()),
                         now_ms,
                         &mut self.output,
                     )?;
@@ -719,7 +719,7 @@ impl Writer {
                             now_ms,
                             event,
                             data_text.get(i).map(String::as_str),
-                            profile.as_deref().map(|p| p.text.as_str()),
+                            profile.as_deref().map(|p| p.text()),
                         )?;
                     }
                     nba_profile = Some(profile);
@@ -791,7 +791,7 @@ impl Writer {
             }
             // ---- next best action (see store/nba.rs) ----
             if let Some(profile) = nba_profile {
-                let profile = profile.as_deref().map(|p| &p.map);
+                let profile = profile.as_deref().map(|p| p.map());
                 records += self.nba_event(txn, meta, tally, event, profile)?;
             }
             // ---- end of next best action ----

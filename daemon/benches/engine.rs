@@ -684,7 +684,7 @@ fn print_pipeline_run(label: &str, run: &Http, events: usize) {
         None => "not available here".to_owned(),
     };
     let disk = match run.disk {
-        Some(bytes) => format!("{:.2}", bytes as f64 / 1024.0 / events as f64),
+        Some(bytes) => format!("{:.2}", kib_per_event(bytes, events)),
         None => "not available here".to_owned(),
     };
     println!(
@@ -769,6 +769,10 @@ async fn http_run(
         bail!("committed {accepted} of {}", events.len());
     }
     Ok(run)
+}
+
+fn kib_per_event(bytes: u64, events: usize) -> f64 {
+    bytes as f64 / 1024.0 / events as f64
 }
 
 fn mib(kib: u64) -> f64 {
@@ -1068,7 +1072,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(bytes) = h.disk {
                 println!(
                     "     written to disk over the timed hour, {label}: {:.2} KiB per event",
-                    bytes as f64 / 1024.0 / http_events as f64
+                    kib_per_event(bytes, http_events)
                 );
             }
         }

@@ -24,6 +24,7 @@ use rustc_hash::FxHashMap;
 
 use super::customers;
 use super::keys::{head, KeyBuf};
+use super::sorted::SortedPuts;
 use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
@@ -93,13 +94,19 @@ impl HotState {
         // Keys are unique, so an unstable sort puts them in key order.
         merged.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let written = merged.len();
+        // Deletions (erasures) are rare: they follow the puts, which go
+        // through one cursor.
+        let mut deleted = Vec::new();
+        let mut puts = SortedPuts::new(db, txn)?;
         for (_, key, value) in merged {
             match value {
-                Some(value) => db.put(txn, key, value)?,
-                None => {
-                    db.delete(txn, key)?;
-                }
+                Some(value) => puts.put(key, value)?,
+                None => deleted.push(key),
             }
+        }
+        drop(puts);
+        for key in deleted {
+            db.delete(txn, key)?;
         }
         self.open.clear();
         // A second checkpoint in one transaction finds `committed` empty;

@@ -35,6 +35,7 @@ pub mod publications;
 pub(crate) mod ratelimit;
 pub mod rewards;
 mod rule_stats;
+mod sorted;
 mod stats;
 mod writer;
 

@@ -25,6 +25,7 @@ use rustc_hash::FxHashMap;
 
 use super::committed::Committed;
 use super::keys::{split_first, KeyBuf};
+use super::sorted::SortedPuts;
 
 /// Presence is rewritten only when older than this, so a fan costs one
 /// write per ten minutes, not one per event. A fan's stored presence is
@@ -325,34 +326,28 @@ pub(crate) fn restore(
     Ok(())
 }
 
-/// [`put_later`] for each (key, time), in key order (neighbouring keys
-/// share pages). Returns the puts made.
+/// Stores each (key, time) unless a time as late is stored already, in
+/// key order (neighbouring keys share pages). Returns the puts made.
 fn put_all_later(
     db: Database<Bytes, Bytes>,
     txn: &mut RwTxn,
     mut changes: Vec<(Vec<u8>, i64)>,
 ) -> heed::Result<usize> {
     changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut stored = 0;
+    // A fan's presence never moves back: a time is stored unless what is
+    // stored is as late already. All the reads come first, then the puts
+    // through one cursor.
+    let mut later = Vec::with_capacity(changes.len());
     for (key, t) in &changes {
-        stored += put_later(db, txn, key, *t)?;
+        if db.get(txn, key)?.and_then(decode).is_none_or(|s| s < *t) {
+            later.push((key, *t));
+        }
     }
-    Ok(stored)
-}
-
-/// Stores `t` unless what is stored is as late already: a fan's presence
-/// never moves back. Returns the puts made (0 or 1).
-fn put_later(
-    db: Database<Bytes, Bytes>,
-    txn: &mut RwTxn,
-    key: &[u8],
-    t: i64,
-) -> heed::Result<usize> {
-    if db.get(txn, key)?.and_then(decode).is_some_and(|s| s >= t) {
-        return Ok(0);
+    let mut puts = SortedPuts::new(db, txn)?;
+    for (key, t) in &later {
+        puts.put(key, &t.to_be_bytes())?;
     }
-    db.put(txn, key, &t.to_be_bytes())?;
-    Ok(1)
+    Ok(later.len())
 }
 
 fn decode(v: &[u8]) -> Option<i64> {

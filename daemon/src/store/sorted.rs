@@ -1,0 +1,146 @@
+//! Writing many keys in key order through one LMDB cursor.
+//!
+//! A checkpoint writes back every key changed since the last one (tens of
+//! thousands at full load), sorted, so most keys land on the same leaf
+//! page as the key before. `Database::put` opens a fresh cursor for each
+//! call, and each fresh cursor searches from the root: a binary search per
+//! level, and a look-up of each page in the transaction's dirty list. A
+//! cursor that stays on the leaf it last wrote checks that leaf's first
+//! and last keys before anything else, and when the next key falls
+//! between them, it searches only that leaf.
+//!
+//! heed writes through a cursor only in `unsafe` functions (see
+//! [`SortedPuts::put`]), so this module is one of the two places the
+//! daemon allows `unsafe` (the other is the environment's open).
+
+use heed::types::Bytes;
+use heed::{Database, PutFlags, RwIter, RwTxn};
+
+/// Puts in ascending key order through one cursor, for as long as it
+/// lives; the transaction is borrowed meanwhile.
+pub(crate) struct SortedPuts<'t> {
+    cursor: RwIter<'t, Bytes, Bytes>,
+    #[cfg(debug_assertions)]
+    last: Option<Vec<u8>>,
+}
+
+impl<'t> SortedPuts<'t> {
+    pub(crate) fn new(db: Database<Bytes, Bytes>, txn: &'t mut RwTxn) -> heed::Result<Self> {
+        Ok(SortedPuts {
+            // Never advanced: the cursor only ever moves by the puts.
+            cursor: db.iter_mut(txn)?,
+            #[cfg(debug_assertions)]
+            last: None,
+        })
+    }
+
+    /// Puts `key` → `value`, replacing what is there. Keys must come in
+    /// ascending order (debug builds check); one out of order would still
+    /// be written correctly, only after a search from the root.
+    #[allow(unsafe_code)]
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) -> heed::Result<()> {
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(
+                self.last.as_deref().is_none_or(|last| last < key),
+                "sorted puts out of order"
+            );
+            self.last = Some(key.to_vec());
+        }
+        // SAFETY: heed marks cursor writes unsafe because a write may move
+        // or free the pages that earlier reads through the same
+        // transaction returned slices into. Nothing here holds such a
+        // slice: `key` and `value` are the caller's memory, the cursor
+        // is never advanced (so it never hands out a slice), and the
+        // transaction stays mutably borrowed, so no other read can run,
+        // for as long as this value lives. Without `CURRENT` in the flags
+        // LMDB positions the cursor on `key` itself, so no key can be
+        // written over another one.
+        unsafe {
+            self.cursor
+                .put_current_with_options::<Bytes>(PutFlags::empty(), key, value)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::env::{open_env, sync_flags};
+    use edge_config::SyncMode;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn env() -> (tempfile::TempDir, crate::store::env::LmdbEnv) {
+        let dir = tempfile::tempdir().unwrap();
+        let env = open_env(dir.path(), 1 << 26, sync_flags(SyncMode::None)).unwrap();
+        (dir, env)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Whatever the table held before, sorted puts leave it holding
+        /// exactly what plain puts would: new keys inserted between old
+        /// ones, old keys replaced with longer and shorter values, pages
+        /// split along the way, and nothing else touched.
+        #[test]
+        fn sorted_puts_leave_what_plain_puts_would(
+            before in prop::collection::btree_map(
+                prop::collection::vec(0u8..4, 1..24), prop::collection::vec(any::<u8>(), 0..300), 0..400),
+            puts in prop::collection::btree_map(
+                prop::collection::vec(0u8..4, 1..24), prop::collection::vec(any::<u8>(), 0..300), 0..400),
+        ) {
+            let (_dir, env) = env();
+            let mut txn = env.write_txn().unwrap();
+            let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("t")).unwrap();
+            for (k, v) in &before {
+                db.put(&mut txn, k, v).unwrap();
+            }
+            txn.commit().unwrap();
+
+            let mut txn = env.write_txn().unwrap();
+            let mut sorted = SortedPuts::new(db, &mut txn).unwrap();
+            for (k, v) in &puts {
+                sorted.put(k, v).unwrap();
+            }
+            drop(sorted);
+            txn.commit().unwrap();
+
+            let mut expected = before.clone();
+            expected.extend(puts.clone());
+            let txn = env.read_txn().unwrap();
+            let held: BTreeMap<Vec<u8>, Vec<u8>> = db
+                .iter(&txn)
+                .unwrap()
+                .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+                .collect();
+            prop_assert_eq!(held, expected);
+        }
+    }
+
+    #[test]
+    fn a_full_map_is_an_error_and_the_transaction_can_still_abort() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = open_env(dir.path(), 1 << 20, sync_flags(SyncMode::None)).unwrap();
+        let mut txn = env.write_txn().unwrap();
+        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("t")).unwrap();
+        txn.commit().unwrap();
+
+        let mut txn = env.write_txn().unwrap();
+        let mut sorted = SortedPuts::new(db, &mut txn).unwrap();
+        let value = vec![7u8; 1000];
+        let full = (0u32..10_000).find_map(|i| sorted.put(&i.to_be_bytes(), &value).err());
+        assert!(
+            matches!(full, Some(heed::Error::Mdb(heed::MdbError::MapFull))),
+            "{full:?}"
+        );
+        drop(sorted);
+        txn.abort();
+        let txn = env.read_txn().unwrap();
+        assert_eq!(
+            db.len(&txn).unwrap(),
+            0,
+            "nothing of the aborted puts stays"
+        );
+    }
+}

@@ -52,8 +52,17 @@ impl HotState {
     /// The transaction committed: its changes join the committed ones,
     /// or, after a checkpoint, the committed ones are gone for good.
     pub(crate) fn commit(&mut self) {
-        self.stash = None;
-        if self.committed.is_empty() {
+        if let Some(mut written) = self.stash.take() {
+            // The checkpoint's changes are in LMDB now. Their map, grown
+            // to a checkpoint's worth of keys, takes the next ones: a
+            // fresh one would grow through every doubling again, on
+            // memory the allocator may have handed back to the kernel.
+            written.clear();
+            if self.committed.is_empty() {
+                self.committed = written;
+            }
+        }
+        if self.committed.is_empty() && self.committed.capacity() < self.open.len() {
             std::mem::swap(&mut self.committed, &mut self.open);
         } else {
             self.committed.extend(self.open.drain());

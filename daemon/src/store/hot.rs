@@ -327,5 +327,20 @@ mod tests {
         assert_eq!(db.get(&txn, b"a2").unwrap(), None);
         assert_eq!(db.get(&txn, b"a3").unwrap(), Some(&b"three"[..]));
         assert_eq!(db.get(&txn, b"b").unwrap(), Some(&b"lmdb"[..]));
+        drop(txn);
+
+        // The written map takes the next changes, holding only those.
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        let mut t = table(&mut hot, &mut txn, db, &mut read);
+        t.put(b"c", b"next").unwrap();
+        drop(txn);
+        hot.commit();
+        assert_eq!(hot.keys(), 1);
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        let t = table(&mut hot, &mut txn, db, &mut read);
+        assert_eq!(t.get(b"c").unwrap(), Some(&b"next"[..]));
+        assert_eq!(hot.write_back(&mut txn, db).unwrap(), 1);
     }
 }

@@ -334,9 +334,7 @@ fn put_all_later(
     mut changes: Vec<(Vec<u8>, i64)>,
 ) -> heed::Result<usize> {
     changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    // A fan's presence never moves back: a time is stored unless what is
-    // stored is as late already. All the reads come first, then the puts
-    // through one cursor.
+    // All the reads first, then the puts through one cursor.
     let mut later = Vec::with_capacity(changes.len());
     for (key, t) in &changes {
         if db.get(txn, key)?.and_then(decode).is_none_or(|s| s < *t) {

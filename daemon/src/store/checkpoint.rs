@@ -88,10 +88,13 @@ impl Deferred {
     }
 
     /// Whether the open transaction should end with a checkpoint.
-    pub(crate) fn due(&self) -> bool {
-        self.hot.keys() >= self.policy.max_keys
+    /// `held_elsewhere`: what the writer holds beside this state until a
+    /// checkpoint (dedup keys), counted against the same bounds.
+    pub(crate) fn due(&self, held_elsewhere: usize) -> bool {
+        self.hot.keys() + held_elsewhere >= self.policy.max_keys
             || self.journal.entries() >= self.policy.max_events
-            || (self.pending() && self.last.elapsed() >= self.policy.interval)
+            || ((self.pending() || held_elsewhere > 0)
+                && self.last.elapsed() >= self.policy.interval)
     }
 
     /// Whether anything waits for a checkpoint.

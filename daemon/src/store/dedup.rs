@@ -13,14 +13,34 @@
 //! again. Earlier versions keyed an entry by arrival time and dedup key,
 //! with an empty value, which put a commit's events (they share one
 //! arrival time) in random order; the sweep reads both layouts.
+//!
+//! The dedup keys themselves come in no order (publishers' ids are
+//! mostly random, UUIDs), so each one written to LMDB dirties a leaf page
+//! anywhere in the table, and a commit of a few thousand events copied
+//! and synced a few thousand of them. In `journal` mode they are held in
+//! memory instead, like the rules' state, and written back in key order
+//! with each checkpoint. What makes a held key durable is its expiry
+//! entry, which each commit still appends: the `meta` table records the
+//! expiry entry up to which every key is in `dedup`, and opening the
+//! store puts the keys of the entries after it back (see [`Dedup::open`]).
+//! An entry that does not land after that mark (the clock stepped back
+//! past it) has its key written at once, as in `direct` mode.
 
 use std::ops::Bound;
 
-use heed::RwTxn;
+use heed::types::Bytes;
+use heed::{Database, RwTxn};
 
 use super::append;
 use super::env::Dbs;
+use super::hot::HotState;
 use super::keys::KeyBuf;
+use super::sorted::SortedPuts;
+
+/// The `meta` key of the expiry entry up to which every dedup key is in
+/// the `dedup` table (16 bytes); absent when none is held (`direct`
+/// mode).
+const KEY_WRITTEN_THROUGH: &str = "dedup_written_through";
 
 /// Natural dedup keys above this are hashed, so that `time ‖ key` in the
 /// expiry index stays below LMDB's 511-byte key limit.
@@ -38,9 +58,84 @@ pub(crate) struct Dedup {
     sweep_offsets: Vec<(std::ops::Range<usize>, Option<u64>)>,
     /// The last expired entry's own key.
     sweep_last: Vec<u8>,
+    /// `journal` mode: the keys not yet in the `dedup` table.
+    held: Option<Held>,
+}
+
+/// Dedup keys held in memory between checkpoints.
+struct Held {
+    /// Dedup key → first-seen time (8 bytes, big-endian, as in `dedup`).
+    keys: HotState,
+    /// Every expiry entry up to this one has its key in `dedup`.
+    through: [u8; 16],
+    /// The mark a checkpoint in the open transaction moved it to.
+    through_open: Option<[u8; 16]>,
 }
 
 impl Dedup {
+    /// Opens dedup at the store's open, in its transaction: puts back the
+    /// keys a run in `journal` mode held when it stopped uncleanly (every
+    /// expiry entry after the recorded mark), then holds keys from now on
+    /// when `hold`, or writes each at once. Returns the keys put back.
+    pub(crate) fn open(dbs: &Dbs, txn: &mut RwTxn, hold: bool) -> heed::Result<(Dedup, usize)> {
+        let restored = match dbs.meta.get(txn, KEY_WRITTEN_THROUGH)? {
+            Some(mark) => {
+                let mark = mark.to_vec();
+                restore_after(dbs, txn, &mark)?
+            }
+            None => 0,
+        };
+        let mut dedup = Dedup::default();
+        if hold {
+            let through = last_expiry(dbs, txn)?;
+            dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
+            dedup.held = Some(Held {
+                keys: HotState::default(),
+                through,
+                through_open: None,
+            });
+        } else {
+            dbs.meta.delete(txn, KEY_WRITTEN_THROUGH)?;
+        }
+        Ok((dedup, restored))
+    }
+
+    /// Starts a transaction; whatever an unfinished one held is dropped.
+    pub(crate) fn begin(&mut self) {
+        if let Some(held) = &mut self.held {
+            held.keys.begin();
+            held.through_open = None;
+        }
+    }
+
+    /// The open transaction committed.
+    pub(crate) fn commit(&mut self) {
+        if let Some(held) = &mut self.held {
+            held.keys.commit();
+            if let Some(through) = held.through_open.take() {
+                held.through = through;
+            }
+        }
+    }
+
+    /// Keys held, not yet in the `dedup` table.
+    pub(crate) fn held_keys(&self) -> usize {
+        self.held.as_ref().map_or(0, |h| h.keys.keys())
+    }
+
+    /// Writes the held keys back, in key order, in the open transaction
+    /// (a checkpoint's), and moves the mark past every expiry entry.
+    pub(crate) fn write_back(&mut self, dbs: &Dbs, txn: &mut RwTxn) -> heed::Result<usize> {
+        let Some(held) = &mut self.held else {
+            return Ok(0);
+        };
+        let through = last_expiry(dbs, txn)?;
+        let written = held.keys.write_back(txn, bytes(dbs))?;
+        dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
+        held.through_open = Some(through);
+        Ok(written)
+    }
+
     /// Records the event's key unless it was seen within `retention_ms`;
     /// returns true for a duplicate. `now_ms` is the arrival time at the
     /// writer, so the retention is measured on our clock, not the
@@ -56,26 +151,51 @@ impl Dedup {
     ) -> heed::Result<bool> {
         let key = self.key.start(source).rest(id).finish(MAX_DEDUP_KEY);
         let now = clamp_time(now_ms);
-        // One B-tree descent for a new key (the common case): insert
-        // unless present, and learn what was there.
-        if let Some(first_seen) = dbs.dedup.get_or_put(txn, key, &now)? {
-            // A key past its retention but not swept yet is not a duplicate.
-            if (now as i128) - (first_seen as i128) < i128::from(retention_ms) {
-                return Ok(true);
+        // A key past its retention but not swept yet is not a duplicate.
+        let within =
+            |first_seen: u64| (now as i128) - (first_seen as i128) < i128::from(retention_ms);
+        match &mut self.held {
+            None => {
+                // One B-tree descent for a new key (the common case):
+                // insert unless present, and learn what was there.
+                if let Some(first_seen) = dbs.dedup.get_or_put(txn, key, &now)? {
+                    if within(first_seen) {
+                        return Ok(true);
+                    }
+                    dbs.dedup.put(txn, key, &now)?;
+                }
             }
-            dbs.dedup.put(txn, key, &now)?;
+            Some(held) => {
+                let first_seen = match held.keys.lookup(key) {
+                    Some(value) => value.and_then(decode_time),
+                    None => dbs.dedup.get(txn, key)?,
+                };
+                if first_seen.is_some_and(within) {
+                    return Ok(true);
+                }
+            }
         }
         // A number already used at this time (a clock step back, a
         // restart) takes the next one.
-        loop {
+        let expiry = loop {
             self.number = self.number.wrapping_add(1);
             let mut expiry = [0u8; 16];
             expiry[..8].copy_from_slice(&now.to_be_bytes());
             expiry[8..].copy_from_slice(&self.number.to_be_bytes());
             if append::put_new(dbs.dedup_expiry, txn, &expiry, key)? {
-                return Ok(false);
+                break expiry;
+            }
+        };
+        if let Some(held) = &mut self.held {
+            // Opening the store puts back only the keys of entries after
+            // the mark.
+            if expiry > held.through {
+                held.keys.put(key, &now.to_be_bytes());
+            } else {
+                dbs.dedup.put(txn, key, &now)?;
             }
         }
+        Ok(false)
     }
 
     /// Removes at most `budget` keys first seen before `now_ms -
@@ -125,6 +245,14 @@ impl Dedup {
             let key = &self.sweep_keys[range.clone()];
             // Only remove the dedup entry if it is the one this expiry entry
             // was written for; a key re-seen after expiry has a newer time.
+            if let Some(held) = &mut self.held {
+                if let Some(value) = held.keys.lookup(key) {
+                    if value.and_then(decode_time) == Some(time) {
+                        held.keys.delete(key);
+                    }
+                    continue;
+                }
+            }
             if dbs.dedup.get(txn, key)? == Some(time) {
                 dbs.dedup.delete(txn, key)?;
             }
@@ -139,6 +267,60 @@ impl Dedup {
         )?;
         Ok((removed, more))
     }
+}
+
+/// Puts back the key of every expiry entry after `mark` that `dedup`
+/// lacks (or holds with an earlier time), in key order.
+fn restore_after(dbs: &Dbs, txn: &mut RwTxn, mark: &[u8]) -> heed::Result<usize> {
+    let mut keys: Vec<(Vec<u8>, u64)> = Vec::new();
+    for entry in dbs
+        .dedup_expiry
+        .range(txn, &(Bound::Excluded(mark), Bound::Unbounded))?
+    {
+        let (ekey, value) = entry?;
+        let Some(time) = expiry_time(ekey) else {
+            continue;
+        };
+        let key = if value.is_empty() { &ekey[8..] } else { value };
+        keys.push((key.to_vec(), time));
+    }
+    keys.sort_unstable();
+    // A key seen twice keeps its later time (the last of its run).
+    keys.reverse();
+    keys.dedup_by(|later, earlier| later.0 == earlier.0);
+    keys.reverse();
+    let mut missing = Vec::with_capacity(keys.len());
+    for (key, time) in &keys {
+        if dbs.dedup.get(txn, key)?.is_none_or(|stored| stored < *time) {
+            missing.push((key, *time));
+        }
+    }
+    let mut puts = SortedPuts::new(bytes(dbs), txn)?;
+    for (key, time) in &missing {
+        puts.put(key, &time.to_be_bytes())?;
+    }
+    Ok(missing.len())
+}
+
+/// The last expiry entry's key, or all zeros for an empty table.
+fn last_expiry(dbs: &Dbs, txn: &RwTxn) -> heed::Result<[u8; 16]> {
+    let mut mark = [0u8; 16];
+    if let Some((ekey, _)) = dbs.dedup_expiry.last(txn)? {
+        // Entries of the earlier layout are longer: their first 16 bytes
+        // sort them as well.
+        let n = ekey.len().min(16);
+        mark[..n].copy_from_slice(&ekey[..n]);
+    }
+    Ok(mark)
+}
+
+/// The `dedup` table with its values as bytes, as the held keys keep them.
+fn bytes(dbs: &Dbs) -> Database<Bytes, Bytes> {
+    dbs.dedup.remap_types::<Bytes, Bytes>()
+}
+
+fn decode_time(v: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(v).ok().map(u64::from_be_bytes)
 }
 
 fn clamp_time(ms: i64) -> u64 {
@@ -234,5 +416,159 @@ mod tests {
         assert!(!seen(&mut dedup, &dbs, &mut txn, "old", t + DAY + 5));
         assert!(seen(&mut dedup, &dbs, &mut txn, "new", t + DAY + 5));
         txn.commit().unwrap();
+    }
+
+    fn held(env: &LmdbEnv, dbs: &Dbs) -> Dedup {
+        let mut txn = env.write_txn().unwrap();
+        let (dedup, _) = Dedup::open(dbs, &mut txn, true).unwrap();
+        txn.commit().unwrap();
+        dedup
+    }
+
+    /// `journal` mode: keys are held until a checkpoint writes them back,
+    /// duplicates are found among them meanwhile, and a transaction that
+    /// rolls back leaves none of its keys behind.
+    #[test]
+    fn held_keys_find_duplicates_roll_back_and_are_written_back() {
+        let (_dir, env, dbs) = store();
+        let t = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
+
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
+        assert!(
+            seen(&mut dedup, &dbs, &mut txn, "a", t),
+            "within the transaction"
+        );
+        txn.commit().unwrap();
+        dedup.commit();
+        assert_eq!(counts(&env, &dbs), (0, 1), "held, its expiry entry written");
+
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(
+            seen(&mut dedup, &dbs, &mut txn, "a", t + 1),
+            "across commits"
+        );
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "b", t + 1));
+        drop(txn);
+        dedup.begin();
+        assert_eq!(dedup.held_keys(), 1, "the rolled-back key is gone");
+
+        let mut txn = env.write_txn().unwrap();
+        assert!(
+            !seen(&mut dedup, &dbs, &mut txn, "b", t + 2),
+            "b was rolled back"
+        );
+        assert_eq!(dedup.write_back(&dbs, &mut txn).unwrap(), 2);
+        txn.commit().unwrap();
+        dedup.commit();
+        assert_eq!(dedup.held_keys(), 0);
+        assert_eq!(counts(&env, &dbs), (2, 2));
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(
+            seen(&mut dedup, &dbs, &mut txn, "a", t + 3),
+            "found in LMDB now"
+        );
+        assert!(seen(&mut dedup, &dbs, &mut txn, "b", t + 3));
+    }
+
+    /// Held keys whose commits landed but whose checkpoint never came (a
+    /// crash) are put back when the store opens again, from their expiry
+    /// entries; a key seen again later keeps its later time.
+    #[test]
+    fn keys_held_at_a_crash_are_put_back_at_open() {
+        let (_dir, env, dbs) = store();
+        let t = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "early", t));
+        dedup.write_back(&dbs, &mut txn).unwrap();
+        txn.commit().unwrap();
+        dedup.commit();
+        for (i, id) in ["x", "y", "z"].into_iter().enumerate() {
+            let mut txn = env.write_txn().unwrap();
+            dedup.begin();
+            assert!(!seen(&mut dedup, &dbs, &mut txn, id, t + 10 + i as i64));
+            txn.commit().unwrap();
+            dedup.commit();
+        }
+        // Past its retention, "early" is seen again and held anew.
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "early", t + DAY + 1));
+        txn.commit().unwrap();
+        dedup.commit();
+        assert_eq!(counts(&env, &dbs), (1, 5));
+        drop(dedup);
+
+        let mut txn = env.write_txn().unwrap();
+        let (mut dedup, restored) = Dedup::open(&dbs, &mut txn, true).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(restored, 4);
+        assert_eq!(counts(&env, &dbs), (4, 5));
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        for id in ["x", "y", "z"] {
+            assert!(seen(&mut dedup, &dbs, &mut txn, id, t + 20), "{id}");
+        }
+        assert!(
+            seen(&mut dedup, &dbs, &mut txn, "early", t + DAY + 2),
+            "its later time was put back, not the first"
+        );
+        drop(txn);
+        // Nothing is put back twice.
+        let mut txn = env.write_txn().unwrap();
+        assert_eq!(Dedup::open(&dbs, &mut txn, true).unwrap().1, 0);
+    }
+
+    /// A key whose expiry entry does not land after the mark (the clock
+    /// stepped back past the last checkpoint) would not be put back
+    /// after a crash, so it is written at once.
+    #[test]
+    fn a_clock_step_back_past_the_mark_writes_the_key_at_once() {
+        let (_dir, env, dbs) = store();
+        let t = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
+        dedup.write_back(&dbs, &mut txn).unwrap();
+        txn.commit().unwrap();
+        dedup.commit();
+
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "back", t - 1_000));
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "ahead", t + 1_000));
+        txn.commit().unwrap();
+        dedup.commit();
+        assert_eq!(dedup.held_keys(), 1, "only the key after the mark is held");
+        assert_eq!(counts(&env, &dbs), (2, 3));
+    }
+
+    /// An expired key still held is swept from memory, so the checkpoint
+    /// does not write a key whose expiry entry is gone.
+    #[test]
+    fn a_held_key_that_expires_is_swept_before_it_is_written() {
+        let (_dir, env, dbs) = store();
+        let t = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
+        txn.commit().unwrap();
+        dedup.commit();
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        let (removed, _) = dedup.sweep(&dbs, &mut txn, t + DAY + 1, DAY, 10).unwrap();
+        assert_eq!(removed, 1);
+        dedup.write_back(&dbs, &mut txn).unwrap();
+        txn.commit().unwrap();
+        dedup.commit();
+        assert_eq!(counts(&env, &dbs), (0, 0));
     }
 }

@@ -76,11 +76,30 @@ impl HotState {
 
     /// The value of `key` as the open transaction sees it: `Some(None)`
     /// when it was deleted here, `None` when LMDB has the answer.
-    fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
+    pub(crate) fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
         self.open
             .get(key)
             .or_else(|| self.committed.get(key))
             .map(Option::as_deref)
+    }
+
+    /// Sets `key` in the open transaction.
+    pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
+        match self.open.get_mut(key) {
+            Some(Some(held)) => {
+                held.clear();
+                held.extend_from_slice(value);
+            }
+            Some(slot) => *slot = Some(value.to_vec()),
+            None => {
+                self.open.insert(key.into(), Some(value.to_vec()));
+            }
+        }
+    }
+
+    /// Deletes `key` in the open transaction.
+    pub(crate) fn delete(&mut self, key: &[u8]) {
+        self.open.insert(key.into(), None);
     }
 
     /// Writes every change back to `db` in key order, in the open
@@ -183,21 +202,12 @@ impl StateTable for HotTable<'_, '_, '_> {
     }
 
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), heed::Error> {
-        match self.hot.open.get_mut(key) {
-            Some(Some(held)) => {
-                held.clear();
-                held.extend_from_slice(value);
-            }
-            Some(slot) => *slot = Some(value.to_vec()),
-            None => {
-                self.hot.open.insert(key.into(), Some(value.to_vec()));
-            }
-        }
+        self.hot.put(key, value);
         Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<(), heed::Error> {
-        self.hot.open.insert(key.into(), None);
+        self.hot.delete(key);
         Ok(())
     }
 

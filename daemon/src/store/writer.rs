@@ -316,6 +316,7 @@ pub(crate) struct Opened {
     pub meta: Meta,
     pub nba: Nba,
     pub deferred: Option<Deferred>,
+    pub dedup: Dedup,
 }
 
 impl Writer {
@@ -334,6 +335,7 @@ impl Writer {
             meta,
             nba,
             deferred,
+            dedup,
         } = opened;
         let rule_stats = rule_stats::Reporter::new(settings.rule_stats_interval, clock());
         Writer {
@@ -346,7 +348,7 @@ impl Writer {
             stats,
             notify,
             published_notify,
-            dedup: Dedup::default(),
+            dedup,
             outbox: Outbox::default(),
             output: Output::default(),
             key: KeyBuf::default(),
@@ -377,7 +379,8 @@ impl Writer {
             self.stats.beat();
             self.report_rule_stats(false);
             self.nba_tick(false);
-            if self.deferred.as_ref().is_some_and(Deferred::due) {
+            let dedup_held = self.dedup.held_keys();
+            if self.deferred.as_ref().is_some_and(|d| d.due(dedup_held)) {
                 // A failure is logged; the journal keeps the state and the
                 // next turn tries again.
                 let _ = self.checkpoint("interval");
@@ -580,6 +583,7 @@ impl Writer {
         self.engine.begin();
         self.nba.begin();
         self.profiles.rollback();
+        self.dedup.begin();
         if let Some(d) = &mut self.deferred {
             d.begin();
         }
@@ -642,14 +646,17 @@ impl Writer {
             &mut txn,
             &self.dbs,
         ))?;
-        if let Some(d) = self.deferred.as_mut().filter(|d| d.due()) {
+        let dedup_held = self.dedup.held_keys();
+        if let Some(d) = self.deferred.as_mut().filter(|d| d.due(dedup_held)) {
             tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
             self.nba.write_back_presence(&mut txn)?;
+            self.dedup.write_back(&self.dbs, &mut txn)?;
         }
         txn.commit()?;
         self.engine.committed();
         self.nba.committed();
         self.profiles.committed();
+        self.dedup.commit();
         if let Some(d) = &mut self.deferred {
             d.commit();
         }
@@ -812,20 +819,24 @@ impl Writer {
         let Some(d) = self.deferred.as_mut() else {
             return Ok(());
         };
-        if !d.pending() && !self.nba.presence_held() {
+        if !d.pending() && !self.nba.presence_held() && self.dedup.held_keys() == 0 {
             return Ok(());
         }
         let nba = &mut self.nba;
+        let dedup = &mut self.dedup;
         let result = (|| -> heed::Result<usize> {
             let env = self.env.clone();
             let mut txn = env.write_txn()?;
             d.begin();
             nba.begin();
+            dedup.begin();
             let keys = d.checkpoint(&mut txn, &self.dbs)?;
             nba.write_back_presence(&mut txn)?;
+            dedup.write_back(&self.dbs, &mut txn)?;
             txn.commit()?;
             d.commit();
             nba.committed();
+            dedup.commit();
             Ok(keys)
         })();
         match result {
@@ -839,6 +850,7 @@ impl Writer {
             Err(e) => {
                 d.begin();
                 self.nba.begin();
+                self.dedup.begin();
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
                 }
@@ -1063,11 +1075,13 @@ impl Writer {
         let result = (|| -> heed::Result<u64> {
             let env = self.env.clone();
             let mut txn = env.write_txn()?;
+            self.dedup.begin();
             let (swept, _) =
                 self.dedup
                     .sweep(&self.dbs, &mut txn, now_ms, retention, IDLE_SWEEP_BUDGET)?;
             if swept > 0 {
                 txn.commit()?;
+                self.dedup.commit();
             }
             Ok(swept as u64)
         })();

@@ -50,7 +50,8 @@
 //! `-- --pipeline-sync none` or `no-meta-sync` for the pipeline's store
 //! syncing less than the default `full`, `-- --clients 16` for more
 //! batches in flight than the default 4, `-- --checkpoint-interval 5s`
-//! for fewer journal-mode checkpoints than the default one a second).
+//! for fewer journal-mode checkpoints than the default one a second,
+//! `-- --ids random` for event ids like UUIDs instead of counters).
 //! The modes run in rounds, alternating: the store modes twice, the
 //! engine-alone modes, which take seconds, five times. The fastest run
 //! of each mode is reported, and for the engine alone the median of its
@@ -301,9 +302,19 @@ const SECOND_HOUR: Hour = Hour {
     offset_ms: 3_600_000,
 };
 
+/// How event ids look: counters (in order, as some gateways number
+/// their events), or 32 random hex digits (a UUID's worth, as most
+/// publishers send): the dedup table gets them in key order, or spread
+/// over all of it.
+#[derive(Clone, Copy, PartialEq)]
+enum Ids {
+    Sequential,
+    Random,
+}
+
 /// `n` events of `hour` over the 100,000 customers and 20 types, in time
 /// order over one hour from `start_ms + hour.offset_ms`.
-fn main_events(n: usize, start_ms: i64, hour: &Hour) -> Vec<Event> {
+fn main_events(n: usize, start_ms: i64, hour: &Hour, ids: Ids) -> Vec<Event> {
     let mut rng = Rng(hour.seed);
     let step = 3_600_000.0 / n as f64;
     let from_ms = start_ms + hour.offset_ms;
@@ -311,7 +322,16 @@ fn main_events(n: usize, start_ms: i64, hour: &Hour) -> Vec<Event> {
         .map(|k| {
             let t = rng.below(TYPES.len());
             Event {
-                id: format!("{}{k}", hour.ids),
+                id: match ids {
+                    Ids::Sequential => format!("{}{k}", hour.ids),
+                    // Drawn apart from `rng`, so both kinds of run see the
+                    // same events otherwise.
+                    Ids::Random => {
+                        let mut r =
+                            Rng(hour.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+                        format!("{}{:016x}{:016x}", hour.ids, r.next(), r.next())
+                    }
+                },
                 source: if k % 2 == 0 {
                     "app/ios"
                 } else {
@@ -817,6 +837,11 @@ fn main() -> anyhow::Result<()> {
     // `--checkpoint-interval <d>`: the pipeline store's, in journal mode.
     let checkpoint_interval =
         support::flag_value("--checkpoint-interval", &["1s", "5s", "10s"], "1s")?;
+    // `--ids random`: UUID-like event ids instead of counters.
+    let ids = match support::flag_value("--ids", &["sequential", "random"], "sequential")? {
+        "random" => Ids::Random,
+        _ => Ids::Sequential,
+    };
     let (engine_events, http_events) = if quick {
         (200_000, 150_000)
     } else {
@@ -868,11 +893,11 @@ fn main() -> anyhow::Result<()> {
         ];
         if pipeline_only {
             let earlier = if warm_only {
-                main_events(http_events, start_ms, &FIRST_HOUR)
+                main_events(http_events, start_ms, &FIRST_HOUR, ids)
             } else {
                 Vec::new()
             };
-            let events = main_events(http_events, start_ms, &SECOND_HOUR);
+            let events = main_events(http_events, start_ms, &SECOND_HOUR, ids);
             let http =
                 http_run(&pipeline, &earlier, &events, start_ms, "journal").await?;
             print_pipeline_run(
@@ -902,11 +927,11 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 let earlier = if mode.warm {
-                    main_events(engine_events, start_ms, &FIRST_HOUR)
+                    main_events(engine_events, start_ms, &FIRST_HOUR, ids)
                 } else {
                     Vec::new()
                 };
-                let events = main_events(engine_events, start_ms, &SECOND_HOUR);
+                let events = main_events(engine_events, start_ms, &SECOND_HOUR, ids);
                 if m == ALONE_PASS {
                     predicate_evals = evaluations(&events, &pass_evals);
                 }
@@ -969,8 +994,8 @@ fn main() -> anyhow::Result<()> {
 
         // The pipeline too runs `ROUNDS` times per mode, alternating, and
         // the fastest run of each is reported (its stop counted in).
-        let first_hour = main_events(http_events, start_ms, &FIRST_HOUR);
-        let events = main_events(http_events, start_ms, &SECOND_HOUR);
+        let first_hour = main_events(http_events, start_ms, &FIRST_HOUR, ids);
+        let events = main_events(http_events, start_ms, &SECOND_HOUR, ids);
         let pipelines: [(&str, &str, &[Event]); 3] = [
             ("journal", "journal", &[]),
             ("direct", "direct", &[]),
@@ -998,7 +1023,13 @@ fn main() -> anyhow::Result<()> {
         println!();
         println!("summary (best of {ROUNDS} rounds per mode, {ALONE_ROUNDS} for the engine alone; a 2-core machine shared with other work: expect noise)");
         println!("  rules: {RULES} (count, sum, distinct, max, streak, sequence, group, limits, sources; lifetime/day/period/tumbling/rolling)");
-        println!("  customers: {CUSTOMERS}, each with a profile; events: {engine_events} per engine run, {http_events} over HTTP");
+        println!(
+            "  customers: {CUSTOMERS}, each with a profile; events: {engine_events} per engine run, {http_events} over HTTP; ids {}",
+            match ids {
+                Ids::Sequential => "counted in order",
+                Ids::Random => "random (UUID-like)",
+            }
+        );
         println!("  cold: the timed hour holds most customers' first events of the match; warm: an untimed hour of {engine_events} events ({http_events} over HTTP) came first");
         println!(
             "  1. engine alone (no I/O, one thread): cold {:.0} events/s, warm {:.0} events/s (target ≥ 300,000/s); medians of {ALONE_ROUNDS} rounds {:.0} and {:.0}; {:.2} and {:.2} µs per event; {} and {} awards, {} and {} records",

@@ -1675,13 +1675,13 @@ async fn a_journal_left_by_a_crash_is_replayed_when_the_site_reopens_in_direct_m
     close(h, w).await;
 }
 
-/// `journal` mode holds dedup keys until a checkpoint; after a crash
-/// before one, every event acknowledged before it is still a duplicate
-/// when it arrives again, tracked or not, in either mode.
+/// Dedup keys are held until the writer writes them back (a checkpoint
+/// in `journal` mode, the same interval in `direct` mode); after a crash
+/// before that, every event acknowledged before it is still a duplicate
+/// when it arrives again, tracked or not, whichever mode the site
+/// reopens in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedup_keys_held_at_a_crash_still_catch_the_retries() {
-    let dir = tempfile::tempdir().unwrap();
-    let journal = journal_site(dir.path());
     let rules = bundle(vec![rule("cheer", "fan.cheer", None, &[3.0])]);
     let events = vec![
         cheer("c1", "fan-1"),
@@ -1690,24 +1690,32 @@ async fn dedup_keys_held_at_a_crash_still_catch_the_retries() {
         // the same.
         ev("z1", "venue.zone.opened", None, json!({"zone": "north"})),
     ];
-    let (h, w) = open_to_crash(&journal, &rules);
-    let first = h.submit(events.clone()).await.unwrap();
-    assert!(first
-        .iter()
-        .all(|o| matches!(o, EventOutcome::Committed { .. })));
-    assert_eq!(h.stats().checkpoints(), 0);
-    close(h, w).await;
-
-    for cfg in [journal.clone(), site(dir.path()), journal] {
-        let (h, w) = open(&cfg, &rules);
-        let again = h.submit(events.clone()).await.unwrap();
-        assert_eq!(
-            again,
-            vec![EventOutcome::Duplicate; 3],
-            "{:?}",
-            cfg.store.rule_state
-        );
+    for journal_first in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal_site(dir.path());
+        let mut direct = site(dir.path());
+        direct.store.checkpoint_interval = Duration::from_secs(3600);
+        let first = if journal_first { &journal } else { &direct };
+        let (h, w) = open_to_crash(first, &rules);
+        let outcomes = h.submit(events.clone()).await.unwrap();
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(o, EventOutcome::Committed { .. })));
+        assert_eq!(h.stats().checkpoints(), 0);
         close(h, w).await;
+
+        for cfg in [&journal, &direct, &journal] {
+            let (h, w) = open(cfg, &rules);
+            let again = h.submit(events.clone()).await.unwrap();
+            assert_eq!(
+                again,
+                vec![EventOutcome::Duplicate; 3],
+                "first {:?}, now {:?}",
+                first.store.rule_state,
+                cfg.store.rule_state
+            );
+            close(h, w).await;
+        }
     }
 }
 

@@ -17,9 +17,11 @@
 //! The dedup keys themselves come in no order (publishers' ids are
 //! mostly random, UUIDs), so each one written to LMDB dirties a leaf page
 //! anywhere in the table, and a commit of a few thousand events copied
-//! and synced a few thousand of them. In `journal` mode they are held in
-//! memory instead, like the rules' state, and written back in key order
-//! with each checkpoint. What makes a held key durable is its expiry
+//! and synced a few thousand of them. So they are held in memory
+//! instead, like the rules' state in `journal` mode, and written back in
+//! key order: with each checkpoint in `journal` mode, in `direct` mode
+//! by the writer on the same interval and bound (in the commit that
+//! comes due). What makes a held key durable is its expiry
 //! entry, which each commit still appends: the `meta` table records the
 //! expiry entry up to which every key is in `dedup`, and opening the
 //! store puts the keys of the entries after it back (see [`Dedup::open`]).
@@ -27,6 +29,7 @@
 //! past it) has its key written at once, as in `direct` mode.
 
 use std::ops::Bound;
+use std::time::{Duration, Instant};
 
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
@@ -38,8 +41,8 @@ use super::keys::KeyBuf;
 use super::sorted::SortedPuts;
 
 /// The `meta` key of the expiry entry up to which every dedup key is in
-/// the `dedup` table (16 bytes); absent when none is held (`direct`
-/// mode).
+/// the `dedup` table (16 bytes); absent in stores of earlier versions,
+/// which held none.
 const KEY_WRITTEN_THROUGH: &str = "dedup_written_through";
 
 /// Natural dedup keys above this are hashed, so that `time ‖ key` in the
@@ -58,8 +61,17 @@ pub(crate) struct Dedup {
     sweep_offsets: Vec<(std::ops::Range<usize>, Option<u64>)>,
     /// The last expired entry's own key.
     sweep_last: Vec<u8>,
-    /// `journal` mode: the keys not yet in the `dedup` table.
+    /// The keys not yet in the `dedup` table; `None` only in tests of
+    /// the keys written at once.
     held: Option<Held>,
+}
+
+/// When held keys are written back when nothing else decides it
+/// (`direct` mode; `journal` mode's checkpoints write them too).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WriteBack {
+    pub interval: Duration,
+    pub max_keys: usize,
 }
 
 /// Dedup keys held in memory between checkpoints.
@@ -70,14 +82,21 @@ struct Held {
     through: [u8; 16],
     /// The mark a checkpoint in the open transaction moved it to.
     through_open: Option<[u8; 16]>,
+    policy: WriteBack,
+    /// When held keys were last written back (or the store opened).
+    last: Instant,
 }
 
 impl Dedup {
     /// Opens dedup at the store's open, in its transaction: puts back the
-    /// keys a run in `journal` mode held when it stopped uncleanly (every
-    /// expiry entry after the recorded mark), then holds keys from now on
-    /// when `hold`, or writes each at once. Returns the keys put back.
-    pub(crate) fn open(dbs: &Dbs, txn: &mut RwTxn, hold: bool) -> heed::Result<(Dedup, usize)> {
+    /// keys a run held when it stopped uncleanly (every expiry entry after
+    /// the recorded mark), then holds keys from now on. Returns the keys
+    /// put back.
+    pub(crate) fn open(
+        dbs: &Dbs,
+        txn: &mut RwTxn,
+        policy: WriteBack,
+    ) -> heed::Result<(Dedup, usize)> {
         let restored = match dbs.meta.get(txn, KEY_WRITTEN_THROUGH)? {
             Some(mark) => {
                 let mark = mark.to_vec();
@@ -85,19 +104,28 @@ impl Dedup {
             }
             None => 0,
         };
-        let mut dedup = Dedup::default();
-        if hold {
-            let through = last_expiry(dbs, txn)?;
-            dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
-            dedup.held = Some(Held {
+        let through = last_expiry(dbs, txn)?;
+        dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
+        let dedup = Dedup {
+            held: Some(Held {
                 keys: HotState::default(),
                 through,
                 through_open: None,
-            });
-        } else {
-            dbs.meta.delete(txn, KEY_WRITTEN_THROUGH)?;
-        }
+                policy,
+                last: Instant::now(),
+            }),
+            ..Dedup::default()
+        };
         Ok((dedup, restored))
+    }
+
+    /// Whether the held keys are due to be written back by themselves
+    /// (`direct` mode): past the bound, or held longer than the interval.
+    pub(crate) fn due(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| {
+            let n = h.keys.keys();
+            n >= h.policy.max_keys || (n > 0 && h.last.elapsed() >= h.policy.interval)
+        })
     }
 
     /// Starts a transaction; whatever an unfinished one held is dropped.
@@ -114,6 +142,7 @@ impl Dedup {
             held.keys.commit();
             if let Some(through) = held.through_open.take() {
                 held.through = through;
+                held.last = Instant::now();
             }
         }
     }
@@ -418,9 +447,14 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    const POLICY: WriteBack = WriteBack {
+        interval: Duration::from_secs(3600),
+        max_keys: 1_000,
+    };
+
     fn held(env: &LmdbEnv, dbs: &Dbs) -> Dedup {
         let mut txn = env.write_txn().unwrap();
-        let (dedup, _) = Dedup::open(dbs, &mut txn, true).unwrap();
+        let (dedup, _) = Dedup::open(dbs, &mut txn, POLICY).unwrap();
         txn.commit().unwrap();
         dedup
     }
@@ -506,7 +540,7 @@ mod tests {
         drop(dedup);
 
         let mut txn = env.write_txn().unwrap();
-        let (mut dedup, restored) = Dedup::open(&dbs, &mut txn, true).unwrap();
+        let (mut dedup, restored) = Dedup::open(&dbs, &mut txn, POLICY).unwrap();
         txn.commit().unwrap();
         assert_eq!(restored, 4);
         assert_eq!(counts(&env, &dbs), (4, 5));
@@ -522,7 +556,7 @@ mod tests {
         drop(txn);
         // Nothing is put back twice.
         let mut txn = env.write_txn().unwrap();
-        assert_eq!(Dedup::open(&dbs, &mut txn, true).unwrap().1, 0);
+        assert_eq!(Dedup::open(&dbs, &mut txn, POLICY).unwrap().1, 0);
     }
 
     /// A key whose expiry entry does not land after the mark (the clock

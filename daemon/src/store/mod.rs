@@ -297,13 +297,18 @@ impl Store {
             // The replay checkpointed: in direct mode nothing is held.
             (site.store.rule_state == edge_config::RuleStateMode::Journal).then_some(deferred)
         };
-        // Dedup keys a `journal`-mode run held when it stopped uncleanly
-        // are put back before any event is checked against them.
+        // Dedup keys a run held when it stopped uncleanly are put back
+        // before any event is checked against them.
         let dedup = {
             let write_err = |e: heed::Error| open_error(dir, e);
             let mut txn = env.write_txn().map_err(write_err)?;
-            let hold = site.store.rule_state == edge_config::RuleStateMode::Journal;
-            let (dedup, restored) = dedup::Dedup::open(&dbs, &mut txn, hold).map_err(write_err)?;
+            let policy = checkpoint::Policy::from_config(&site.store);
+            let write_back = dedup::WriteBack {
+                interval: policy.interval,
+                max_keys: policy.max_keys,
+            };
+            let (dedup, restored) =
+                dedup::Dedup::open(&dbs, &mut txn, write_back).map_err(write_err)?;
             txn.commit().map_err(write_err)?;
             if restored > 0 {
                 tracing::info!(restored, "dedup keys held before an unclean stop put back");

@@ -380,7 +380,11 @@ impl Writer {
             self.report_rule_stats(false);
             self.nba_tick(false);
             let dedup_held = self.dedup.held_keys();
-            if self.deferred.as_ref().is_some_and(|d| d.due(dedup_held)) {
+            let due = match &self.deferred {
+                Some(d) => d.due(dedup_held),
+                None => self.dedup.due(),
+            };
+            if due {
                 // A failure is logged; the journal keeps the state and the
                 // next turn tries again.
                 let _ = self.checkpoint("interval");
@@ -419,8 +423,13 @@ impl Writer {
             if let Command::ReplaceEngine { engine, reply } = first {
                 // A journal never spans two rule bundles: a replay must
                 // apply each entry with the rules that applied it. So the
-                // rules change only once the journal is empty.
-                if let Err(e) = self.checkpoint("rule reload") {
+                // rules change only once the journal is empty. (In
+                // `direct` mode nothing held depends on the rules.)
+                let checkpointed = match self.deferred {
+                    Some(_) => self.checkpoint("rule reload"),
+                    None => Ok(()),
+                };
+                if let Err(e) = checkpointed {
                     let _ = reply.send(Err(StoreError::Write(format!(
                         "the state held since the last checkpoint could not be written back ({e}); \
                          a reload needs that first"
@@ -647,10 +656,16 @@ impl Writer {
             &self.dbs,
         ))?;
         let dedup_held = self.dedup.held_keys();
-        if let Some(d) = self.deferred.as_mut().filter(|d| d.due(dedup_held)) {
-            tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
-            self.nba.write_back_presence(&mut txn)?;
-            self.dedup.write_back(&self.dbs, &mut txn)?;
+        match self.deferred.as_mut() {
+            Some(d) if d.due(dedup_held) => {
+                tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
+                self.nba.write_back_presence(&mut txn)?;
+                self.dedup.write_back(&self.dbs, &mut txn)?;
+            }
+            None if self.dedup.due() => {
+                self.dedup.write_back(&self.dbs, &mut txn)?;
+            }
+            _ => {}
         }
         txn.commit()?;
         self.engine.committed();
@@ -811,44 +826,59 @@ impl Writer {
         Ok(Ok(outcomes))
     }
 
-    /// Writes the deferred engine state back in a transaction of its own
-    /// (`journal` mode; nothing to do otherwise). `why` names the cause
-    /// in the log. A failure keeps the state in memory and the journal as
-    /// it was, so nothing is lost; the next due checkpoint tries again.
+    /// Writes what the writer holds back in a transaction of its own: the
+    /// deferred engine state and presence (`journal` mode) and the dedup
+    /// keys (either mode). `why` names the cause in the log. A failure
+    /// keeps the state in memory and the journal as it was, so nothing
+    /// is lost; the next due checkpoint tries again.
     fn checkpoint(&mut self, why: &str) -> heed::Result<()> {
-        let Some(d) = self.deferred.as_mut() else {
-            return Ok(());
-        };
-        if !d.pending() && !self.nba.presence_held() && self.dedup.held_keys() == 0 {
+        let held = self.deferred.as_ref().is_some_and(Deferred::pending)
+            || self.nba.presence_held()
+            || self.dedup.held_keys() > 0;
+        if !held {
             return Ok(());
         }
+        let mut d = self.deferred.as_mut();
         let nba = &mut self.nba;
         let dedup = &mut self.dedup;
         let result = (|| -> heed::Result<usize> {
             let env = self.env.clone();
             let mut txn = env.write_txn()?;
-            d.begin();
             nba.begin();
             dedup.begin();
-            let keys = d.checkpoint(&mut txn, &self.dbs)?;
+            let keys = match d.as_deref_mut() {
+                Some(d) => {
+                    d.begin();
+                    d.checkpoint(&mut txn, &self.dbs)?
+                }
+                None => 0,
+            };
             nba.write_back_presence(&mut txn)?;
             dedup.write_back(&self.dbs, &mut txn)?;
             txn.commit()?;
-            d.commit();
+            if let Some(d) = d.as_deref_mut() {
+                d.commit();
+            }
             nba.committed();
             dedup.commit();
             Ok(keys)
         })();
         match result {
             Ok(keys) => {
-                StoreStats::add(&self.stats.checkpoints, 1);
-                StoreStats::add(&self.stats.checkpoint_keys, keys as u64);
-                StoreStats::set(&self.stats.journal_entries, 0);
+                // In `direct` mode this wrote back dedup keys only: not a
+                // checkpoint of the rules' state.
+                if self.deferred.is_some() {
+                    StoreStats::add(&self.stats.checkpoints, 1);
+                    StoreStats::add(&self.stats.checkpoint_keys, keys as u64);
+                    StoreStats::set(&self.stats.journal_entries, 0);
+                }
                 StoreStats::add(&self.stats.commits, 1);
                 Ok(())
             }
             Err(e) => {
-                d.begin();
+                if let Some(d) = self.deferred.as_mut() {
+                    d.begin();
+                }
                 self.nba.begin();
                 self.dedup.begin();
                 if let Some(suppressed) = self.error_log.check() {

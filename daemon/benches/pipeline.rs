@@ -13,7 +13,8 @@
 //! `cargo bench -p touchline --bench pipeline` (add `-- --quick` for a
 //! smaller run, `-- --rule-state journal` for the store holding rule
 //! state between checkpoints instead of the daemon's default, `direct`,
-//! which writes it per event). Absolute numbers on a shared machine are
+//! which writes it per event; `-- --ids random` for event ids like UUIDs
+//! instead of counters). Absolute numbers on a shared machine are
 //! noisy; the ratio in (2) is the figure to compare across machines.
 
 mod support;
@@ -78,6 +79,10 @@ static RULE_STATE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new(
 /// The daemon's default `rule_state`.
 const DEFAULT_RULE_STATE: &str = "direct";
 
+/// Whether event ids are random (`--ids random`, like UUIDs) rather than
+/// counted in order.
+static RANDOM_IDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn rule_state() -> &'static str {
     RULE_STATE.get().copied().unwrap_or(DEFAULT_RULE_STATE)
 }
@@ -89,6 +94,8 @@ fn main() -> anyhow::Result<()> {
         &["journal", "direct"],
         DEFAULT_RULE_STATE,
     )?);
+    let _ = RANDOM_IDS
+        .set(support::flag_value("--ids", &["sequential", "random"], "sequential")? == "random");
     let scale = if quick {
         Scale {
             http_events: 100_000,
@@ -148,7 +155,20 @@ async fn start(config: &Path) -> anyhow::Result<Daemon> {
 }
 
 fn cheer(n: usize, fan: usize, time: Option<&str>) -> Value {
-    let mut e = json!({"specversion": "1.0", "id": format!("b{n}"), "source": "bench/app",
+    let id = if RANDOM_IDS.get().copied().unwrap_or(false) {
+        // The same 32 hex digits for `n` in every run.
+        let mut x = (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 32;
+        format!(
+            "b{x:016x}{:016x}",
+            x.rotate_left(17) ^ 0xD6E8_FEB8_6659_FD93
+        )
+    } else {
+        format!("b{n}")
+    };
+    let mut e = json!({"specversion": "1.0", "id": id, "source": "bench/app",
         "type": "fan.cheer", "subject": format!("fan-{fan}"),
         "data": {"intensity": n % 3 + 1}});
     if let Some(t) = time {

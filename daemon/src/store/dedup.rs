@@ -459,6 +459,26 @@ mod tests {
         dedup
     }
 
+    /// A committed transaction that sees `id` at `now_ms` (and writes the
+    /// held keys back when `write_back`); whether `id` was a duplicate.
+    fn commit_seen(
+        dedup: &mut Dedup,
+        (env, dbs): (&LmdbEnv, &Dbs),
+        id: &str,
+        now_ms: i64,
+        write_back: bool,
+    ) -> bool {
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        let duplicate = seen(dedup, dbs, &mut txn, id, now_ms);
+        if write_back {
+            dedup.write_back(dbs, &mut txn).unwrap();
+        }
+        txn.commit().unwrap();
+        dedup.commit();
+        duplicate
+    }
+
     /// `journal` mode: keys are held until a checkpoint writes them back,
     /// duplicates are found among them meanwhile, and a transaction that
     /// rolls back leaves none of its keys behind.
@@ -517,25 +537,19 @@ mod tests {
         let (_dir, env, dbs) = store();
         let t = 1_750_000_000_000;
         let mut dedup = held(&env, &dbs);
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "early", t));
-        dedup.write_back(&dbs, &mut txn).unwrap();
-        txn.commit().unwrap();
-        dedup.commit();
+        let store = (&env, &dbs);
+        assert!(!commit_seen(&mut dedup, store, "early", t, true));
         for (i, id) in ["x", "y", "z"].into_iter().enumerate() {
-            let mut txn = env.write_txn().unwrap();
-            dedup.begin();
-            assert!(!seen(&mut dedup, &dbs, &mut txn, id, t + 10 + i as i64));
-            txn.commit().unwrap();
-            dedup.commit();
+            assert!(!commit_seen(
+                &mut dedup,
+                store,
+                id,
+                t + 10 + i as i64,
+                false
+            ));
         }
         // Past its retention, "early" is seen again and held anew.
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "early", t + DAY + 1));
-        txn.commit().unwrap();
-        dedup.commit();
+        assert!(!commit_seen(&mut dedup, store, "early", t + DAY + 1, false));
         assert_eq!(counts(&env, &dbs), (1, 5));
         drop(dedup);
 
@@ -567,12 +581,7 @@ mod tests {
         let (_dir, env, dbs) = store();
         let t = 1_750_000_000_000;
         let mut dedup = held(&env, &dbs);
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
-        dedup.write_back(&dbs, &mut txn).unwrap();
-        txn.commit().unwrap();
-        dedup.commit();
+        assert!(!commit_seen(&mut dedup, (&env, &dbs), "a", t, true));
 
         let mut txn = env.write_txn().unwrap();
         dedup.begin();
@@ -591,11 +600,7 @@ mod tests {
         let (_dir, env, dbs) = store();
         let t = 1_750_000_000_000;
         let mut dedup = held(&env, &dbs);
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
-        txn.commit().unwrap();
-        dedup.commit();
+        assert!(!commit_seen(&mut dedup, (&env, &dbs), "a", t, false));
         let mut txn = env.write_txn().unwrap();
         dedup.begin();
         let (removed, _) = dedup.sweep(&dbs, &mut txn, t + DAY + 1, DAY, 10).unwrap();

@@ -29,12 +29,13 @@
 //! past it) has its key written at once, as in `direct` mode.
 
 use std::ops::Bound;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
 
 use super::append;
+use super::checkpoint::Policy;
 use super::env::Dbs;
 use super::hot::HotState;
 use super::keys::KeyBuf;
@@ -49,8 +50,8 @@ const KEY_WRITTEN_THROUGH: &str = "dedup_written_through";
 /// expiry index stays below LMDB's 511-byte key limit.
 const MAX_DEDUP_KEY: usize = 256;
 
-/// Reused buffers for dedup keys.
-#[derive(Default)]
+/// Duplicate detection: the keys held since the last write-back, and
+/// reused buffers.
 pub(crate) struct Dedup {
     key: KeyBuf,
     /// The number of the last expiry entry written; restarts at zero.
@@ -61,17 +62,8 @@ pub(crate) struct Dedup {
     sweep_offsets: Vec<(std::ops::Range<usize>, Option<u64>)>,
     /// The last expired entry's own key.
     sweep_last: Vec<u8>,
-    /// The keys not yet in the `dedup` table; `None` only in tests of
-    /// the keys written at once.
-    held: Option<Held>,
-}
-
-/// When held keys are written back when nothing else decides it
-/// (`direct` mode; `journal` mode's checkpoints write them too).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct WriteBack {
-    pub interval: Duration,
-    pub max_keys: usize,
+    /// The keys not yet in the `dedup` table.
+    held: Held,
 }
 
 /// Dedup keys held in memory between checkpoints.
@@ -80,9 +72,11 @@ struct Held {
     keys: HotState,
     /// Every expiry entry up to this one has its key in `dedup`.
     through: [u8; 16],
-    /// The mark a checkpoint in the open transaction moved it to.
+    /// The mark a write-back in the open transaction moved it to.
     through_open: Option<[u8; 16]>,
-    policy: WriteBack,
+    /// The checkpoint policy's interval and key bound apply to the held
+    /// keys too.
+    policy: Policy,
     /// When held keys were last written back (or the store opened).
     last: Instant,
 }
@@ -92,11 +86,7 @@ impl Dedup {
     /// keys a run held when it stopped uncleanly (every expiry entry after
     /// the recorded mark), then holds keys from now on. Returns the keys
     /// put back.
-    pub(crate) fn open(
-        dbs: &Dbs,
-        txn: &mut RwTxn,
-        policy: WriteBack,
-    ) -> heed::Result<(Dedup, usize)> {
+    pub(crate) fn open(dbs: &Dbs, txn: &mut RwTxn, policy: Policy) -> heed::Result<(Dedup, usize)> {
         let restored = match dbs.meta.get(txn, KEY_WRITTEN_THROUGH)? {
             Some(mark) => {
                 let mark = mark.to_vec();
@@ -107,57 +97,55 @@ impl Dedup {
         let through = last_expiry(dbs, txn)?;
         dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
         let dedup = Dedup {
-            held: Some(Held {
+            key: KeyBuf::default(),
+            number: 0,
+            sweep_keys: Vec::new(),
+            sweep_offsets: Vec::new(),
+            sweep_last: Vec::new(),
+            held: Held {
                 keys: HotState::default(),
                 through,
                 through_open: None,
                 policy,
                 last: Instant::now(),
-            }),
-            ..Dedup::default()
+            },
         };
         Ok((dedup, restored))
     }
 
-    /// Whether the held keys are due to be written back by themselves
-    /// (`direct` mode): past the bound, or held longer than the interval.
+    /// Whether the held keys are due to be written back: past the
+    /// policy's key bound, or held longer than its interval.
     pub(crate) fn due(&self) -> bool {
-        self.held.as_ref().is_some_and(|h| {
-            let n = h.keys.keys();
-            n >= h.policy.max_keys || (n > 0 && h.last.elapsed() >= h.policy.interval)
-        })
+        let h = &self.held;
+        let n = h.keys.keys();
+        n >= h.policy.max_keys || (n > 0 && h.last.elapsed() >= h.policy.interval)
     }
 
     /// Starts a transaction; whatever an unfinished one held is dropped.
     pub(crate) fn begin(&mut self) {
-        if let Some(held) = &mut self.held {
-            held.keys.begin();
-            held.through_open = None;
-        }
+        self.held.keys.begin();
+        self.held.through_open = None;
     }
 
     /// The open transaction committed.
     pub(crate) fn commit(&mut self) {
-        if let Some(held) = &mut self.held {
-            held.keys.commit();
-            if let Some(through) = held.through_open.take() {
-                held.through = through;
-                held.last = Instant::now();
-            }
+        let held = &mut self.held;
+        held.keys.commit();
+        if let Some(through) = held.through_open.take() {
+            held.through = through;
+            held.last = Instant::now();
         }
     }
 
     /// Keys held, not yet in the `dedup` table.
     pub(crate) fn held_keys(&self) -> usize {
-        self.held.as_ref().map_or(0, |h| h.keys.keys())
+        self.held.keys.keys()
     }
 
-    /// Writes the held keys back, in key order, in the open transaction
-    /// (a checkpoint's), and moves the mark past every expiry entry.
+    /// Writes the held keys back, in key order, in the open transaction,
+    /// and moves the mark past every expiry entry.
     pub(crate) fn write_back(&mut self, dbs: &Dbs, txn: &mut RwTxn) -> heed::Result<usize> {
-        let Some(held) = &mut self.held else {
-            return Ok(0);
-        };
+        let held = &mut self.held;
         let through = last_expiry(dbs, txn)?;
         let written = held.keys.write_back(txn, bytes(dbs))?;
         dbs.meta.put(txn, KEY_WRITTEN_THROUGH, &through)?;
@@ -183,26 +171,12 @@ impl Dedup {
         // A key past its retention but not swept yet is not a duplicate.
         let within =
             |first_seen: u64| (now as i128) - (first_seen as i128) < i128::from(retention_ms);
-        match &mut self.held {
-            None => {
-                // One B-tree descent for a new key (the common case):
-                // insert unless present, and learn what was there.
-                if let Some(first_seen) = dbs.dedup.get_or_put(txn, key, &now)? {
-                    if within(first_seen) {
-                        return Ok(true);
-                    }
-                    dbs.dedup.put(txn, key, &now)?;
-                }
-            }
-            Some(held) => {
-                let first_seen = match held.keys.lookup(key) {
-                    Some(value) => value.and_then(decode_time),
-                    None => dbs.dedup.get(txn, key)?,
-                };
-                if first_seen.is_some_and(within) {
-                    return Ok(true);
-                }
-            }
+        let first_seen = match self.held.keys.lookup(key) {
+            Some(value) => value.and_then(decode_time),
+            None => dbs.dedup.get(txn, key)?,
+        };
+        if first_seen.is_some_and(within) {
+            return Ok(true);
         }
         // A number already used at this time (a clock step back, a
         // restart) takes the next one.
@@ -215,14 +189,12 @@ impl Dedup {
                 break expiry;
             }
         };
-        if let Some(held) = &mut self.held {
-            // Opening the store puts back only the keys of entries after
-            // the mark.
-            if expiry > held.through {
-                held.keys.put(key, &now.to_be_bytes());
-            } else {
-                dbs.dedup.put(txn, key, &now)?;
-            }
+        // Opening the store puts back only the keys of entries after the
+        // mark.
+        if expiry > self.held.through {
+            self.held.keys.put(key, &now.to_be_bytes());
+        } else {
+            dbs.dedup.put(txn, key, &now)?;
         }
         Ok(false)
     }
@@ -274,13 +246,11 @@ impl Dedup {
             let key = &self.sweep_keys[range.clone()];
             // Only remove the dedup entry if it is the one this expiry entry
             // was written for; a key re-seen after expiry has a newer time.
-            if let Some(held) = &mut self.held {
-                if let Some(value) = held.keys.lookup(key) {
-                    if value.and_then(decode_time) == Some(time) {
-                        held.keys.delete(key);
-                    }
-                    continue;
+            if let Some(value) = self.held.keys.lookup(key) {
+                if value.and_then(decode_time) == Some(time) {
+                    self.held.keys.delete(key);
                 }
+                continue;
             }
             if dbs.dedup.get(txn, key)? == Some(time) {
                 dbs.dedup.delete(txn, key)?;
@@ -313,11 +283,9 @@ fn restore_after(dbs: &Dbs, txn: &mut RwTxn, mark: &[u8]) -> heed::Result<usize>
         let key = if value.is_empty() { &ekey[8..] } else { value };
         keys.push((key.to_vec(), time));
     }
-    keys.sort_unstable();
-    // A key seen twice keeps its later time (the last of its run).
-    keys.reverse();
-    keys.dedup_by(|later, earlier| later.0 == earlier.0);
-    keys.reverse();
+    // A key seen twice keeps its later time: the first of its run.
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    keys.dedup_by(|next, kept| next.0 == kept.0);
     let mut missing = Vec::with_capacity(keys.len());
     for (key, time) in &keys {
         if dbs.dedup.get(txn, key)?.is_none_or(|stored| stored < *time) {
@@ -395,27 +363,34 @@ mod tests {
     fn every_key_gets_its_own_expiry_entry_when_the_clock_steps_back_or_numbers_restart() {
         let (_dir, env, dbs) = store();
         let t = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
         let mut txn = env.write_txn().unwrap();
-        let mut dedup = Dedup::default();
+        dedup.begin();
         // Appended in order, then a clock step back, then a "restart"
         // (numbers from zero again) at times already used.
         for (i, now) in [t, t, t + 5, t - 100, t - 100].into_iter().enumerate() {
             assert!(!seen(&mut dedup, &dbs, &mut txn, &format!("a{i}"), now));
         }
-        let mut restarted = Dedup::default();
+        dedup.write_back(&dbs, &mut txn).unwrap();
+        let (mut restarted, _) = Dedup::open(&dbs, &mut txn, POLICY).unwrap();
         for (i, now) in [t, t - 100, t + 5].into_iter().enumerate() {
             assert!(!seen(&mut restarted, &dbs, &mut txn, &format!("b{i}"), now));
         }
         assert!(seen(&mut restarted, &dbs, &mut txn, "a3", t + 6));
+        restarted.write_back(&dbs, &mut txn).unwrap();
         txn.commit().unwrap();
+        dedup.commit();
+        restarted.commit();
         assert_eq!(counts(&env, &dbs), (8, 8));
 
         // A day later every one of them expires, each with its dedup key.
         let mut txn = env.write_txn().unwrap();
+        dedup.begin();
         let (removed, more) = dedup
             .sweep(&dbs, &mut txn, t + 5 + DAY + 1, DAY, 100)
             .unwrap();
         txn.commit().unwrap();
+        dedup.commit();
         assert_eq!((removed, more), (8, false));
         assert_eq!(counts(&env, &dbs), (0, 0));
     }
@@ -424,7 +399,9 @@ mod tests {
     fn expiry_entries_in_the_earlier_layout_are_swept_with_their_keys() {
         let (_dir, env, dbs) = store();
         let t: i64 = 1_750_000_000_000;
+        let mut dedup = held(&env, &dbs);
         let mut txn = env.write_txn().unwrap();
+        dedup.begin();
         // Written by an earlier version: time ‖ dedup key → empty.
         let mut kb = KeyBuf::default();
         let old = kb.start("src").rest("old").finish(MAX_DEDUP_KEY).to_vec();
@@ -433,12 +410,13 @@ mod tests {
         ekey.extend_from_slice(&old);
         dbs.dedup_expiry.put(&mut txn, &ekey, &[]).unwrap();
         // And one in today's layout, a little later.
-        let mut dedup = Dedup::default();
         assert!(!seen(&mut dedup, &dbs, &mut txn, "new", t + 10));
         assert!(seen(&mut dedup, &dbs, &mut txn, "old", t + 20));
         txn.commit().unwrap();
+        dedup.commit();
 
         let mut txn = env.write_txn().unwrap();
+        dedup.begin();
         // Only the earlier one has expired.
         let (removed, _) = dedup.sweep(&dbs, &mut txn, t + DAY + 5, DAY, 100).unwrap();
         assert_eq!(removed, 1);
@@ -447,9 +425,10 @@ mod tests {
         txn.commit().unwrap();
     }
 
-    const POLICY: WriteBack = WriteBack {
-        interval: Duration::from_secs(3600),
+    const POLICY: Policy = Policy {
+        interval: std::time::Duration::from_secs(3600),
         max_keys: 1_000,
+        max_events: 1_000,
     };
 
     fn held(env: &LmdbEnv, dbs: &Dbs) -> Dedup {

@@ -265,13 +265,13 @@ impl Store {
         // start clean) before any new event is applied. That holds in
         // `direct` mode too: a site switched to it after such a stop must
         // not lose the journaled state.
+        let policy = checkpoint::Policy::from_config(&site.store);
         let deferred = {
             let write_err = |e: heed::Error| open_error(dir, e);
             let txn = env.write_txn().map_err(write_err)?;
             let journal = journal::Journal::open(dbs.journal, &txn).map_err(write_err)?;
             drop(txn);
-            let mut deferred =
-                checkpoint::Deferred::new(journal, checkpoint::Policy::from_config(&site.store));
+            let mut deferred = checkpoint::Deferred::new(journal, policy);
             if deferred.journal.entries() > 0 {
                 let replay_engine = Engine::new(rules, pseudonymizer.clone())?;
                 let replayed = std::thread::scope(|scope| {
@@ -302,13 +302,8 @@ impl Store {
         let dedup = {
             let write_err = |e: heed::Error| open_error(dir, e);
             let mut txn = env.write_txn().map_err(write_err)?;
-            let policy = checkpoint::Policy::from_config(&site.store);
-            let write_back = dedup::WriteBack {
-                interval: policy.interval,
-                max_keys: policy.max_keys,
-            };
             let (dedup, restored) =
-                dedup::Dedup::open(&dbs, &mut txn, write_back).map_err(write_err)?;
+                dedup::Dedup::open(&dbs, &mut txn, policy).map_err(write_err)?;
             txn.commit().map_err(write_err)?;
             if restored > 0 {
                 tracing::info!(restored, "dedup keys held before an unclean stop put back");

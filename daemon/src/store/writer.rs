@@ -379,12 +379,7 @@ impl Writer {
             self.stats.beat();
             self.report_rule_stats(false);
             self.nba_tick(false);
-            let dedup_held = self.dedup.held_keys();
-            let due = match &self.deferred {
-                Some(d) => d.due(dedup_held),
-                None => self.dedup.due(),
-            };
-            if due {
+            if self.hold_due() {
                 // A failure is logged; the journal keeps the state and the
                 // next turn tries again.
                 let _ = self.checkpoint("interval");
@@ -655,17 +650,10 @@ impl Writer {
             &mut txn,
             &self.dbs,
         ))?;
-        let dedup_held = self.dedup.held_keys();
-        match self.deferred.as_mut() {
-            Some(d) if d.due(dedup_held) => {
-                tally.checkpointed(d.checkpoint(&mut txn, &self.dbs)?);
-                self.nba.write_back_presence(&mut txn)?;
-                self.dedup.write_back(&self.dbs, &mut txn)?;
+        if self.hold_due() {
+            if let Some(keys) = self.write_back_held(&mut txn)? {
+                tally.checkpointed(keys);
             }
-            None if self.dedup.due() => {
-                self.dedup.write_back(&self.dbs, &mut txn)?;
-            }
-            _ => {}
         }
         txn.commit()?;
         self.engine.committed();
@@ -751,9 +739,8 @@ impl Writer {
                     // Their state and journaled events go to LMDB first,
                     // so the erasure below finds and deletes every trace
                     // in this commit.
-                    if let Some(d) = &mut self.deferred {
-                        tally.checkpointed(d.checkpoint(txn, &self.dbs)?);
-                        self.nba.write_back_presence(txn)?;
+                    if let Some(keys) = self.write_back_deferred(txn)? {
+                        tally.checkpointed(keys);
                     }
                     self.engine
                         .erase(&mut LmdbTable::new(txn, &self.dbs), &customer)?;
@@ -838,36 +825,20 @@ impl Writer {
         if !held {
             return Ok(());
         }
-        let mut d = self.deferred.as_mut();
-        let nba = &mut self.nba;
-        let dedup = &mut self.dedup;
-        let result = (|| -> heed::Result<usize> {
-            let env = self.env.clone();
+        let env = self.env.clone();
+        let mut write = || -> heed::Result<Option<usize>> {
             let mut txn = env.write_txn()?;
-            nba.begin();
-            dedup.begin();
-            let keys = match d.as_deref_mut() {
-                Some(d) => {
-                    d.begin();
-                    d.checkpoint(&mut txn, &self.dbs)?
-                }
-                None => 0,
-            };
-            nba.write_back_presence(&mut txn)?;
-            dedup.write_back(&self.dbs, &mut txn)?;
+            self.begin_held();
+            let keys = self.write_back_held(&mut txn)?;
             txn.commit()?;
-            if let Some(d) = d.as_deref_mut() {
-                d.commit();
-            }
-            nba.committed();
-            dedup.commit();
+            self.commit_held();
             Ok(keys)
-        })();
-        match result {
+        };
+        match write() {
             Ok(keys) => {
                 // In `direct` mode this wrote back dedup keys only: not a
                 // checkpoint of the rules' state.
-                if self.deferred.is_some() {
+                if let Some(keys) = keys {
                     StoreStats::add(&self.stats.checkpoints, 1);
                     StoreStats::add(&self.stats.checkpoint_keys, keys as u64);
                     StoreStats::set(&self.stats.journal_entries, 0);
@@ -876,17 +847,62 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                if let Some(d) = self.deferred.as_mut() {
-                    d.begin();
-                }
-                self.nba.begin();
-                self.dedup.begin();
+                self.begin_held();
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Whether what the writer holds in memory is due to be written
+    /// back, by the checkpoint policy's interval or key bound.
+    fn hold_due(&self) -> bool {
+        match &self.deferred {
+            Some(d) => d.due(self.dedup.held_keys()),
+            None => self.dedup.due(),
+        }
+    }
+
+    /// Writes back, in `txn`, everything the writer holds in memory: the
+    /// deferred state (below) and the dedup keys. Returns what
+    /// [`Writer::write_back_deferred`] returns.
+    fn write_back_held(&mut self, txn: &mut RwTxn) -> heed::Result<Option<usize>> {
+        let keys = self.write_back_deferred(txn)?;
+        self.dedup.write_back(&self.dbs, txn)?;
+        Ok(keys)
+    }
+
+    /// In `journal` mode, checkpoints the deferred engine state and
+    /// writes back the presence held, in `txn`, and returns the keys the
+    /// checkpoint wrote; `None` in `direct` mode, which holds neither.
+    fn write_back_deferred(&mut self, txn: &mut RwTxn) -> heed::Result<Option<usize>> {
+        let Some(d) = &mut self.deferred else {
+            return Ok(None);
+        };
+        let keys = d.checkpoint(txn, &self.dbs)?;
+        self.nba.write_back_presence(txn)?;
+        Ok(Some(keys))
+    }
+
+    /// Starts a transaction for what is held; an unfinished one's changes
+    /// are dropped.
+    fn begin_held(&mut self) {
+        if let Some(d) = &mut self.deferred {
+            d.begin();
+        }
+        self.nba.begin();
+        self.dedup.begin();
+    }
+
+    /// The transaction that wrote back what was held committed.
+    fn commit_held(&mut self) {
+        if let Some(d) = &mut self.deferred {
+            d.commit();
+        }
+        self.nba.committed();
+        self.dedup.commit();
     }
 
     /// A customer's progress as of the last commit, unwritten changes

@@ -9,17 +9,36 @@
 //! save, so forgetting is always safe, and the map starts over when it
 //! grows past its bound.
 //!
+//! One map holds both: the open transaction's first note for a customer
+//! keeps what it replaced in an undo log, which a rollback puts back and
+//! a commit forgets. (A second map for the open transaction cost a
+//! second probe on every read and a rehash of every note at commit.)
+//!
 //! Keys are customer ids: hashed with Fx, like the writer's other
 //! per-customer maps (the hot state), for the cost of a lookup per event.
 
+use std::ops::Range;
+
 use rustc_hash::FxHashMap;
+
+#[derive(Debug)]
+struct Slot<V> {
+    value: V,
+    /// The transaction that noted it last.
+    txn: u64,
+}
 
 /// Per-customer values known to be committed, or written by the open
 /// transaction.
 #[derive(Debug)]
 pub(crate) struct Committed<V> {
-    known: FxHashMap<String, V>,
-    pending: FxHashMap<String, V>,
+    known: FxHashMap<String, Slot<V>>,
+    /// The open transaction's number.
+    txn: u64,
+    /// What the open transaction's first note for a customer replaced
+    /// (`None`: nothing), the customer's id in `undo_ids`.
+    undo: Vec<(Range<usize>, Option<V>)>,
+    undo_ids: String,
     max: usize,
 }
 
@@ -28,7 +47,9 @@ impl<V> Committed<V> {
     pub(crate) fn new(max: usize) -> Committed<V> {
         Committed {
             known: FxHashMap::default(),
-            pending: FxHashMap::default(),
+            txn: 0,
+            undo: Vec::new(),
+            undo_ids: String::new(),
             max,
         }
     }
@@ -36,42 +57,75 @@ impl<V> Committed<V> {
     /// The value the open transaction noted for `customer`, else the one
     /// last committed, if remembered.
     pub(crate) fn get(&self, customer: &str) -> Option<&V> {
-        self.pending
-            .get(customer)
-            .or_else(|| self.known.get(customer))
+        self.known.get(customer).map(|slot| &slot.value)
     }
 
     /// The open transaction wrote (or read) `value` for `customer`.
     pub(crate) fn note(&mut self, customer: &str, value: V) {
-        match self.pending.get_mut(customer) {
-            Some(v) => *v = value,
-            None => {
-                self.pending.insert(customer.to_owned(), value);
+        let txn = self.txn;
+        let before = match self.known.get_mut(customer) {
+            Some(slot) if slot.txn == txn => {
+                slot.value = value;
+                return;
             }
-        }
+            Some(slot) => {
+                slot.txn = txn;
+                Some(std::mem::replace(&mut slot.value, value))
+            }
+            None => {
+                self.known.insert(customer.to_owned(), Slot { value, txn });
+                None
+            }
+        };
+        let start = self.undo_ids.len();
+        self.undo_ids.push_str(customer);
+        self.undo.push((start..self.undo_ids.len(), before));
     }
 
     /// The open transaction did not commit (or a new one starts).
     pub(crate) fn rollback(&mut self) {
-        self.pending.clear();
+        for (id, before) in self.undo.drain(..).rev() {
+            let customer = &self.undo_ids[id];
+            match before {
+                None => {
+                    self.known.remove(customer);
+                }
+                Some(value) => match self.known.get_mut(customer) {
+                    Some(slot) => slot.value = value,
+                    // Forgotten since; what was committed stands again.
+                    None => {
+                        self.known
+                            .insert(customer.to_owned(), Slot { value, txn: 0 });
+                    }
+                },
+            }
+        }
+        self.undo_ids.clear();
+        self.txn += 1;
     }
 
     /// The open transaction committed: what it noted now stands.
     pub(crate) fn committed(&mut self) {
-        if self.known.len() + self.pending.len() > self.max {
-            self.known.clear();
+        if self.known.len() > self.max {
+            // Past the bound the map starts over with the newest notes.
+            let txn = self.txn;
+            self.known.retain(|_, slot| slot.txn == txn);
         }
-        self.known.extend(self.pending.drain());
+        self.undo.clear();
+        self.undo_ids.clear();
+        self.txn += 1;
     }
 
+    /// Forgets `customer`. Forgetting is always safe, so a rollback
+    /// need not undo it.
     pub(crate) fn forget(&mut self, customer: &str) {
         self.known.remove(customer);
-        self.pending.remove(customer);
     }
 
     pub(crate) fn forget_all(&mut self) {
         self.known.clear();
-        self.pending.clear();
+        self.undo.clear();
+        self.undo_ids.clear();
     }
 }
 
@@ -118,5 +172,78 @@ mod tests {
         assert_eq!(m.get("fan-6"), Some(&6));
         m.forget_all();
         assert_eq!(m.get("fan-6"), None);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Note(u8, u8),
+        Forget(u8),
+        ForgetAll,
+        Commit,
+        Rollback,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            8 => (0..6u8, any::<u8>()).prop_map(|(k, v)| Op::Note(k, v)),
+            1 => (0..6u8).prop_map(Op::Forget),
+            1 => Just(Op::ForgetAll),
+            3 => Just(Op::Commit),
+            3 => Just(Op::Rollback),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the mix of notes, commits, rollbacks and forgetting,
+        /// a read is either a miss or the value the open transaction
+        /// would read from LMDB, and a note not forgotten since is never
+        /// missed within its transaction.
+        #[test]
+        fn a_read_is_a_miss_or_the_truth(ops in proptest::collection::vec(op(), 1..80)) {
+            use std::collections::BTreeMap;
+            let mut m = Committed::new(4);
+            // What LMDB holds as of the last commit, and as the open
+            // transaction sees it.
+            let mut durable: BTreeMap<u8, u8> = BTreeMap::new();
+            let mut open = durable.clone();
+            let mut noted: BTreeMap<u8, u8> = BTreeMap::new();
+            m.rollback();
+            for op in ops {
+                match op {
+                    Op::Note(k, v) => {
+                        m.note(&k.to_string(), v);
+                        open.insert(k, v);
+                        noted.insert(k, v);
+                    }
+                    Op::Forget(k) => {
+                        m.forget(&k.to_string());
+                        noted.remove(&k);
+                    }
+                    Op::ForgetAll => {
+                        m.forget_all();
+                        noted.clear();
+                    }
+                    Op::Commit => {
+                        m.committed();
+                        durable = open.clone();
+                        m.rollback();
+                        noted.clear();
+                    }
+                    Op::Rollback => {
+                        m.rollback();
+                        open = durable.clone();
+                        noted.clear();
+                    }
+                }
+                for k in 0..6u8 {
+                    let seen = m.get(&k.to_string()).copied();
+                    proptest::prop_assert!(seen.is_none() || seen == open.get(&k).copied());
+                    if let Some(v) = noted.get(&k) {
+                        proptest::prop_assert_eq!(seen, Some(*v));
+                    }
+                }
+            }
+        }
     }
 }

@@ -397,7 +397,9 @@ impl StoreHandle {
                 _permit: permit,
             })
             .map_err(|_| SubmitError::Closed)?;
-        answer.await.map_err(|_| SubmitError::Closed)?
+        let reply = answer.await.map_err(|_| SubmitError::Closed)?;
+        drop(reply.spent);
+        reply.result
     }
 
     /// Keeps rejected-input samples, best effort: never waits for the

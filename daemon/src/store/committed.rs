@@ -9,36 +9,17 @@
 //! save, so forgetting is always safe, and the map starts over when it
 //! grows past its bound.
 //!
-//! One map holds both: the open transaction's first note for a customer
-//! keeps what it replaced in an undo log, which a rollback puts back and
-//! a commit forgets. (A second map for the open transaction cost a
-//! second probe on every read and a rehash of every note at commit.)
-//!
 //! Keys are customer ids: hashed with Fx, like the writer's other
 //! per-customer maps (the hot state), for the cost of a lookup per event.
 
-use std::ops::Range;
-
 use rustc_hash::FxHashMap;
-
-#[derive(Debug)]
-struct Slot<V> {
-    value: V,
-    /// The transaction that noted it last.
-    txn: u64,
-}
 
 /// Per-customer values known to be committed, or written by the open
 /// transaction.
 #[derive(Debug)]
 pub(crate) struct Committed<V> {
-    known: FxHashMap<String, Slot<V>>,
-    /// The open transaction's number.
-    txn: u64,
-    /// What the open transaction's first note for a customer replaced
-    /// (`None`: nothing), the customer's id in `undo_ids`.
-    undo: Vec<(Range<usize>, Option<V>)>,
-    undo_ids: String,
+    known: FxHashMap<String, V>,
+    pending: FxHashMap<String, V>,
     max: usize,
 }
 
@@ -47,9 +28,7 @@ impl<V> Committed<V> {
     pub(crate) fn new(max: usize) -> Committed<V> {
         Committed {
             known: FxHashMap::default(),
-            txn: 0,
-            undo: Vec::new(),
-            undo_ids: String::new(),
+            pending: FxHashMap::default(),
             max,
         }
     }
@@ -57,75 +36,42 @@ impl<V> Committed<V> {
     /// The value the open transaction noted for `customer`, else the one
     /// last committed, if remembered.
     pub(crate) fn get(&self, customer: &str) -> Option<&V> {
-        self.known.get(customer).map(|slot| &slot.value)
+        self.pending
+            .get(customer)
+            .or_else(|| self.known.get(customer))
     }
 
     /// The open transaction wrote (or read) `value` for `customer`.
     pub(crate) fn note(&mut self, customer: &str, value: V) {
-        let txn = self.txn;
-        let before = match self.known.get_mut(customer) {
-            Some(slot) if slot.txn == txn => {
-                slot.value = value;
-                return;
-            }
-            Some(slot) => {
-                slot.txn = txn;
-                Some(std::mem::replace(&mut slot.value, value))
-            }
+        match self.pending.get_mut(customer) {
+            Some(v) => *v = value,
             None => {
-                self.known.insert(customer.to_owned(), Slot { value, txn });
-                None
+                self.pending.insert(customer.to_owned(), value);
             }
-        };
-        let start = self.undo_ids.len();
-        self.undo_ids.push_str(customer);
-        self.undo.push((start..self.undo_ids.len(), before));
+        }
     }
 
     /// The open transaction did not commit (or a new one starts).
     pub(crate) fn rollback(&mut self) {
-        for (id, before) in self.undo.drain(..).rev() {
-            let customer = &self.undo_ids[id];
-            match before {
-                None => {
-                    self.known.remove(customer);
-                }
-                Some(value) => match self.known.get_mut(customer) {
-                    Some(slot) => slot.value = value,
-                    // Forgotten since; what was committed stands again.
-                    None => {
-                        self.known
-                            .insert(customer.to_owned(), Slot { value, txn: 0 });
-                    }
-                },
-            }
-        }
-        self.undo_ids.clear();
-        self.txn += 1;
+        self.pending.clear();
     }
 
     /// The open transaction committed: what it noted now stands.
     pub(crate) fn committed(&mut self) {
-        if self.known.len() > self.max {
-            // Past the bound the map starts over with the newest notes.
-            let txn = self.txn;
-            self.known.retain(|_, slot| slot.txn == txn);
+        if self.known.len() + self.pending.len() > self.max {
+            self.known.clear();
         }
-        self.undo.clear();
-        self.undo_ids.clear();
-        self.txn += 1;
+        self.known.extend(self.pending.drain());
     }
 
-    /// Forgets `customer`. Forgetting is always safe, so a rollback
-    /// need not undo it.
     pub(crate) fn forget(&mut self, customer: &str) {
         self.known.remove(customer);
+        self.pending.remove(customer);
     }
 
     pub(crate) fn forget_all(&mut self) {
         self.known.clear();
-        self.undo.clear();
-        self.undo_ids.clear();
+        self.pending.clear();
     }
 }
 

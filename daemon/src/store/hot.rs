@@ -10,18 +10,13 @@
 //! per key, in one transaction that also empties the journal. A customer
 //! seen many times between checkpoints is written once.
 //!
-//! One map holds every change since the last checkpoint, and an undo
-//! log keeps the engine's transactional view: the first change the open
-//! transaction makes to a key notes what the map held for it before, a
-//! transaction that rolls back puts those back, and one that commits
-//! just forgets them. A checkpoint moves the map aside until its
-//! transaction commits, so a checkpoint that fails to commit loses
-//! nothing. (Two layers, the open transaction's changes over the
-//! committed ones, cost a second hash probe on every read and a rehash
-//! of every key the transaction changed at its commit.)
+//! Two layers keep the engine's transactional view: `open` holds what the
+//! current transaction wrote, `committed` what earlier transactions since
+//! the last checkpoint wrote. A transaction that rolls back drops `open`;
+//! one that checkpoints moves `committed` aside until it commits, so a
+//! checkpoint that fails to commit loses nothing.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 
 use heed::types::Bytes;
 use heed::{Database, RoTxn, RwTxn};
@@ -33,175 +28,105 @@ use super::sorted::SortedPuts;
 use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
-/// A key's change since the last checkpoint.
-#[derive(Debug)]
-struct Slot {
-    /// `None` when the key was deleted.
-    value: Option<Vec<u8>>,
-    /// The transaction that changed it last.
-    txn: u64,
-}
-
-type Changes = FxHashMap<Box<[u8]>, Slot>;
-
-/// What the open transaction's first change to a key replaced.
-#[derive(Debug)]
-struct Undo {
-    /// The key, in [`HotState::undo_keys`].
-    key: Range<usize>,
-    /// The slot's value before, or `None` when there was no slot.
-    before: Option<Option<Vec<u8>>>,
-}
+/// A key's value since the last checkpoint; `None` when it was deleted.
+type Changes = FxHashMap<Box<[u8]>, Option<Vec<u8>>>;
 
 /// The engine's changes not yet written back to LMDB.
 #[derive(Debug, Default)]
 pub(crate) struct HotState {
-    changes: Changes,
-    /// The open transaction's number; a slot changed by an earlier one
-    /// has its old value noted before it is changed.
-    txn: u64,
-    undo: Vec<Undo>,
-    /// The undo log's keys, one after the other (no allocation per key).
-    undo_keys: Vec<u8>,
-    /// `changes` as it was when a checkpoint in the open transaction
-    /// wrote it, and the undo log's length then.
-    stash: Option<(Changes, usize)>,
+    committed: Changes,
+    open: Changes,
+    /// `committed` as it was before a checkpoint in the open transaction.
+    stash: Option<Changes>,
 }
 
 impl HotState {
-    /// Starts a transaction; whatever an unfinished one changed is undone.
+    /// Starts a transaction; whatever an unfinished one left is dropped.
     pub(crate) fn begin(&mut self) {
-        if let Some((written, mark)) = self.stash.take() {
-            // Changes after the checkpoint were made to a map that is
-            // dropped now; the log before it refers to the written one.
-            self.changes = written;
-            self.undo.truncate(mark);
+        if let Some(stash) = self.stash.take() {
+            self.committed = stash;
         }
-        for undo in self.undo.drain(..).rev() {
-            let key = &self.undo_keys[undo.key];
-            match undo.before {
-                None => {
-                    self.changes.remove(key);
-                }
-                Some(value) => match self.changes.get_mut(key) {
-                    Some(slot) => slot.value = value,
-                    None => {
-                        self.changes.insert(key.into(), Slot { value, txn: 0 });
-                    }
-                },
-            }
-        }
-        self.undo_keys.clear();
-        self.txn += 1;
+        self.open.clear();
     }
 
-    /// The transaction committed: its changes stand, or, after a
-    /// checkpoint, the changes it wrote are gone for good.
+    /// The transaction committed: its changes join the committed ones,
+    /// or, after a checkpoint, the committed ones are gone for good.
     pub(crate) fn commit(&mut self) {
-        if let Some((mut written, _)) = self.stash.take() {
+        if let Some(mut written) = self.stash.take() {
             // The checkpoint's changes are in LMDB now. Their map, grown
             // to a checkpoint's worth of keys, takes the next ones: a
             // fresh one would grow through every doubling again, on
             // memory the allocator may have handed back to the kernel.
             written.clear();
-            written.extend(self.changes.drain());
-            self.changes = written;
+            if self.committed.is_empty() {
+                self.committed = written;
+            }
         }
-        self.undo.clear();
-        self.undo_keys.clear();
+        if self.committed.is_empty() && self.committed.capacity() < self.open.len() {
+            std::mem::swap(&mut self.committed, &mut self.open);
+        } else {
+            self.committed.extend(self.open.drain());
+        }
     }
 
     /// Keys changed since the last checkpoint, committed or not.
     pub(crate) fn keys(&self) -> usize {
-        self.changes.len()
+        self.committed.len() + self.open.len()
     }
 
     /// The value of `key` as the open transaction sees it: `Some(None)`
-    /// when it was deleted, `None` when LMDB has the answer.
+    /// when it was deleted here, `None` when LMDB has the answer.
     pub(crate) fn lookup(&self, key: &[u8]) -> Option<Option<&[u8]>> {
-        self.changes.get(key).map(|slot| slot.value.as_deref())
+        self.open
+            .get(key)
+            .or_else(|| self.committed.get(key))
+            .map(Option::as_deref)
     }
 
     /// Sets `key` in the open transaction.
     pub(crate) fn put(&mut self, key: &[u8], value: &[u8]) {
-        let txn = self.txn;
-        let before = match self.changes.get_mut(key) {
-            Some(slot) if slot.txn == txn => {
-                match &mut slot.value {
-                    Some(held) => {
-                        held.clear();
-                        held.extend_from_slice(value);
-                    }
-                    deleted => *deleted = Some(value.to_vec()),
-                }
-                return;
+        match self.open.get_mut(key) {
+            Some(Some(held)) => {
+                held.clear();
+                held.extend_from_slice(value);
             }
-            Some(slot) => {
-                slot.txn = txn;
-                Some(slot.value.replace(value.to_vec()))
-            }
+            Some(slot) => *slot = Some(value.to_vec()),
             None => {
-                let slot = Slot {
-                    value: Some(value.to_vec()),
-                    txn,
-                };
-                self.changes.insert(key.into(), slot);
-                None
+                self.open.insert(key.into(), Some(value.to_vec()));
             }
-        };
-        self.note_undo(key, before);
+        }
     }
 
     /// Deletes `key` in the open transaction.
     pub(crate) fn delete(&mut self, key: &[u8]) {
-        let txn = self.txn;
-        let before = match self.changes.get_mut(key) {
-            Some(slot) if slot.txn == txn => {
-                slot.value = None;
-                return;
-            }
-            Some(slot) => {
-                slot.txn = txn;
-                Some(slot.value.take())
-            }
-            None => {
-                self.changes.insert(key.into(), Slot { value: None, txn });
-                None
-            }
-        };
-        self.note_undo(key, before);
-    }
-
-    fn note_undo(&mut self, key: &[u8], before: Option<Option<Vec<u8>>>) {
-        let start = self.undo_keys.len();
-        self.undo_keys.extend_from_slice(key);
-        self.undo.push(Undo {
-            key: start..self.undo_keys.len(),
-            before,
-        });
+        self.open.insert(key.into(), None);
     }
 
     /// Writes every change back to `db` in key order, in the open
-    /// transaction. Until that transaction commits, the changes are kept
-    /// aside to be restored if it rolls back.
+    /// transaction. Until that transaction commits, the committed changes
+    /// are kept aside to be restored if it rolls back.
     pub(crate) fn write_back(
         &mut self,
         txn: &mut RwTxn,
         db: Database<Bytes, Bytes>,
     ) -> heed::Result<usize> {
-        let mut sorted: Vec<_> = self
-            .changes
+        let committed = std::mem::take(&mut self.committed);
+        // The open transaction's change to a key replaces the committed
+        // one: a key in both is written once, with its open value.
+        let mut merged: Vec<_> = committed
             .iter()
-            .map(|(k, slot)| (head(k), &**k, slot.value.as_deref()))
+            .filter(|(k, _)| !self.open.contains_key(&**k))
+            .chain(self.open.iter())
+            .map(|(k, v)| (head(k), &**k, v.as_deref()))
             .collect();
         // Keys are unique, so an unstable sort puts them in key order.
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        let written = sorted.len();
+        merged.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        let written = merged.len();
         // Deletions (erasures) are rare: they follow the puts, which go
         // through one cursor.
         let mut deleted = Vec::new();
         let mut puts = SortedPuts::new(db, txn)?;
-        for (_, key, value) in sorted {
+        for (_, key, value) in merged {
             match value {
                 Some(value) => puts.put(key, value)?,
                 None => deleted.push(key),
@@ -211,12 +136,11 @@ impl HotState {
         for key in deleted {
             db.delete(txn, key)?;
         }
-        let changes = std::mem::take(&mut self.changes);
-        // A second checkpoint in one transaction wrote only what changed
-        // since the first; the first one's map is what a rollback
-        // restores.
+        self.open.clear();
+        // A second checkpoint in one transaction finds `committed` empty;
+        // the first one's stash is what a rollback restores.
         if self.stash.is_none() {
-            self.stash = Some((changes, self.undo.len()));
+            self.stash = Some(committed);
         }
         Ok(written)
     }
@@ -297,9 +221,9 @@ impl StateTable for HotTable<'_, '_, '_> {
             let (k, v) = entry?;
             entries.insert(k.to_vec(), v.to_vec());
         }
-        for (k, slot) in self.hot.changes.iter() {
-            if k.starts_with(prefix) {
-                match &slot.value {
+        for layer in [&self.hot.committed, &self.hot.open] {
+            for (k, v) in layer.iter().filter(|(k, _)| k.starts_with(prefix)) {
+                match v {
                     Some(v) => entries.insert(k.to_vec(), v.clone()),
                     None => entries.remove(&**k),
                 };
@@ -365,7 +289,7 @@ mod tests {
         ]
     }
 
-    /// The two-layer semantics, written plainly: what LMDB and the
+    /// What the two layers mean, written plainly: what LMDB and the
     /// changes are as of the last commit, and as the open transaction
     /// sees them.
     #[derive(Default, Clone)]
@@ -380,7 +304,7 @@ mod tests {
         /// Any mix of changes, checkpoints, commits and rollbacks reads
         /// back and writes back exactly as the model says.
         #[test]
-        fn the_undo_log_matches_a_model_of_committed_and_open_changes(
+        fn the_layers_match_a_model_of_committed_and_open_changes(
             ops in proptest::collection::vec(op(), 1..120)
         ) {
             let dir = tempfile::tempdir().unwrap();
@@ -426,7 +350,9 @@ mod tests {
                         txn = env.write_txn().unwrap();
                     }
                 }
-                proptest::prop_assert_eq!(hot.keys(), open.changes.len());
+                // A key changed in both layers counts twice: the bound a
+                // checkpoint is due at never undercounts.
+                proptest::prop_assert!(hot.keys() >= open.changes.len());
                 for k in 0..8u8 {
                     let expected = match open.changes.get(&k) {
                         Some(v) => *v,

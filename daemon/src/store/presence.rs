@@ -65,9 +65,10 @@ struct Held {
     known: FxHashMap<String, Mark>,
     /// The open transaction's changes.
     open: FxHashMap<String, Mark>,
-    /// Fans of `known` the open transaction wrote back: unwritten again
-    /// if it does not commit.
-    written: Vec<String>,
+    /// Fans of `known` the open transaction wrote back, with the time
+    /// LMDB holds for them now: unwritten again if it does not commit,
+    /// settled at that time if it does.
+    written: Vec<(String, i64)>,
 }
 
 /// What is known of a fan's presence.
@@ -77,14 +78,19 @@ struct Mark {
     seen: Option<i64>,
     /// Whether LMDB still lacks it.
     unwritten: bool,
+    /// Whether LMDB is known to hold no later time than `seen` (this run
+    /// wrote it, or read it back). A write-back then need not read what
+    /// LMDB holds: only this stage writes presence, and `seen` only grows.
+    settled: bool,
 }
 
 impl Held {
-    fn get(&self, customer: &str) -> Option<i64> {
+    /// The fan's mark, unless they are unknown or erased.
+    fn get(&self, customer: &str) -> Option<&Mark> {
         self.open
             .get(customer)
             .or_else(|| self.known.get(customer))
-            .and_then(|m| m.seen)
+            .filter(|m| m.seen.is_some())
     }
 
     fn set(&mut self, customer: &str, mark: Mark) {
@@ -104,26 +110,35 @@ impl Held {
         db: Database<Bytes, Bytes>,
         key: &mut KeyBuf,
     ) -> heed::Result<usize> {
-        let mut changes: Vec<(Vec<u8>, i64)> = Vec::new();
+        let mut changes = Vec::new();
         for (customer, mark) in &self.known {
             if !mark.unwritten || self.open.contains_key(customer) {
                 continue;
             }
-            if let Some(t) = mark.seen {
-                changes.push((key.start(customer).finish(MAX_KEY).to_vec(), t));
+            if let Some(time) = mark.seen {
+                changes.push(Change::new(key, customer, time, mark.settled, false));
             }
-            self.written.push(customer.clone());
         }
         for (customer, mark) in &mut self.open {
-            if let (true, Some(t)) = (mark.unwritten, mark.seen) {
-                changes.push((key.start(customer).finish(MAX_KEY).to_vec(), t));
+            if let (true, Some(time)) = (mark.unwritten, mark.seen) {
+                changes.push(Change::new(key, customer, time, mark.settled, true));
             }
             mark.unwritten = false;
         }
-        let stored = put_all_later(db, txn, changes)?;
-        for customer in &self.written {
-            if let Some(mark) = self.known.get_mut(customer) {
-                mark.unwritten = false;
+        let stored = put_all_later(db, txn, &mut changes)?;
+        for change in changes {
+            if change.open {
+                // The open layer goes with the transaction if it does not
+                // commit, so it may know what LMDB holds at once.
+                if let Some(mark) = self.open.get_mut(&change.customer) {
+                    mark.seen = Some(change.time);
+                    mark.settled = true;
+                }
+            } else {
+                if let Some(mark) = self.known.get_mut(&change.customer) {
+                    mark.unwritten = false;
+                }
+                self.written.push((change.customer, change.time));
             }
         }
         Ok(stored)
@@ -131,7 +146,7 @@ impl Held {
 
     fn rollback(&mut self) {
         self.open.clear();
-        for customer in self.written.drain(..) {
+        for (customer, _) in self.written.drain(..) {
             if let Some(mark) = self.known.get_mut(&customer) {
                 mark.unwritten = true;
             }
@@ -139,7 +154,12 @@ impl Held {
     }
 
     fn committed(&mut self) {
-        self.written.clear();
+        for (customer, time) in self.written.drain(..) {
+            if let Some(mark) = self.known.get_mut(&customer) {
+                mark.seen = Some(time);
+                mark.settled = true;
+            }
+        }
         for (customer, mark) in self.open.drain() {
             match mark.seen {
                 Some(_) => {
@@ -185,18 +205,20 @@ impl Presence {
     ) -> heed::Result<()> {
         match &mut self.mode {
             Mode::Held(held) => {
-                let last = held.get(customer);
-                if last.is_some_and(|t| at_ms - t < REFRESH_MS) {
+                let last = held.get(customer).copied();
+                let last_seen = last.and_then(|m| m.seen);
+                if last_seen.is_some_and(|t| at_ms - t < REFRESH_MS) {
                     return Ok(());
                 }
                 // What LMDB holds is not read here: the write-back keeps
                 // the later of the two.
-                let seen = Some(last.map_or(at_ms, |t| t.max(at_ms)));
+                let seen = Some(last_seen.map_or(at_ms, |t| t.max(at_ms)));
                 held.set(
                     customer,
                     Mark {
                         seen,
                         unwritten: true,
+                        settled: last.is_some_and(|m| m.settled),
                     },
                 );
             }
@@ -236,6 +258,7 @@ impl Presence {
                 Mark {
                     seen: None,
                     unwritten: false,
+                    settled: false,
                 },
             ),
             Mode::Direct(committed) => committed.forget(customer),
@@ -318,32 +341,62 @@ pub(crate) fn restore(
     seen: &FxHashMap<String, i64>,
 ) -> heed::Result<()> {
     let mut key = KeyBuf::default();
-    let changes = seen
+    let mut changes: Vec<Change> = seen
         .iter()
-        .map(|(c, t)| (key.start(c).finish(MAX_KEY).to_vec(), *t))
+        .map(|(c, t)| Change::new(&mut key, c, *t, false, false))
         .collect();
-    put_all_later(db, txn, changes)?;
+    put_all_later(db, txn, &mut changes)?;
     Ok(())
 }
 
-/// Stores each (key, time) unless a time as late is stored already, in
-/// key order (neighbouring keys share pages). Returns the puts made.
+/// A fan's time to write back.
+struct Change {
+    key: Vec<u8>,
+    /// The time to store; the later stored one when that won.
+    time: i64,
+    /// LMDB holds no later time: its value need not be read.
+    settled: bool,
+    customer: String,
+    /// From the open transaction's layer.
+    open: bool,
+}
+
+impl Change {
+    fn new(key: &mut KeyBuf, customer: &str, time: i64, settled: bool, open: bool) -> Change {
+        Change {
+            key: key.start(customer).finish(MAX_KEY).to_vec(),
+            time,
+            settled,
+            customer: customer.to_owned(),
+            open,
+        }
+    }
+}
+
+/// Stores each change's time unless a time as late is stored already,
+/// in key order (neighbouring keys share pages), and leaves in each the
+/// time LMDB then holds. Returns the puts made.
 fn put_all_later(
     db: Database<Bytes, Bytes>,
     txn: &mut RwTxn,
-    mut changes: Vec<(Vec<u8>, i64)>,
+    changes: &mut [Change],
 ) -> heed::Result<usize> {
-    changes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    changes.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     // All the reads first, then the puts through one cursor.
     let mut later = Vec::with_capacity(changes.len());
-    for (key, t) in &changes {
-        if db.get(txn, key)?.and_then(decode).is_none_or(|s| s < *t) {
-            later.push((key, *t));
+    for (i, change) in changes.iter_mut().enumerate() {
+        let stored = match change.settled {
+            true => None,
+            false => db.get(txn, &change.key)?.and_then(decode),
+        };
+        match stored {
+            Some(stored) if stored >= change.time => change.time = stored,
+            _ => later.push(i),
         }
     }
     let mut puts = SortedPuts::new(db, txn)?;
-    for (key, t) in &later {
-        puts.put(key, &t.to_be_bytes())?;
+    for &i in &later {
+        puts.put(&changes[i].key, &changes[i].time.to_be_bytes())?;
     }
     Ok(later.len())
 }
@@ -470,6 +523,33 @@ mod tests {
         seen(&env, &mut held, "fan-1", T);
         assert_eq!(written_back(&env, &mut held), 0, "nothing later to store");
         assert_eq!(stored(&env, db, "fan-1"), Some(T + HOUR));
+    }
+
+    #[test]
+    fn a_later_stored_time_is_adopted_so_a_settled_fan_never_moves_back() {
+        let (_dir, env, db) = store();
+        let mut direct = Presence::new(db, false);
+        seen(&env, &mut direct, "fan-1", T + HOUR);
+        let mut held = Presence::new(db, true);
+        seen(&env, &mut held, "fan-1", T);
+
+        // A write-back that reads the later time but does not commit
+        // learns nothing.
+        txn(&env, &mut held, false, |p, t| {
+            assert_eq!(p.write_back(t).unwrap(), 0);
+        });
+        seen(&env, &mut held, "fan-1", T + 20 * 60_000);
+        assert_eq!(written_back(&env, &mut held), 0, "read again: later");
+        assert_eq!(stored(&env, db, "fan-1"), Some(T + HOUR));
+
+        // One that commits knows the fan's time is the stored one: an
+        // event before it is no refresh, and one past the refresh
+        // interval is written without a read.
+        seen(&env, &mut held, "fan-1", T + 40 * 60_000);
+        assert!(!held.held(), "not past the stored time's refresh");
+        seen(&env, &mut held, "fan-1", T + HOUR + 20 * 60_000);
+        assert_eq!(written_back(&env, &mut held), 1);
+        assert_eq!(stored(&env, db, "fan-1"), Some(T + HOUR + 20 * 60_000));
     }
 
     #[test]

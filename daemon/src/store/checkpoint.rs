@@ -40,13 +40,54 @@ impl Policy {
     }
 }
 
+/// When what the writer holds in memory (the deferred state, presence,
+/// dedup keys) is next to be written back: past the policy's bounds, or
+/// its interval after the last write-back that committed. One schedule
+/// for all of it, since every write-back writes all of it.
+pub(crate) struct Schedule {
+    policy: Policy,
+    last: Instant,
+    /// The open transaction wrote everything back.
+    wrote_back: bool,
+}
+
+impl Schedule {
+    pub(crate) fn new(policy: Policy) -> Schedule {
+        Schedule {
+            policy,
+            last: Instant::now(),
+            wrote_back: false,
+        }
+    }
+
+    /// Whether a write-back is due with `keys` held (state and dedup
+    /// keys) and `events` journaled since the last one.
+    pub(crate) fn due(&self, keys: usize, events: u64) -> bool {
+        keys >= self.policy.max_keys
+            || events >= self.policy.max_events
+            || ((keys > 0 || events > 0) && self.last.elapsed() >= self.policy.interval)
+    }
+
+    pub(crate) fn begin(&mut self) {
+        self.wrote_back = false;
+    }
+
+    /// The open transaction wrote everything held back.
+    pub(crate) fn wrote_back(&mut self) {
+        self.wrote_back = true;
+    }
+
+    pub(crate) fn commit(&mut self) {
+        if std::mem::take(&mut self.wrote_back) {
+            self.last = Instant::now();
+        }
+    }
+}
+
 /// Engine state held back from LMDB until the next checkpoint.
 pub(crate) struct Deferred {
     pub hot: HotState,
     pub journal: Journal,
-    policy: Policy,
-    last: Instant,
-    checkpointed: bool,
     /// Profiles the engine read while applying the current event.
     read: Vec<(String, Option<Profile>)>,
 }
@@ -61,13 +102,10 @@ pub(crate) enum DeferredError {
 }
 
 impl Deferred {
-    pub(crate) fn new(journal: Journal, policy: Policy) -> Deferred {
+    pub(crate) fn new(journal: Journal) -> Deferred {
         Deferred {
             hot: HotState::default(),
             journal,
-            policy,
-            last: Instant::now(),
-            checkpointed: false,
             read: Vec::new(),
         }
     }
@@ -75,26 +113,12 @@ impl Deferred {
     pub(crate) fn begin(&mut self) {
         self.hot.begin();
         self.journal.begin();
-        self.checkpointed = false;
         self.read.clear();
     }
 
     pub(crate) fn commit(&mut self) {
         self.hot.commit();
         self.journal.commit();
-        if self.checkpointed {
-            self.last = Instant::now();
-        }
-    }
-
-    /// Whether the open transaction should end with a checkpoint.
-    /// `held_elsewhere`: what the writer holds beside this state until a
-    /// checkpoint (dedup keys), counted against the same bounds.
-    pub(crate) fn due(&self, held_elsewhere: usize) -> bool {
-        self.hot.keys() + held_elsewhere >= self.policy.max_keys
-            || self.journal.entries() >= self.policy.max_events
-            || ((self.pending() || held_elsewhere > 0)
-                && self.last.elapsed() >= self.policy.interval)
     }
 
     /// Whether anything waits for a checkpoint.
@@ -143,7 +167,6 @@ impl Deferred {
     pub(crate) fn checkpoint(&mut self, txn: &mut RwTxn, dbs: &Dbs) -> heed::Result<usize> {
         let written = self.hot.write_back(txn, dbs.rule_state)?;
         self.journal.clear(txn)?;
-        self.checkpointed = true;
         Ok(written)
     }
 }
@@ -304,5 +327,31 @@ impl StateTable for EngineTable<'_, '_, '_> {
             EngineTable::Direct(t) => t.profile(customer),
             EngineTable::Deferred(t) => t.profile(customer),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_back_is_due_past_either_bound_or_after_the_interval_with_anything_held() {
+        let bounds = Policy {
+            interval: Duration::from_secs(3600),
+            max_keys: 10,
+            max_events: 5,
+        };
+        let s = Schedule::new(bounds);
+        assert!(!s.due(9, 4), "under both bounds, within the interval");
+        assert!(s.due(10, 0), "the key bound (state and dedup keys)");
+        assert!(s.due(0, 5), "the event bound");
+
+        let s = Schedule::new(Policy {
+            interval: Duration::ZERO,
+            ..bounds
+        });
+        assert!(s.due(1, 0), "a held key, the interval past");
+        assert!(s.due(0, 1), "a journaled event, the interval past");
+        assert!(!s.due(0, 0), "nothing held: nothing to write");
     }
 }

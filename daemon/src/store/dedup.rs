@@ -29,13 +29,11 @@
 //! past it) has its key written at once, as in `direct` mode.
 
 use std::ops::Bound;
-use std::time::Instant;
 
 use heed::types::Bytes;
 use heed::{Database, RwTxn};
 
 use super::append;
-use super::checkpoint::Policy;
 use super::env::Dbs;
 use super::hot::HotState;
 use super::keys::KeyBuf;
@@ -74,11 +72,6 @@ struct Held {
     through: [u8; 16],
     /// The mark a write-back in the open transaction moved it to.
     through_open: Option<[u8; 16]>,
-    /// The checkpoint policy's interval and key bound apply to the held
-    /// keys too.
-    policy: Policy,
-    /// When held keys were last written back (or the store opened).
-    last: Instant,
 }
 
 impl Dedup {
@@ -86,7 +79,7 @@ impl Dedup {
     /// keys a run held when it stopped uncleanly (every expiry entry after
     /// the recorded mark), then holds keys from now on. Returns the keys
     /// put back.
-    pub(crate) fn open(dbs: &Dbs, txn: &mut RwTxn, policy: Policy) -> heed::Result<(Dedup, usize)> {
+    pub(crate) fn open(dbs: &Dbs, txn: &mut RwTxn) -> heed::Result<(Dedup, usize)> {
         let restored = match dbs.meta.get(txn, KEY_WRITTEN_THROUGH)? {
             Some(mark) => {
                 let mark = mark.to_vec();
@@ -106,19 +99,9 @@ impl Dedup {
                 keys: HotState::default(),
                 through,
                 through_open: None,
-                policy,
-                last: Instant::now(),
             },
         };
         Ok((dedup, restored))
-    }
-
-    /// Whether the held keys are due to be written back: past the
-    /// policy's key bound, or held longer than its interval.
-    pub(crate) fn due(&self) -> bool {
-        let h = &self.held;
-        let n = h.keys.keys();
-        n >= h.policy.max_keys || (n > 0 && h.last.elapsed() >= h.policy.interval)
     }
 
     /// Starts a transaction; whatever an unfinished one held is dropped.
@@ -133,7 +116,6 @@ impl Dedup {
         held.keys.commit();
         if let Some(through) = held.through_open.take() {
             held.through = through;
-            held.last = Instant::now();
         }
     }
 
@@ -372,7 +354,7 @@ mod tests {
             assert!(!seen(&mut dedup, &dbs, &mut txn, &format!("a{i}"), now));
         }
         dedup.write_back(&dbs, &mut txn).unwrap();
-        let (mut restarted, _) = Dedup::open(&dbs, &mut txn, POLICY).unwrap();
+        let (mut restarted, _) = Dedup::open(&dbs, &mut txn).unwrap();
         for (i, now) in [t, t - 100, t + 5].into_iter().enumerate() {
             assert!(!seen(&mut restarted, &dbs, &mut txn, &format!("b{i}"), now));
         }
@@ -425,17 +407,25 @@ mod tests {
         txn.commit().unwrap();
     }
 
-    const POLICY: Policy = Policy {
-        interval: std::time::Duration::from_secs(3600),
-        max_keys: 1_000,
-        max_events: 1_000,
-    };
-
     fn held(env: &LmdbEnv, dbs: &Dbs) -> Dedup {
         let mut txn = env.write_txn().unwrap();
-        let (dedup, _) = Dedup::open(dbs, &mut txn, POLICY).unwrap();
+        let (dedup, _) = Dedup::open(dbs, &mut txn).unwrap();
         txn.commit().unwrap();
         dedup
+    }
+
+    /// `work` in a transaction that commits, for LMDB and for `dedup`.
+    fn committed<R>(
+        dedup: &mut Dedup,
+        env: &LmdbEnv,
+        work: impl FnOnce(&mut Dedup, &mut RwTxn) -> R,
+    ) -> R {
+        let mut txn = env.write_txn().unwrap();
+        dedup.begin();
+        let result = work(dedup, &mut txn);
+        txn.commit().unwrap();
+        dedup.commit();
+        result
     }
 
     /// A committed transaction that sees `id` at `now_ms` (and writes the
@@ -447,18 +437,16 @@ mod tests {
         now_ms: i64,
         write_back: bool,
     ) -> bool {
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        let duplicate = seen(dedup, dbs, &mut txn, id, now_ms);
-        if write_back {
-            dedup.write_back(dbs, &mut txn).unwrap();
-        }
-        txn.commit().unwrap();
-        dedup.commit();
-        duplicate
+        committed(dedup, env, |dedup, txn| {
+            let duplicate = seen(dedup, dbs, txn, id, now_ms);
+            if write_back {
+                dedup.write_back(dbs, txn).unwrap();
+            }
+            duplicate
+        })
     }
 
-    /// `journal` mode: keys are held until a checkpoint writes them back,
+    /// Keys are held until a write-back writes them to LMDB,
     /// duplicates are found among them meanwhile, and a transaction that
     /// rolls back leaves none of its keys behind.
     #[test]
@@ -467,15 +455,10 @@ mod tests {
         let t = 1_750_000_000_000;
         let mut dedup = held(&env, &dbs);
 
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "a", t));
-        assert!(
-            seen(&mut dedup, &dbs, &mut txn, "a", t),
-            "within the transaction"
-        );
-        txn.commit().unwrap();
-        dedup.commit();
+        committed(&mut dedup, &env, |dedup, txn| {
+            assert!(!seen(dedup, &dbs, txn, "a", t));
+            assert!(seen(dedup, &dbs, txn, "a", t), "within the transaction");
+        });
         assert_eq!(counts(&env, &dbs), (0, 1), "held, its expiry entry written");
 
         let mut txn = env.write_txn().unwrap();
@@ -489,14 +472,10 @@ mod tests {
         dedup.begin();
         assert_eq!(dedup.held_keys(), 1, "the rolled-back key is gone");
 
-        let mut txn = env.write_txn().unwrap();
-        assert!(
-            !seen(&mut dedup, &dbs, &mut txn, "b", t + 2),
-            "b was rolled back"
-        );
-        assert_eq!(dedup.write_back(&dbs, &mut txn).unwrap(), 2);
-        txn.commit().unwrap();
-        dedup.commit();
+        committed(&mut dedup, &env, |dedup, txn| {
+            assert!(!seen(dedup, &dbs, txn, "b", t + 2), "b was rolled back");
+            assert_eq!(dedup.write_back(&dbs, txn).unwrap(), 2);
+        });
         assert_eq!(dedup.held_keys(), 0);
         assert_eq!(counts(&env, &dbs), (2, 2));
         let mut txn = env.write_txn().unwrap();
@@ -533,7 +512,7 @@ mod tests {
         drop(dedup);
 
         let mut txn = env.write_txn().unwrap();
-        let (mut dedup, restored) = Dedup::open(&dbs, &mut txn, POLICY).unwrap();
+        let (mut dedup, restored) = Dedup::open(&dbs, &mut txn).unwrap();
         txn.commit().unwrap();
         assert_eq!(restored, 4);
         assert_eq!(counts(&env, &dbs), (4, 5));
@@ -549,7 +528,7 @@ mod tests {
         drop(txn);
         // Nothing is put back twice.
         let mut txn = env.write_txn().unwrap();
-        assert_eq!(Dedup::open(&dbs, &mut txn, POLICY).unwrap().1, 0);
+        assert_eq!(Dedup::open(&dbs, &mut txn).unwrap().1, 0);
     }
 
     /// A key whose expiry entry does not land after the mark (the clock
@@ -562,12 +541,10 @@ mod tests {
         let mut dedup = held(&env, &dbs);
         assert!(!commit_seen(&mut dedup, (&env, &dbs), "a", t, true));
 
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "back", t - 1_000));
-        assert!(!seen(&mut dedup, &dbs, &mut txn, "ahead", t + 1_000));
-        txn.commit().unwrap();
-        dedup.commit();
+        committed(&mut dedup, &env, |dedup, txn| {
+            assert!(!seen(dedup, &dbs, txn, "back", t - 1_000));
+            assert!(!seen(dedup, &dbs, txn, "ahead", t + 1_000));
+        });
         assert_eq!(dedup.held_keys(), 1, "only the key after the mark is held");
         assert_eq!(counts(&env, &dbs), (2, 3));
     }
@@ -580,13 +557,11 @@ mod tests {
         let t = 1_750_000_000_000;
         let mut dedup = held(&env, &dbs);
         assert!(!commit_seen(&mut dedup, (&env, &dbs), "a", t, false));
-        let mut txn = env.write_txn().unwrap();
-        dedup.begin();
-        let (removed, _) = dedup.sweep(&dbs, &mut txn, t + DAY + 1, DAY, 10).unwrap();
-        assert_eq!(removed, 1);
-        dedup.write_back(&dbs, &mut txn).unwrap();
-        txn.commit().unwrap();
-        dedup.commit();
+        committed(&mut dedup, &env, |dedup, txn| {
+            let (removed, _) = dedup.sweep(&dbs, txn, t + DAY + 1, DAY, 10).unwrap();
+            assert_eq!(removed, 1);
+            dedup.write_back(&dbs, txn).unwrap();
+        });
         assert_eq!(counts(&env, &dbs), (0, 0));
     }
 }

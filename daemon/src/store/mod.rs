@@ -234,6 +234,7 @@ impl Store {
                 .rule_stats_interval
                 .unwrap_or(rule_stats::DEFAULT_INTERVAL),
             final_checkpoint: !options.skip_final_checkpoint,
+            checkpoint: checkpoint::Policy::from_config(&site.store),
         };
         let published = Arc::new(Notify::new());
         let clock = options.clock.unwrap_or_else(|| Arc::new(wall_clock_ms));
@@ -265,13 +266,12 @@ impl Store {
         // start clean) before any new event is applied. That holds in
         // `direct` mode too: a site switched to it after such a stop must
         // not lose the journaled state.
-        let policy = checkpoint::Policy::from_config(&site.store);
         let deferred = {
             let write_err = |e: heed::Error| open_error(dir, e);
             let txn = env.write_txn().map_err(write_err)?;
             let journal = journal::Journal::open(dbs.journal, &txn).map_err(write_err)?;
             drop(txn);
-            let mut deferred = checkpoint::Deferred::new(journal, policy);
+            let mut deferred = checkpoint::Deferred::new(journal);
             if deferred.journal.entries() > 0 {
                 let replay_engine = Engine::new(rules, pseudonymizer.clone())?;
                 let replayed = std::thread::scope(|scope| {
@@ -302,8 +302,7 @@ impl Store {
         let dedup = {
             let write_err = |e: heed::Error| open_error(dir, e);
             let mut txn = env.write_txn().map_err(write_err)?;
-            let (dedup, restored) =
-                dedup::Dedup::open(&dbs, &mut txn, policy).map_err(write_err)?;
+            let (dedup, restored) = dedup::Dedup::open(&dbs, &mut txn).map_err(write_err)?;
             txn.commit().map_err(write_err)?;
             if restored > 0 {
                 tracing::info!(restored, "dedup keys held before an unclean stop put back");

@@ -21,7 +21,7 @@ use heed::RwTxn;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tracing::{error, info, warn};
 
-use super::checkpoint::{Deferred, DeferredError, EngineTable};
+use super::checkpoint::{Deferred, DeferredError, EngineTable, Policy, Schedule};
 use super::customers::{self, Admission, CustomerDbs, CustomerError, ProfileCache};
 use super::dedup::Dedup;
 use super::engine_table::{LmdbTable, ProgressView};
@@ -57,8 +57,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Work for the writer. Permits travel with the command so back-pressure
-/// covers work queued *and* work in progress.
 /// A submission's answer, with its events handed back: the submitter
 /// frees them on its own thread. Freeing each event's JSON data on the
 /// writer was 2–3 % of the writer's time, and the writer is what bounds
@@ -68,6 +66,8 @@ pub(crate) struct SubmitReply {
     pub spent: (Vec<Event>, Vec<String>),
 }
 
+/// Work for the writer. Permits travel with the command so back-pressure
+/// covers work queued *and* work in progress.
 pub(crate) enum Command {
     Submit {
         events: Vec<Event>,
@@ -283,6 +283,8 @@ pub(crate) struct Settings {
     /// Whether a stop writes the deferred state back (false only in
     /// recovery tests, to stop as a crash would).
     pub final_checkpoint: bool,
+    /// When what the writer holds in memory is written back.
+    pub checkpoint: Policy,
 }
 
 pub(crate) struct Writer {
@@ -316,6 +318,8 @@ pub(crate) struct Writer {
     /// `journal` mode: the engine's changes since the last checkpoint
     /// and their journal; `None` in `direct` mode.
     deferred: Option<Deferred>,
+    /// When the deferred state, presence and dedup keys are written back.
+    schedule: Schedule,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -347,6 +351,7 @@ impl Writer {
             dedup,
         } = opened;
         let rule_stats = rule_stats::Reporter::new(settings.rule_stats_interval, clock());
+        let schedule = Schedule::new(settings.checkpoint);
         Writer {
             env,
             dbs,
@@ -370,6 +375,7 @@ impl Writer {
             nba,
             profiles: ProfileCache::new(customers::PROFILE_CACHE_MAX),
             deferred,
+            schedule,
         }
     }
 
@@ -607,6 +613,7 @@ impl Writer {
         self.nba.begin();
         self.profiles.rollback();
         self.dedup.begin();
+        self.schedule.begin();
         if let Some(d) = &mut self.deferred {
             d.begin();
         }
@@ -679,6 +686,7 @@ impl Writer {
         self.nba.committed();
         self.profiles.committed();
         self.dedup.commit();
+        self.schedule.commit();
         if let Some(d) = &mut self.deferred {
             d.commit();
         }
@@ -757,8 +765,9 @@ impl Writer {
                 Admission::Erased { customer } => {
                     // Their state and journaled events go to LMDB first,
                     // so the erasure below finds and deletes every trace
-                    // in this commit.
-                    if let Some(keys) = self.write_back_deferred(txn)? {
+                    // in this commit (with the rest of what is held: one
+                    // write-back writes all of it).
+                    if let Some(keys) = self.write_back_held(txn)? {
                         tally.checkpointed(keys);
                     }
                     self.engine
@@ -876,33 +885,33 @@ impl Writer {
     }
 
     /// Whether what the writer holds in memory is due to be written
-    /// back, by the checkpoint policy's interval or key bound.
+    /// back: the rules' state and the dedup keys count against one key
+    /// bound (see `store.checkpoint_max_keys`).
     fn hold_due(&self) -> bool {
-        match &self.deferred {
-            Some(d) => d.due(self.dedup.held_keys()),
-            None => self.dedup.due(),
-        }
+        let (keys, events) = self
+            .deferred
+            .as_ref()
+            .map_or((0, 0), |d| (d.hot.keys(), d.journal.entries()));
+        self.schedule.due(keys + self.dedup.held_keys(), events)
     }
 
-    /// Writes back, in `txn`, everything the writer holds in memory: the
-    /// deferred state (below) and the dedup keys. Returns what
-    /// [`Writer::write_back_deferred`] returns.
+    /// Writes back, in `txn`, everything the writer holds in memory: in
+    /// `journal` mode the deferred engine state (a checkpoint, which
+    /// empties the journal) and presence, in either mode the dedup keys.
+    /// Returns the keys the checkpoint wrote; `None` in `direct` mode,
+    /// which holds no rules' state.
     fn write_back_held(&mut self, txn: &mut RwTxn) -> heed::Result<Option<usize>> {
-        let keys = self.write_back_deferred(txn)?;
-        self.dedup.write_back(&self.dbs, txn)?;
-        Ok(keys)
-    }
-
-    /// In `journal` mode, checkpoints the deferred engine state and
-    /// writes back the presence held, in `txn`, and returns the keys the
-    /// checkpoint wrote; `None` in `direct` mode, which holds neither.
-    fn write_back_deferred(&mut self, txn: &mut RwTxn) -> heed::Result<Option<usize>> {
-        let Some(d) = &mut self.deferred else {
-            return Ok(None);
+        let keys = match &mut self.deferred {
+            Some(d) => {
+                let keys = d.checkpoint(txn, &self.dbs)?;
+                self.nba.write_back_presence(txn)?;
+                Some(keys)
+            }
+            None => None,
         };
-        let keys = d.checkpoint(txn, &self.dbs)?;
-        self.nba.write_back_presence(txn)?;
-        Ok(Some(keys))
+        self.dedup.write_back(&self.dbs, txn)?;
+        self.schedule.wrote_back();
+        Ok(keys)
     }
 
     /// Starts a transaction for what is held; an unfinished one's changes
@@ -913,6 +922,7 @@ impl Writer {
         }
         self.nba.begin();
         self.dedup.begin();
+        self.schedule.begin();
     }
 
     /// The transaction that wrote back what was held committed.
@@ -922,6 +932,7 @@ impl Writer {
         }
         self.nba.committed();
         self.dedup.commit();
+        self.schedule.commit();
     }
 
     /// A customer's progress as of the last commit, unwritten changes

@@ -169,6 +169,20 @@ pub(crate) fn is_map_full(e: &heed::Error) -> bool {
     matches!(e, heed::Error::Mdb(heed::MdbError::MapFull))
 }
 
+/// For tests: an environment of `map_size` bytes in a temporary
+/// directory, without fsync, holding one empty table `t`.
+#[cfg(test)]
+pub(crate) fn scratch_table(
+    map_size: usize,
+) -> (tempfile::TempDir, LmdbEnv, Database<Bytes, Bytes>) {
+    let dir = tempfile::tempdir().unwrap();
+    let env = open_env(dir.path(), map_size, sync_flags(SyncMode::None)).unwrap();
+    let mut txn = env.write_txn().unwrap();
+    let db = env.create_database(&mut txn, Some("t")).unwrap();
+    txn.commit().unwrap();
+    (dir, env, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -251,8 +251,7 @@ impl StateTable for HotTable<'_, '_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::env::{open_env, sync_flags};
-    use edge_config::SyncMode;
+    use crate::store::env::scratch_table;
 
     fn table<'a, 't, 'e>(
         hot: &'a mut HotState,
@@ -307,11 +306,7 @@ mod tests {
         fn the_layers_match_a_model_of_committed_and_open_changes(
             ops in proptest::collection::vec(op(), 1..120)
         ) {
-            let dir = tempfile::tempdir().unwrap();
-            let env = open_env(dir.path(), 1 << 20, sync_flags(SyncMode::None)).unwrap();
-            let mut txn = env.write_txn().unwrap();
-            let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("s")).unwrap();
-            txn.commit().unwrap();
+            let (_dir, env, db) = scratch_table(1 << 20);
             let mut hot = HotState::default();
             let (mut committed, mut open) = (Model::default(), Model::default());
             let mut txn = env.write_txn().unwrap();
@@ -371,10 +366,8 @@ mod tests {
 
     #[test]
     fn changes_overlay_lmdb_roll_back_and_write_back_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let env = open_env(dir.path(), 1 << 20, sync_flags(SyncMode::None)).unwrap();
+        let (_dir, env, db) = scratch_table(1 << 20);
         let mut txn = env.write_txn().unwrap();
-        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("s")).unwrap();
         db.put(&mut txn, b"a1", b"lmdb").unwrap();
         db.put(&mut txn, b"a2", b"lmdb").unwrap();
         db.put(&mut txn, b"b", b"lmdb").unwrap();

@@ -66,16 +66,9 @@ impl<'t> SortedPuts<'t> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::env::{open_env, sync_flags};
-    use edge_config::SyncMode;
+    use crate::store::env::scratch_table;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
-
-    fn env() -> (tempfile::TempDir, crate::store::env::LmdbEnv) {
-        let dir = tempfile::tempdir().unwrap();
-        let env = open_env(dir.path(), 1 << 26, sync_flags(SyncMode::None)).unwrap();
-        (dir, env)
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
@@ -90,9 +83,8 @@ mod tests {
             puts in prop::collection::btree_map(
                 prop::collection::vec(0u8..4, 1..24), prop::collection::vec(any::<u8>(), 0..300), 0..400),
         ) {
-            let (_dir, env) = env();
+            let (_dir, env, db) = scratch_table(1 << 26);
             let mut txn = env.write_txn().unwrap();
-            let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("t")).unwrap();
             for (k, v) in &before {
                 db.put(&mut txn, k, v).unwrap();
             }
@@ -120,11 +112,7 @@ mod tests {
 
     #[test]
     fn a_full_map_is_an_error_and_the_transaction_can_still_abort() {
-        let dir = tempfile::tempdir().unwrap();
-        let env = open_env(dir.path(), 1 << 20, sync_flags(SyncMode::None)).unwrap();
-        let mut txn = env.write_txn().unwrap();
-        let db: Database<Bytes, Bytes> = env.create_database(&mut txn, Some("t")).unwrap();
-        txn.commit().unwrap();
+        let (_dir, env, db) = scratch_table(1 << 20);
 
         let mut txn = env.write_txn().unwrap();
         let mut sorted = SortedPuts::new(db, &mut txn).unwrap();

@@ -326,11 +326,7 @@ fn main_events(n: usize, start_ms: i64, hour: &Hour, ids: Ids) -> Vec<Event> {
                     Ids::Sequential => format!("{}{k}", hour.ids),
                     // Drawn apart from `rng`, so both kinds of run see the
                     // same events otherwise.
-                    Ids::Random => {
-                        let mut r =
-                            Rng(hour.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
-                        format!("{}{:016x}{:016x}", hour.ids, r.next(), r.next())
-                    }
+                    Ids::Random => support::random_id(hour.ids, hour.seed, k as u64),
                 },
                 source: if k % 2 == 0 {
                     "app/ios"

@@ -156,15 +156,7 @@ async fn start(config: &Path) -> anyhow::Result<Daemon> {
 
 fn cheer(n: usize, fan: usize, time: Option<&str>) -> Value {
     let id = if RANDOM_IDS.get().copied().unwrap_or(false) {
-        // The same 32 hex digits for `n` in every run.
-        let mut x = (n as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^= x >> 29;
-        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        x ^= x >> 32;
-        format!(
-            "b{x:016x}{:016x}",
-            x.rotate_left(17) ^ 0xD6E8_FEB8_6659_FD93
-        )
+        support::random_id("b", 0, n as u64)
     } else {
         format!("b{n}")
     };

@@ -13,6 +13,22 @@ use anyhow::bail;
 use touchline::event::{Event, EventOutcome};
 use touchline::store::StoreHandle;
 
+/// An event id like a UUID's 32 hex digits after `prefix`, the same for
+/// the same `(seed, n)` in every run (`--ids random`): spread over the
+/// whole dedup table, as most publishers' ids are, where counted ids
+/// land in key order.
+pub fn random_id(prefix: &str, seed: u64, n: u64) -> String {
+    // splitmix64, twice: independent of any generator the events use.
+    let mix = |mut x: u64| {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        x ^ (x >> 31)
+    };
+    let high = mix(seed ^ n.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    format!("{prefix}{high:016x}{:016x}", mix(high))
+}
+
 /// The value given after `flag` on the command line, which must be one
 /// of `allowed`; `default` when the flag is absent.
 pub fn flag_value(

@@ -24,7 +24,7 @@ use rustc_hash::FxHashMap;
 
 use super::customers;
 use super::keys::{head, KeyBuf};
-use super::sorted::SortedPuts;
+use super::sorted::{self, Order, SortedPuts};
 use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
@@ -38,6 +38,8 @@ pub(crate) struct HotState {
     open: Changes,
     /// `committed` as it was before a checkpoint in the open transaction.
     stash: Option<Changes>,
+    /// The last write-back's sort buffer, empty (see [`sorted::spare`]).
+    spare: Vec<Order<'static>>,
 }
 
 impl HotState {
@@ -113,12 +115,14 @@ impl HotState {
         let committed = std::mem::take(&mut self.committed);
         // The open transaction's change to a key replaces the committed
         // one: a key in both is written once, with its open value.
-        let mut merged: Vec<_> = committed
-            .iter()
-            .filter(|(k, _)| !self.open.contains_key(&**k))
-            .chain(self.open.iter())
-            .map(|(k, v)| (head(k), &**k, v.as_deref()))
-            .collect();
+        let mut merged: Vec<Order<'_>> = std::mem::take(&mut self.spare);
+        merged.extend(
+            committed
+                .iter()
+                .filter(|(k, _)| !self.open.contains_key(&**k))
+                .chain(self.open.iter())
+                .map(|(k, v)| (head(k), &**k, v.as_deref())),
+        );
         // Keys are unique, so an unstable sort puts them in key order.
         merged.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let written = merged.len();
@@ -126,7 +130,7 @@ impl HotState {
         // through one cursor.
         let mut deleted = Vec::new();
         let mut puts = SortedPuts::new(db, txn)?;
-        for (_, key, value) in merged {
+        for &(_, key, value) in &merged {
             match value {
                 Some(value) => puts.put(key, value)?,
                 None => deleted.push(key),
@@ -136,6 +140,7 @@ impl HotState {
         for key in deleted {
             db.delete(txn, key)?;
         }
+        self.spare = sorted::spare(merged);
         self.open.clear();
         // A second checkpoint in one transaction finds `committed` empty;
         // the first one's stash is what a rollback restores.

@@ -65,10 +65,19 @@ struct Held {
     known: FxHashMap<String, Mark>,
     /// The open transaction's changes.
     open: FxHashMap<String, Mark>,
+    /// Fans whose mark in `known` is unwritten, so that a write-back does
+    /// not scan every fan of the run (up to a million) to find them.
+    /// Every such fan is listed; an erased fan may stay listed after its
+    /// mark is gone (and be listed twice when seen again), and the next
+    /// write-back drops what no longer has an unwritten mark.
+    unwritten: Vec<String>,
     /// Fans of `known` the open transaction wrote back, with the time
     /// LMDB holds for them now: unwritten again if it does not commit,
     /// settled at that time if it does.
     written: Vec<(String, i64)>,
+    /// The last write-back's changes, emptied: a write-back's worth of
+    /// fans, kept so the next one does not allocate it anew.
+    changes: Vec<Change>,
 }
 
 /// What is known of a fan's presence.
@@ -110,23 +119,57 @@ impl Held {
         db: Database<Bytes, Bytes>,
         key: &mut KeyBuf,
     ) -> heed::Result<usize> {
-        let mut changes = Vec::new();
-        for (customer, mark) in &self.known {
-            if !mark.unwritten || self.open.contains_key(customer) {
+        let mut changes = std::mem::take(&mut self.changes);
+        for customer in std::mem::take(&mut self.unwritten) {
+            let Some(mark) = self.known.get_mut(&customer) else {
+                continue;
+            };
+            let Some(time) = mark.seen.filter(|_| mark.unwritten) else {
+                continue;
+            };
+            if self.open.contains_key(&customer) {
+                // Written from the open layer below; listed still, in
+                // case the transaction does not commit.
+                self.unwritten.push(customer);
                 continue;
             }
-            if let Some(time) = mark.seen {
-                changes.push(Change::new(key, customer, time, mark.settled, false));
-            }
+            // Taken off the list: a second listing of the fan is skipped.
+            mark.unwritten = false;
+            changes.push(Change {
+                key: key_of(key, &customer),
+                time,
+                settled: mark.settled,
+                customer,
+                open: false,
+                store: true,
+            });
         }
         for (customer, mark) in &mut self.open {
             if let (true, Some(time)) = (mark.unwritten, mark.seen) {
-                changes.push(Change::new(key, customer, time, mark.settled, true));
+                changes.push(Change {
+                    key: key_of(key, customer),
+                    time,
+                    settled: mark.settled,
+                    customer: customer.clone(),
+                    open: true,
+                    store: true,
+                });
             }
             mark.unwritten = false;
         }
-        let stored = put_all_later(db, txn, &mut changes)?;
-        for change in changes {
+        let stored = match put_all_later(db, txn, &mut changes) {
+            Ok(stored) => stored,
+            Err(e) => {
+                // The transaction is abandoned: `known`'s fans wait for
+                // the next write-back, the open layer goes with it.
+                for change in changes.drain(..).filter(|c| !c.open) {
+                    self.relist(change.customer);
+                }
+                self.changes = changes;
+                return Err(e);
+            }
+        };
+        for change in changes.drain(..) {
             if change.open {
                 // The open layer goes with the transaction if it does not
                 // commit, so it may know what LMDB holds at once.
@@ -135,21 +178,27 @@ impl Held {
                     mark.settled = true;
                 }
             } else {
-                if let Some(mark) = self.known.get_mut(&change.customer) {
-                    mark.unwritten = false;
-                }
                 self.written.push((change.customer, change.time));
             }
         }
+        self.changes = changes;
         Ok(stored)
+    }
+
+    /// `customer`'s mark in `known` is unwritten again.
+    fn relist(&mut self, customer: String) {
+        if let Some(mark) = self.known.get_mut(&customer) {
+            if !mark.unwritten {
+                mark.unwritten = true;
+                self.unwritten.push(customer);
+            }
+        }
     }
 
     fn rollback(&mut self) {
         self.open.clear();
-        for (customer, _) in self.written.drain(..) {
-            if let Some(mark) = self.known.get_mut(&customer) {
-                mark.unwritten = true;
-            }
+        for (customer, _) in std::mem::take(&mut self.written) {
+            self.relist(customer);
         }
     }
 
@@ -163,6 +212,10 @@ impl Held {
         for (customer, mark) in self.open.drain() {
             match mark.seen {
                 Some(_) => {
+                    let listed = self.known.get(&customer).is_some_and(|m| m.unwritten);
+                    if mark.unwritten && !listed {
+                        self.unwritten.push(customer.clone());
+                    }
                     self.known.insert(customer, mark);
                 }
                 None => {
@@ -177,8 +230,10 @@ impl Held {
         }
     }
 
+    /// Whether a write-back may have something to write: true too while
+    /// an erased fan is still listed, until a write-back drops it.
     fn pending(&self) -> bool {
-        !self.open.is_empty() || self.known.values().any(|m| m.unwritten)
+        !self.open.is_empty() || !self.unwritten.is_empty()
     }
 }
 
@@ -343,7 +398,14 @@ pub(crate) fn restore(
     let mut key = KeyBuf::default();
     let mut changes: Vec<Change> = seen
         .iter()
-        .map(|(c, t)| Change::new(&mut key, c, *t, false, false))
+        .map(|(customer, &time)| Change {
+            key: key_of(&mut key, customer),
+            time,
+            settled: false,
+            customer: customer.clone(),
+            open: false,
+            store: true,
+        })
         .collect();
     put_all_later(db, txn, &mut changes)?;
     Ok(())
@@ -359,18 +421,14 @@ struct Change {
     customer: String,
     /// From the open transaction's layer.
     open: bool,
+    /// Whether LMDB lacks this time (it holds none, or an earlier one):
+    /// the read decides, the put follows.
+    store: bool,
 }
 
-impl Change {
-    fn new(key: &mut KeyBuf, customer: &str, time: i64, settled: bool, open: bool) -> Change {
-        Change {
-            key: key.start(customer).finish(MAX_KEY).to_vec(),
-            time,
-            settled,
-            customer: customer.to_owned(),
-            open,
-        }
-    }
+/// `customer`'s presence key.
+fn key_of(buf: &mut KeyBuf, customer: &str) -> Vec<u8> {
+    buf.start(customer).finish(MAX_KEY).to_vec()
 }
 
 /// Stores each change's time unless a time as late is stored already,
@@ -383,22 +441,23 @@ fn put_all_later(
 ) -> heed::Result<usize> {
     changes.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     // All the reads first, then the puts through one cursor.
-    let mut later = Vec::with_capacity(changes.len());
-    for (i, change) in changes.iter_mut().enumerate() {
+    for change in changes.iter_mut() {
         let stored = match change.settled {
             true => None,
             false => db.get(txn, &change.key)?.and_then(decode),
         };
-        match stored {
-            Some(stored) if stored >= change.time => change.time = stored,
-            _ => later.push(i),
+        if let Some(stored) = stored.filter(|&stored| stored >= change.time) {
+            change.time = stored;
+            change.store = false;
         }
     }
     let mut puts = SortedPuts::new(db, txn)?;
-    for &i in &later {
-        puts.put(&changes[i].key, &changes[i].time.to_be_bytes())?;
+    let mut stored = 0;
+    for change in changes.iter().filter(|c| c.store) {
+        puts.put(&change.key, &change.time.to_be_bytes())?;
+        stored += 1;
     }
-    Ok(later.len())
+    Ok(stored)
 }
 
 fn decode(v: &[u8]) -> Option<i64> {
@@ -415,6 +474,8 @@ fn customer_of(k: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
     use crate::store::env::{open_env, Dbs, LmdbEnv};
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
 
     const T: i64 = 1_750_000_000_000;
     const HOUR: i64 = 3_600_000;
@@ -594,6 +655,111 @@ mod tests {
             assert_eq!(present, vec!["fan-c".to_owned(), "fan-d".to_owned()]);
             assert!(next.is_some(), "the limit cut the scan");
         });
+    }
+
+    /// One step of [`held_presence_matches_a_model`], in a transaction
+    /// of its own that commits or not.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A fan seen at `T` plus this many refresh intervals.
+        Touch(usize, i64),
+        Erase(usize),
+        WriteBack,
+        /// A fan seen, then a write-back, in one transaction: the fan is
+        /// in the open layer when it is written.
+        TouchAndWriteBack(usize, i64),
+    }
+
+    fn step() -> impl Strategy<Value = (Step, bool)> {
+        let fan = 0usize..4;
+        let at = 0i64..8;
+        let step = prop_oneof![
+            4 => (fan.clone(), at.clone()).prop_map(|(f, a)| Step::Touch(f, a)),
+            1 => fan.clone().prop_map(Step::Erase),
+            2 => Just(Step::WriteBack),
+            2 => (fan, at).prop_map(|(f, a)| Step::TouchAndWriteBack(f, a)),
+        ];
+        (step, prop::bool::weighted(0.8))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Under any mix of touches, erasures and write-backs, committed
+        /// or not, each committed write-back leaves LMDB holding exactly
+        /// each fan's latest time since the fan was last erased, and
+        /// stores what changed, no more. Fails when a fan waiting to be
+        /// written is lost (off the list of unwritten fans after a
+        /// rollback, or while it was in the open layer), or is written
+        /// twice.
+        #[test]
+        fn held_presence_matches_a_model(steps in prop::collection::vec(step(), 1..40)) {
+            let (_dir, env, db) = store();
+            let mut p = Presence::new(db, true);
+            let fans = ["fan-a", "fan-b", "fan-c", "fan-d"];
+            // The model: the held time of each fan, those not written
+            // back since their last refresh, and LMDB's times.
+            let mut held: BTreeMap<usize, i64> = BTreeMap::new();
+            let mut dirty: BTreeSet<usize> = BTreeSet::new();
+            let mut lmdb: BTreeMap<usize, i64> = BTreeMap::new();
+            for (step, commit) in steps {
+                let (mut h, mut d, mut l) = (held.clone(), dirty.clone(), lmdb.clone());
+                let touch = |p: &mut Presence, t: &mut RwTxn, f: usize, a: i64| {
+                    p.touch(t, fans[f], T + a * REFRESH_MS).unwrap();
+                };
+                // The model's touch: a refresh only when a refresh
+                // interval has passed.
+                let mut refresh = |f: usize, a: i64| {
+                    let at = T + a * REFRESH_MS;
+                    if h.get(&f).is_none_or(|&last| at - last >= REFRESH_MS) {
+                        h.insert(f, at);
+                        d.insert(f);
+                    }
+                };
+                match step {
+                    Step::Touch(f, a) | Step::TouchAndWriteBack(f, a) => refresh(f, a),
+                    Step::Erase(f) => {
+                        h.remove(&f);
+                        d.remove(&f);
+                        l.remove(&f);
+                    }
+                    Step::WriteBack => {}
+                }
+                let mut puts = None;
+                txn(&env, &mut p, commit, |p, t| match step {
+                    Step::Touch(f, a) => touch(p, t, f, a),
+                    Step::Erase(f) => p.erase(t, fans[f]).unwrap(),
+                    Step::WriteBack => puts = Some(p.write_back(t).unwrap()),
+                    Step::TouchAndWriteBack(f, a) => {
+                        touch(p, t, f, a);
+                        puts = Some(p.write_back(t).unwrap());
+                    }
+                });
+                if puts.is_some() {
+                    let expected = d.iter().filter(|f| l.get(f) != h.get(f)).count();
+                    prop_assert_eq!(puts, Some(expected));
+                    for f in std::mem::take(&mut d) {
+                        l.insert(f, h[&f]);
+                    }
+                }
+                if commit {
+                    (held, dirty, lmdb) = (h, d, l);
+                }
+                if !dirty.is_empty() {
+                    prop_assert!(p.held(), "a fan waits to be written: {:?}", dirty);
+                }
+                for (f, fan) in fans.iter().enumerate() {
+                    prop_assert_eq!(stored(&env, db, fan), lmdb.get(&f).copied(), "{}", fan);
+                }
+            }
+            // Two write-backs: the second finds nothing left, and leaves
+            // no stale listing behind.
+            written_back(&env, &mut p);
+            prop_assert_eq!(written_back(&env, &mut p), 0);
+            prop_assert!(!p.held());
+            for (f, fan) in fans.iter().enumerate() {
+                prop_assert_eq!(stored(&env, db, fan), held.get(&f).copied(), "{}", fan);
+            }
+        }
     }
 
     #[test]

@@ -87,16 +87,18 @@ pub(crate) fn split_first(k: &[u8]) -> Option<(&str, &[u8])> {
 /// Bytes of a key copied inline to sort by.
 pub(crate) const HEAD: usize = 16;
 
-/// The first [`HEAD`] bytes of `key`, zero-padded. Sorting by (head, key)
-/// gives key order: a shorter key's padding sorts it before any longer
-/// key it is a prefix of, and the full keys break every tie. Comparing
-/// heads first spares most comparisons a cache miss on each key's own
-/// allocation, which dominated sorting a checkpoint's keys.
-pub(crate) fn head(key: &[u8]) -> [u8; HEAD] {
+/// The first [`HEAD`] bytes of `key`, zero-padded, read as one
+/// big-endian number. Sorting by (head, key) gives key order: numbers
+/// compare as their big-endian bytes do, a shorter key's padding sorts it
+/// before any longer key it is a prefix of, and the full keys break every
+/// tie. Comparing heads first spares most comparisons a cache miss on
+/// each key's own allocation, which dominated sorting a checkpoint's
+/// keys; comparing them as numbers spares each a call to `memcmp`.
+pub(crate) fn head(key: &[u8]) -> u128 {
     let mut h = [0; HEAD];
     let n = key.len().min(HEAD);
     h[..n].copy_from_slice(&key[..n]);
-    h
+    u128::from_be_bytes(h)
 }
 
 #[cfg(test)]
@@ -129,7 +131,7 @@ mod tests {
                 0..64,
             )
         ) {
-            let mut by_head: Vec<([u8; HEAD], Vec<u8>)> =
+            let mut by_head: Vec<(u128, Vec<u8>)> =
                 keys.iter().map(|k| (head(k), k.clone())).collect();
             by_head.sort_unstable();
             keys.sort_unstable();

@@ -24,7 +24,7 @@ use heed::{Database, RwTxn};
 use rustc_hash::FxHashMap;
 
 use super::committed::Committed;
-use super::keys::{split_first, KeyBuf};
+use super::keys::{head, split_first, KeyBuf};
 use super::sorted::SortedPuts;
 
 /// Presence is rewritten only when older than this, so a fan costs one
@@ -136,23 +136,16 @@ impl Held {
             // Taken off the list: a second listing of the fan is skipped.
             mark.unwritten = false;
             changes.push(Change {
-                key: key_of(key, &customer),
-                time,
                 settled: mark.settled,
-                customer,
-                open: false,
-                store: true,
+                ..Change::of(key, customer, time)
             });
         }
         for (customer, mark) in &mut self.open {
             if let (true, Some(time)) = (mark.unwritten, mark.seen) {
                 changes.push(Change {
-                    key: key_of(key, customer),
-                    time,
                     settled: mark.settled,
-                    customer: customer.clone(),
                     open: true,
-                    store: true,
+                    ..Change::of(key, customer.clone(), time)
                 });
             }
             mark.unwritten = false;
@@ -398,14 +391,7 @@ pub(crate) fn restore(
     let mut key = KeyBuf::default();
     let mut changes: Vec<Change> = seen
         .iter()
-        .map(|(customer, &time)| Change {
-            key: key_of(&mut key, customer),
-            time,
-            settled: false,
-            customer: customer.clone(),
-            open: false,
-            store: true,
-        })
+        .map(|(customer, &time)| Change::of(&mut key, customer.clone(), time))
         .collect();
     put_all_later(db, txn, &mut changes)?;
     Ok(())
@@ -413,6 +399,8 @@ pub(crate) fn restore(
 
 /// A fan's time to write back.
 struct Change {
+    /// What the changes are sorted by first (see [`head`]).
+    head: u128,
     key: Vec<u8>,
     /// The time to store; the later stored one when that won.
     time: i64,
@@ -426,9 +414,21 @@ struct Change {
     store: bool,
 }
 
-/// `customer`'s presence key.
-fn key_of(buf: &mut KeyBuf, customer: &str) -> Vec<u8> {
-    buf.start(customer).finish(MAX_KEY).to_vec()
+impl Change {
+    /// `customer` seen at `time`, not known to be settled, from the
+    /// committed layer.
+    fn of(buf: &mut KeyBuf, customer: String, time: i64) -> Change {
+        let key = buf.start(&customer).finish(MAX_KEY).to_vec();
+        Change {
+            head: head(&key),
+            key,
+            time,
+            settled: false,
+            customer,
+            open: false,
+            store: true,
+        }
+    }
 }
 
 /// Stores each change's time unless a time as late is stored already,
@@ -439,7 +439,7 @@ fn put_all_later(
     txn: &mut RwTxn,
     changes: &mut [Change],
 ) -> heed::Result<usize> {
-    changes.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    changes.sort_unstable_by(|a, b| a.head.cmp(&b.head).then_with(|| a.key.cmp(&b.key)));
     // All the reads first, then the puts through one cursor.
     for change in changes.iter_mut() {
         let stored = match change.settled {

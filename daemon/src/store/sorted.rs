@@ -18,7 +18,6 @@ use heed::{Database, PutFlags, RwIter, RwTxn};
 
 #[cfg(doc)]
 use super::keys::head;
-use super::keys::HEAD;
 
 /// Puts in ascending key order through one cursor, for as long as it
 /// lives; the transaction is borrowed meanwhile.
@@ -69,12 +68,12 @@ impl<'t> SortedPuts<'t> {
 
 /// One key of a write-back as it is sorted: its [`head`] (compared
 /// first), the key, and its value (`None` deletes it).
-pub(crate) type Order<'a> = ([u8; HEAD], &'a [u8], Option<&'a [u8]>);
+pub(crate) type Order<'a> = (u128, &'a [u8], Option<&'a [u8]>);
 
 /// Empties a write-back's sort buffer and keeps its allocation for the
 /// next write-back.
 ///
-/// Why: the buffer holds every key written back (tens of thousands, 40
+/// Why: the buffer holds every key written back (tens of thousands, 48
 /// bytes each). Allocated anew at each checkpoint, it is fresh memory to
 /// the kernel as well (the allocator hands freed memory back after a
 /// second, the checkpoint interval), which the kernel zeroes page by page
@@ -145,7 +144,7 @@ mod tests {
     #[test]
     fn a_spare_buffer_keeps_its_allocation() {
         let keys: Vec<Vec<u8>> = (0u32..1000).map(|i| i.to_be_bytes().to_vec()).collect();
-        let order: Vec<Order<'_>> = keys.iter().map(|k| ([0; HEAD], &k[..], None)).collect();
+        let order: Vec<Order<'_>> = keys.iter().map(|k| (0, &k[..], None)).collect();
         let capacity = order.capacity();
         let spare = spare(order);
         assert!(spare.is_empty());

@@ -77,9 +77,11 @@ pub(crate) type Order<'a> = (u128, &'a [u8], Option<&'a [u8]>);
 /// bytes each). Allocated anew at each checkpoint, it is fresh memory to
 /// the kernel as well (the allocator hands freed memory back after a
 /// second, the checkpoint interval), which the kernel zeroes page by page
-/// as the buffer fills: 4 % of the writer's time in a profile of the
-/// quick pipeline benchmark. Kept, it costs the largest write-back's
-/// worth of memory for as long as the store is open.
+/// as the buffer fills. In profiles of full-size pipeline runs that was
+/// 1 % of the writer's time, half of it gone with the buffer kept (the
+/// rest is the buffer growing over the first checkpoints). Kept, it
+/// costs the largest write-back's worth of memory for as long as the
+/// store is open.
 ///
 /// The entries borrow the maps being written back, so the buffer cannot
 /// be kept with their lifetime; the standard library collects an emptied

@@ -610,13 +610,8 @@ impl Writer {
         let env = self.env.clone();
         let mut txn = env.write_txn()?;
         self.engine.begin();
-        self.nba.begin();
         self.profiles.rollback();
-        self.dedup.begin();
-        self.schedule.begin();
-        if let Some(d) = &mut self.deferred {
-            d.begin();
-        }
+        self.begin_held();
         let mut meta = self.meta;
         let mut tally = Tally::default();
         let mut answers = Vec::with_capacity(pick.len());
@@ -683,13 +678,8 @@ impl Writer {
         }
         txn.commit()?;
         self.engine.committed();
-        self.nba.committed();
         self.profiles.committed();
-        self.dedup.commit();
-        self.schedule.commit();
-        if let Some(d) = &mut self.deferred {
-            d.commit();
-        }
+        self.commit_held();
         tally.duration = started.elapsed();
         self.meta = meta;
         Ok((answers, tally))
@@ -914,8 +904,9 @@ impl Writer {
         Ok(keys)
     }
 
-    /// Starts a transaction for what is held; an unfinished one's changes
-    /// are dropped.
+    /// Starts a transaction for what is held (every transaction that
+    /// applies events, and a checkpoint's own); an unfinished one's
+    /// changes are dropped.
     fn begin_held(&mut self) {
         if let Some(d) = &mut self.deferred {
             d.begin();
@@ -925,7 +916,7 @@ impl Writer {
         self.schedule.begin();
     }
 
-    /// The transaction that wrote back what was held committed.
+    /// The transaction begun by [`Writer::begin_held`] committed.
     fn commit_held(&mut self) {
         if let Some(d) = &mut self.deferred {
             d.commit();

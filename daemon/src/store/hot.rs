@@ -29,7 +29,7 @@ use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
 /// A key's value since the last checkpoint; `None` when it was deleted.
-type Changes = FxHashMap<Box<[u8]>, Option<Vec<u8>>>;
+pub(crate) type Changes = FxHashMap<Box<[u8]>, Option<Vec<u8>>>;
 
 /// The engine's changes not yet written back to LMDB.
 #[derive(Debug, Default)]
@@ -102,6 +102,16 @@ impl HotState {
     /// Deletes `key` in the open transaction.
     pub(crate) fn delete(&mut self, key: &[u8]) {
         self.open.insert(key.into(), None);
+    }
+
+    /// Takes every committed change out, to be written back by someone
+    /// else, and leaves `empty` in its place: an emptied map of an
+    /// earlier write-back, which keeps its capacity, so the next changes
+    /// do not grow a new map through every doubling. Between
+    /// transactions only (nothing open).
+    pub(crate) fn take_committed(&mut self, empty: Changes) -> Changes {
+        debug_assert!(self.open.is_empty() && self.stash.is_none() && empty.is_empty());
+        std::mem::replace(&mut self.committed, empty)
     }
 
     /// Writes every change back to `db` in key order, in the open

@@ -37,6 +37,7 @@ pub mod rewards;
 mod rule_stats;
 mod sorted;
 mod stats;
+mod writeback;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -301,8 +302,11 @@ impl Store {
         // before any event is checked against them.
         let dedup = {
             let write_err = |e: heed::Error| open_error(dir, e);
+            let table = writeback::WriteBack::open(dir, site.store.map_size, flags)
+                .map_err(|e| open_error(&dir.join(writeback::DIR), e))?;
             let mut txn = env.write_txn().map_err(write_err)?;
-            let (dedup, restored) = dedup::Dedup::open(&dbs, &mut txn).map_err(write_err)?;
+            let (dedup, restored) =
+                dedup::Dedup::open(&dbs, &mut txn, table, stats.clone()).map_err(write_err)?;
             txn.commit().map_err(write_err)?;
             if restored > 0 {
                 tracing::info!(restored, "dedup keys held before an unclean stop put back");

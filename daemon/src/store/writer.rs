@@ -499,6 +499,8 @@ impl Writer {
         if self.settings.final_checkpoint {
             let _ = self.checkpoint("shutdown");
         }
+        // The dedup keys handed over last are written before the stop.
+        self.dedup.close();
         // Later senders now fail at once and report `Closed`.
         drop(rx);
         let env = self.env.clone();
@@ -899,7 +901,7 @@ impl Writer {
             }
             None => None,
         };
-        self.dedup.write_back(&self.dbs, txn)?;
+        self.dedup.write_back();
         self.schedule.wrote_back();
         Ok(keys)
     }
@@ -1146,7 +1148,7 @@ impl Writer {
             let (swept, _) =
                 self.dedup
                     .sweep(&self.dbs, &mut txn, now_ms, retention, IDLE_SWEEP_BUDGET)?;
-            if swept > 0 {
+            if swept > 0 || self.dedup.sweep_wrote() {
                 txn.commit()?;
                 self.dedup.commit();
             }

@@ -205,6 +205,26 @@ async fn metrics_probes_status_and_dashboard_tell_the_truth() {
     // Events per commit: 45 non-rejected events over all event commits.
     assert_eq!(m.get("touchline_store_commit_events_sum"), 45.0);
 
+    // The 40 new events' dedup keys reach the write-back environment
+    // within a checkpoint interval or two, each written once.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while m.get("touchline_store_dedup_writeback_keys_total") < 40.0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "dedup keys not written back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = scrape(&admin).await;
+    }
+    assert_eq!(m.get("touchline_store_dedup_writeback_keys_total"), 40.0);
+    assert!(m.get("touchline_store_dedup_writeback_batches_total") >= 1.0);
+    assert_eq!(
+        m.types
+            .get("touchline_store_writeback_wait_seconds_total")
+            .map(String::as_str),
+        Some("counter")
+    );
+
     // Every metric the dashboard queries is exposed.
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

@@ -396,6 +396,26 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         store.journal_entries() as f64,
     );
     x.counter(
+        "touchline_store_dedup_writeback_batches_total",
+        "Batches of dedup keys the write-back thread committed to its environment.",
+        store.dedup_batches(),
+    );
+    x.counter(
+        "touchline_store_dedup_writeback_keys_total",
+        "Dedup keys written by those batches.",
+        store.dedup_batch_keys(),
+    );
+    x.family(
+        "touchline_store_writeback_wait_seconds_total",
+        Kind::Counter,
+        "Time the writer waited for a write-back batch still in flight when the next was due.",
+    );
+    x.sample(
+        "touchline_store_writeback_wait_seconds_total",
+        &[],
+        store.writeback_wait_us() as f64 / 1e6,
+    );
+    x.counter(
         "touchline_state_journal_replayed_total",
         "Journaled events replayed at start after an unclean stop.",
         store.journal_replayed(),

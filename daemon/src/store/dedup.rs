@@ -256,8 +256,14 @@ impl Dedup {
     /// before goes again first, on its own.
     fn hand_over(&mut self) {
         // One batch at a time: they are written in order.
-        if let Some(outcome) = self.table.wait_outcome() {
-            self.heard(outcome);
+        if self.table.in_flight() {
+            let started = std::time::Instant::now();
+            let outcome = self.table.wait_outcome();
+            let waited = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            StoreStats::add(&self.stats.writeback_wait_us, waited);
+            if let Some(outcome) = outcome {
+                self.heard(outcome);
+            }
         }
         if self.held.frozen.is_none() {
             let keys = self
@@ -287,7 +293,9 @@ impl Dedup {
 
     fn heard(&mut self, outcome: Outcome) {
         match outcome {
-            Ok(_) => {
+            Ok((written, _)) => {
+                StoreStats::add(&self.stats.dedup_batches, 1);
+                StoreStats::add(&self.stats.dedup_batch_keys, written as u64);
                 let Some(frozen) = self.held.frozen.take() else {
                     return;
                 };
@@ -803,6 +811,11 @@ mod tests {
         dedup.settle();
         assert_eq!(dedup.held_keys(), 0);
         assert_eq!(counts(&dedup, &env, &dbs), (2, 2));
+        assert_eq!(
+            (dedup.stats.dedup_batches(), dedup.stats.dedup_batch_keys()),
+            (1, 2),
+            "one batch, counted once it committed"
+        );
         committed(&mut dedup, &env, |dedup, txn| {
             assert!(seen(dedup, &dbs, txn, "a", T + 3), "found in the table now");
             assert!(seen(dedup, &dbs, txn, "b", T + 3));

@@ -59,6 +59,9 @@ pub struct StoreStats {
     pub(crate) checkpoint_keys: AtomicU64,
     pub(crate) journal_entries: AtomicU64,
     pub(crate) journal_replayed: AtomicU64,
+    pub(crate) dedup_batches: AtomicU64,
+    pub(crate) dedup_batch_keys: AtomicU64,
+    pub(crate) writeback_wait_us: AtomicU64,
 }
 
 macro_rules! getters {
@@ -142,6 +145,13 @@ getters! {
     journal_entries,
     /// `journal` mode: events replayed at open after an unclean stop.
     journal_replayed,
+    /// Batches of dedup keys the write-back thread committed.
+    dedup_batches,
+    /// Dedup keys those batches wrote.
+    dedup_batch_keys,
+    /// Microseconds the writer waited for a batch still in flight when
+    /// the next was due.
+    writeback_wait_us,
 }
 
 impl Default for StoreStats {
@@ -177,6 +187,9 @@ impl Default for StoreStats {
             checkpoint_keys: AtomicU64::new(0),
             journal_entries: AtomicU64::new(0),
             journal_replayed: AtomicU64::new(0),
+            dedup_batches: AtomicU64::new(0),
+            dedup_batch_keys: AtomicU64::new(0),
+            writeback_wait_us: AtomicU64::new(0),
         }
     }
 }

@@ -666,6 +666,9 @@ struct Http {
     /// Bytes written to storage over the timed hour (the daemon's stop
     /// not counted); none where the system does not say.
     disk: Option<u64>,
+    /// Seconds the writer waited, over the timed hour, for a write-back
+    /// batch still in flight when the next was due.
+    waited: f64,
 }
 
 /// CPU time spent during a timed phase, in seconds, split by thread: the
@@ -723,11 +726,12 @@ fn print_pipeline_run(label: &str, run: &Http, events: usize) {
         None => "not available here".to_owned(),
     };
     println!(
-        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}  disk KiB/event: {disk}",
+        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}  disk KiB/event: {disk}  write-back waits {:.0} ms",
         run.seconds,
         events as f64 / run.seconds,
         run.stop_seconds,
-        run.awards
+        run.awards,
+        run.waited * 1e3
     );
 }
 
@@ -776,6 +780,7 @@ async fn http_run(
     let before = daemon.ingest_stats().snapshot().accepted;
     let cpu_before = support::thread_cpu();
     let disk_before = support::disk_written();
+    let waited_before = daemon.store().stats().writeback_wait_us();
     let started = Instant::now();
     clients.post(main).await?;
     let seconds = started.elapsed().as_secs_f64();
@@ -783,6 +788,7 @@ async fn http_run(
     let disk = support::disk_written()
         .zip(disk_before)
         .map(|(after, before)| after.saturating_sub(before));
+    let waited = (daemon.store().stats().writeback_wait_us() - waited_before) as f64 / 1e6;
     drop(clients);
     let accepted = daemon.ingest_stats().snapshot().accepted - before;
     let loaded = support::rss_kib("self")?;
@@ -796,6 +802,7 @@ async fn http_run(
         loaded,
         cpu,
         disk,
+        waited,
     };
     let stopping = Instant::now();
     daemon.shutdown(Duration::from_millis(100)).await;

@@ -1,10 +1,13 @@
-//! The durable store: one LMDB environment per site holding dedup keys,
-//! rule state, the outbox and dead letters.
+//! The durable store: one LMDB environment per site holding dedup
+//! expiry entries, rule state, the outbox and dead letters, and a second
+//! one for the dedup keys ([`writeback`]).
 //!
 //! Everything that must survive a crash goes through here. Writes funnel
 //! through one writer thread ([`writer`]) that applies events in group
 //! commits and answers callers only after the commit holding their
-//! effects; reads of the outbox run on tokio's blocking pool. The async
+//! effects; the second environment is written by a thread of its own,
+//! from what the writer hands it. Reads of the outbox run on tokio's
+//! blocking pool. The async
 //! side talks to the writer through [`StoreHandle`], which is cheap to
 //! clone and never blocks a tokio worker.
 //!

@@ -293,7 +293,7 @@ impl Dedup {
 
     fn heard(&mut self, outcome: Outcome) {
         match outcome {
-            Ok((written, _)) => {
+            Ok(written) => {
                 StoreStats::add(&self.stats.dedup_batches, 1);
                 StoreStats::add(&self.stats.dedup_batch_keys, written as u64);
                 let Some(frozen) = self.held.frozen.take() else {

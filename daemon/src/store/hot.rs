@@ -23,8 +23,8 @@ use heed::{Database, RoTxn, RwTxn};
 use rustc_hash::FxHashMap;
 
 use super::customers;
-use super::keys::{head, KeyBuf};
-use super::sorted::{self, Order, SortedPuts};
+use super::keys::KeyBuf;
+use super::sorted::{self, Order};
 use crate::engine::table::{Entry, Profile, StateRead, StateTable};
 use crate::engine::ApplyError;
 
@@ -38,7 +38,8 @@ pub(crate) struct HotState {
     open: Changes,
     /// `committed` as it was before a checkpoint in the open transaction.
     stash: Option<Changes>,
-    /// The last write-back's sort buffer, empty (see [`sorted::spare`]).
+    /// The last write-back's sort buffer, empty (see
+    /// [`sorted::write_in_order`]).
     spare: Vec<Order<'static>>,
 }
 
@@ -116,41 +117,24 @@ impl HotState {
 
     /// Writes every change back to `db` in key order, in the open
     /// transaction. Until that transaction commits, the committed changes
-    /// are kept aside to be restored if it rolls back.
+    /// are kept aside to be restored if it rolls back; a write-back that
+    /// fails leaves them where they were.
     pub(crate) fn write_back(
         &mut self,
         txn: &mut RwTxn,
         db: Database<Bytes, Bytes>,
     ) -> heed::Result<usize> {
-        let committed = std::mem::take(&mut self.committed);
+        let open = &self.open;
         // The open transaction's change to a key replaces the committed
         // one: a key in both is written once, with its open value.
-        let mut merged: Vec<Order<'_>> = std::mem::take(&mut self.spare);
-        merged.extend(
-            committed
-                .iter()
-                .filter(|(k, _)| !self.open.contains_key(&**k))
-                .chain(self.open.iter())
-                .map(|(k, v)| (head(k), &**k, v.as_deref())),
-        );
-        // Keys are unique, so an unstable sort puts them in key order.
-        merged.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-        let written = merged.len();
-        // Deletions (erasures) are rare: they follow the puts, which go
-        // through one cursor.
-        let mut deleted = Vec::new();
-        let mut puts = SortedPuts::new(db, txn)?;
-        for &(_, key, value) in &merged {
-            match value {
-                Some(value) => puts.put(key, value)?,
-                None => deleted.push(key),
-            }
-        }
-        drop(puts);
-        for key in deleted {
-            db.delete(txn, key)?;
-        }
-        self.spare = sorted::spare(merged);
+        let changes = self
+            .committed
+            .iter()
+            .filter(|(k, _)| !open.contains_key(&**k))
+            .chain(open.iter())
+            .map(|(k, v)| (&**k, v.as_deref()));
+        let written = sorted::write_in_order(db, txn, changes, &mut self.spare)?;
+        let committed = std::mem::take(&mut self.committed);
         self.open.clear();
         // A second checkpoint in one transaction finds `committed` empty;
         // the first one's stash is what a rollback restores.
@@ -376,6 +360,39 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A checkpoint that cannot write (the map is full) rolls back with
+    /// the held changes still held: nothing reads stale LMDB values
+    /// afterwards, and a later checkpoint writes them all.
+    #[test]
+    fn a_write_back_that_fails_keeps_the_changes_held() {
+        let (_dir, env, db) = scratch_table(1 << 20);
+        let mut hot = HotState::default();
+        let value = [7u8; 1000];
+        let txn = env.write_txn().unwrap();
+        hot.begin();
+        for i in 0u32..2_000 {
+            hot.put(&i.to_be_bytes(), &value);
+        }
+        txn.commit().unwrap();
+        hot.commit();
+
+        let mut txn = env.write_txn().unwrap();
+        hot.begin();
+        let failed = hot.write_back(&mut txn, db);
+        assert!(failed.is_err_and(|e| super::super::env::is_map_full(&e)));
+        drop(txn);
+        hot.begin();
+        assert_eq!(hot.keys(), 2_000);
+        let txn = env.read_txn().unwrap();
+        for i in [0u32, 999, 1_999] {
+            assert_eq!(
+                read_through(Some(&hot), &txn, db, &i.to_be_bytes()).unwrap(),
+                Some(&value[..]),
+                "key {i}"
+            );
         }
     }
 

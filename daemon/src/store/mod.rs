@@ -7,9 +7,9 @@
 //! commits and answers callers only after the commit holding their
 //! effects; the second environment is written by a thread of its own,
 //! from what the writer hands it. Reads of the outbox run on tokio's
-//! blocking pool. The async
-//! side talks to the writer through [`StoreHandle`], which is cheap to
-//! clone and never blocks a tokio worker.
+//! blocking pool. The async side talks to the writer through
+//! [`StoreHandle`], which is cheap to clone and never blocks a tokio
+//! worker.
 //!
 //! Back-pressure: a submission takes one permit per event from a bounded
 //! pool before it is queued and gives them back when answered, so ingest

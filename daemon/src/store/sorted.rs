@@ -16,7 +16,6 @@
 use heed::types::Bytes;
 use heed::{Database, PutFlags, RwIter, RwTxn};
 
-#[cfg(doc)]
 use super::keys::head;
 
 /// Puts in ascending key order through one cursor, for as long as it
@@ -70,6 +69,38 @@ impl<'t> SortedPuts<'t> {
 /// first), the key, and its value (`None` deletes it).
 pub(crate) type Order<'a> = (u128, &'a [u8], Option<&'a [u8]>);
 
+/// Writes `changes` (key, value; `None` deletes the key) to `db` in key
+/// order: the puts through one cursor, then the deletions, which are
+/// rare (erasures, swept keys). Keys must be unique. `buffer` is the sort
+/// buffer kept between write-backs (see [`spare`]). Returns how many
+/// changes were written.
+pub(crate) fn write_in_order<'a>(
+    db: Database<Bytes, Bytes>,
+    txn: &mut RwTxn,
+    changes: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    buffer: &mut Vec<Order<'static>>,
+) -> heed::Result<usize> {
+    let mut order: Vec<Order<'a>> = std::mem::take(buffer);
+    order.extend(changes.map(|(key, value)| (head(key), key, value)));
+    // Keys are unique, so an unstable sort puts them in key order.
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    let mut deleted = Vec::new();
+    let mut puts = SortedPuts::new(db, txn)?;
+    for &(_, key, value) in &order {
+        match value {
+            Some(value) => puts.put(key, value)?,
+            None => deleted.push(key),
+        }
+    }
+    drop(puts);
+    for key in deleted {
+        db.delete(txn, key)?;
+    }
+    let written = order.len();
+    *buffer = spare(order);
+    Ok(written)
+}
+
 /// Empties a write-back's sort buffer and keeps its allocation for the
 /// next write-back.
 ///
@@ -77,8 +108,9 @@ pub(crate) type Order<'a> = (u128, &'a [u8], Option<&'a [u8]>);
 /// bytes each). Allocated anew at each checkpoint, it is fresh memory to
 /// the kernel as well (mimalloc hands freed memory back to the kernel
 /// after 10 ms by default, its purge delay, well within the checkpoint
-/// interval), which the kernel zeroes page by page as the buffer fills. In profiles of full-size pipeline runs that was
-/// 1 % of the writer's time, half of it gone with the buffer kept (the
+/// interval), which the kernel zeroes page by page as the buffer fills.
+/// In profiles of full-size pipeline runs that was 1 % of the writer's
+/// time, half of it gone with the buffer kept (the
 /// rest is the buffer growing over the first checkpoints). Kept, it
 /// costs the largest write-back's worth of memory for as long as the
 /// store is open.
@@ -88,7 +120,7 @@ pub(crate) type Order<'a> = (u128, &'a [u8], Option<&'a [u8]>);
 /// vector into one of an element of the same layout in place, which
 /// turns it into a buffer that borrows nothing. Were that ever to
 /// allocate instead, the next write-back would only be as slow as before.
-pub(crate) fn spare(mut order: Vec<Order<'_>>) -> Vec<Order<'static>> {
+fn spare(mut order: Vec<Order<'_>>) -> Vec<Order<'static>> {
     order.clear();
     order
         .into_iter()

@@ -27,8 +27,7 @@ use tracing::warn;
 
 use super::env::{open_env, LmdbEnv};
 use super::hot::Changes;
-use super::keys::head;
-use super::sorted::{self, Order, SortedPuts};
+use super::sorted::{self, Order};
 
 /// The environment's directory, inside the store's.
 pub(crate) const DIR: &str = "writeback";
@@ -87,9 +86,8 @@ pub(crate) struct Batch {
     pub through: [u8; 16],
 }
 
-/// What became of a batch: the keys written and removed, or why it did
-/// not commit.
-pub(crate) type Outcome = Result<(usize, usize), String>;
+/// What became of a batch: the keys written, or why it did not commit.
+pub(crate) type Outcome = Result<usize, String>;
 
 /// The writer's side of the environment: hands batches to the thread,
 /// hears back, and reads the table.
@@ -260,9 +258,9 @@ impl WriteBack {
 /// The thread's body: writes each batch in a transaction of its own and
 /// reports the outcome, until the writer hangs up.
 fn run(env: LmdbEnv, dbs: WriteBackDbs, batches: Receiver<Batch>, outcomes: Sender<Outcome>) {
-    let mut spare: Vec<Order<'static>> = Vec::new();
+    let mut buffer: Vec<Order<'static>> = Vec::new();
     for batch in batches {
-        let outcome = write(&env, dbs, &batch, &mut spare).map_err(|e| e.to_string());
+        let outcome = write(&env, dbs, &batch, &mut buffer).map_err(|e| e.to_string());
         // The writer may reuse the keys' map once this copy is gone.
         drop(batch);
         if outcomes.send(outcome).is_err() {
@@ -271,51 +269,26 @@ fn run(env: LmdbEnv, dbs: WriteBackDbs, batches: Receiver<Batch>, outcomes: Send
     }
 }
 
-/// Writes one batch: the keys in key order through one cursor, then the
-/// removals, then the mark.
+/// Writes one batch: the keys in key order, then the removals, then the
+/// mark. Returns the keys written.
 fn write(
     env: &LmdbEnv,
     dbs: WriteBackDbs,
     batch: &Batch,
-    spare: &mut Vec<Order<'static>>,
-) -> heed::Result<(usize, usize)> {
+    buffer: &mut Vec<Order<'static>>,
+) -> heed::Result<usize> {
     let mut txn = env.write_txn()?;
-    let mut order: Vec<Order<'_>> = std::mem::take(spare);
-    order.extend(
-        batch
-            .keys
-            .iter()
-            .map(|(k, v)| (head(k), &**k, v.as_deref())),
-    );
-    // Keys are unique, so an unstable sort puts them in key order.
-    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    let mut removed = 0;
-    let mut dropped = Vec::new();
-    let mut puts = SortedPuts::new(dbs.dedup, &mut txn)?;
-    for &(_, key, value) in &order {
-        match value {
-            Some(value) => puts.put(key, value)?,
-            None => dropped.push(key),
-        }
-    }
-    drop(puts);
-    let written = order.len() - dropped.len();
-    for key in dropped {
-        if dbs.dedup.delete(&mut txn, key)? {
-            removed += 1;
-        }
-    }
-    *spare = sorted::spare(order);
+    let keys = batch.keys.iter().map(|(k, v)| (&**k, v.as_deref()));
+    let written = sorted::write_in_order(dbs.dedup, &mut txn, keys, buffer)?;
     for (key, time) in batch.removals.iter() {
         // A key seen again since has a later time, and stays.
         if dbs.dedup.get(&txn, key)?.and_then(decode_time) == Some(*time) {
             dbs.dedup.delete(&mut txn, key)?;
-            removed += 1;
         }
     }
     dbs.set_dedup_through(&mut txn, &batch.through)?;
     txn.commit()?;
-    Ok((written, removed))
+    Ok(written)
 }
 
 pub(crate) fn decode_time(v: &[u8]) -> Option<u64> {

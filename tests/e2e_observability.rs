@@ -225,6 +225,29 @@ async fn metrics_probes_status_and_dashboard_tell_the_truth() {
         Some("counter")
     );
 
+    // Both LMDB environments report their map: a size, and a high-water
+    // mark that the store's tables and the keys written back have raised
+    // above nothing, within the size.
+    for environment in ["store", "writeback"] {
+        let size = m.get(&format!(
+            "touchline_store_map_size_bytes{{environment=\"{environment}\"}}"
+        ));
+        let used = m.get(&format!(
+            "touchline_store_map_used_bytes{{environment=\"{environment}\"}}"
+        ));
+        assert!(size >= 1024.0 * 1024.0, "{environment}: map size {size}");
+        assert!(
+            used > 0.0 && used <= size,
+            "{environment}: {used} of {size}"
+        );
+    }
+    assert_eq!(
+        m.types
+            .get("touchline_store_map_used_bytes")
+            .map(String::as_str),
+        Some("gauge")
+    );
+
     // Every metric the dashboard queries is exposed.
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
@@ -261,6 +284,14 @@ async fn metrics_probes_status_and_dashboard_tell_the_truth() {
         "{text}"
     );
     assert!(!text.contains("not running"), "{text}");
+    let store_line = text
+        .lines()
+        .find(|l| l.starts_with("store "))
+        .unwrap_or_else(|| panic!("no store line in {text}"));
+    assert!(
+        store_line.contains("; store map ") && store_line.contains("; writeback map "),
+        "{store_line}"
+    );
     assert!(daemon.terminate(Duration::from_secs(30)).unwrap().success());
     let (ok, text) = status_command(&config);
     assert!(ok, "{text}");

@@ -224,6 +224,26 @@ pub fn render_live(r: &StatusReport, addr: SocketAddr) -> String {
     if !reasons.is_empty() {
         let _ = writeln!(out, "         rejected by reason: {}", reasons.join(", "));
     }
+    let s = &r.store;
+    let _ = write!(
+        out,
+        "store    commits {}, storage errors {}, refused as map-full {}",
+        s.commits, s.storage_errors, s.map_full_events
+    );
+    for (name, map) in &s.maps {
+        let share = if map.size_bytes == 0 {
+            0.0
+        } else {
+            map.used_bytes as f64 * 100.0 / map.size_bytes as f64
+        };
+        let _ = write!(
+            out,
+            "; {name} map {} of {} ({share:.0} %)",
+            format_bytes(map.used_bytes),
+            format_bytes(map.size_bytes)
+        );
+    }
+    out.push('\n');
     let o = &r.outbox;
     let _ = write!(
         out,

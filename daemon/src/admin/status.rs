@@ -52,6 +52,19 @@ pub struct StoreCounters {
     pub commits: u64,
     pub storage_errors: u64,
     pub map_full_events: u64,
+    /// The LMDB environments' maps: `store`, and `writeback` (the
+    /// written-back dedup keys). Absent from daemons older than the field.
+    #[serde(default)]
+    pub maps: BTreeMap<String, MapStatus>,
+}
+
+/// How full one LMDB map is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub size_bytes: u64,
+    /// High-water mark: bytes up to the highest page a commit has used
+    /// (freed pages below it are reused first).
+    pub used_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +149,25 @@ pub(super) fn report(observed: &Observed, sample: &Sample) -> StatusReport {
             commits: store.commits(),
             storage_errors: store.storage_errors(),
             map_full_events: store.map_full_events(),
+            maps: [
+                ("store", store.map_size_bytes(), store.map_used_bytes()),
+                (
+                    "writeback",
+                    store.writeback_map_size_bytes(),
+                    store.writeback_map_used_bytes(),
+                ),
+            ]
+            .into_iter()
+            .map(|(name, size_bytes, used_bytes)| {
+                (
+                    name.to_string(),
+                    MapStatus {
+                        size_bytes,
+                        used_bytes,
+                    },
+                )
+            })
+            .collect(),
         },
         outbox: OutboxStatus {
             records: outbox.records,

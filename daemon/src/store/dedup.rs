@@ -40,7 +40,7 @@ use heed::{Database, RoTxn, RwTxn};
 use tracing::warn;
 
 use super::append;
-use super::env::Dbs;
+use super::env::{Dbs, MapUsage};
 use super::hot::{Changes, HotState};
 use super::keys::KeyBuf;
 use super::ratelimit::LogLimiter;
@@ -240,6 +240,11 @@ impl Dedup {
     /// the open transaction commits (with what it holds itself).
     pub(crate) fn write_back(&mut self) {
         self.held.due = true;
+    }
+
+    /// How full the write-back environment's map is, while it is open.
+    pub(crate) fn map_usage(&self) -> Option<MapUsage> {
+        self.table.map_usage()
     }
 
     /// Waits for the batch in flight, then stops the write-back thread

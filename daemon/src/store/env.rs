@@ -88,6 +88,43 @@ pub(crate) fn open_env(dir: &Path, map_size: usize, flags: EnvFlags) -> heed::Re
     }
 }
 
+/// How far an environment's data has reached into its memory map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MapUsage {
+    /// The map's size (`store.map_size`, rounded up).
+    pub size: u64,
+    /// Bytes up to the highest page any commit has used. LMDB reuses
+    /// freed pages below that mark before it goes past it, so this is a
+    /// high-water mark, not what the data takes now: the map is full only
+    /// when a commit needs more pages than are free below the mark and
+    /// left above it. Near the size, raise the map.
+    pub used: u64,
+}
+
+impl MapUsage {
+    /// `used` as a share of `size` (0 for an empty map).
+    pub(crate) fn share(&self) -> f64 {
+        if self.size == 0 {
+            0.0
+        } else {
+            self.used as f64 / self.size as f64
+        }
+    }
+}
+
+/// `env`'s map usage as of its last commit. Reads two words of LMDB's
+/// meta page: cheap enough for every writer turn.
+pub(crate) fn map_usage(env: &LmdbEnv) -> MapUsage {
+    let info = env.info();
+    let page = u64::from(env.stat().page_size);
+    MapUsage {
+        size: info.map_size as u64,
+        used: (info.last_page_number as u64)
+            .saturating_add(1)
+            .saturating_mul(page),
+    }
+}
+
 /// Handles to every named database. `Database` is a plain id, so this is
 /// `Copy` and shared between the writer and readers.
 #[derive(Clone, Copy)]
@@ -193,5 +230,52 @@ mod tests {
         assert_eq!(round_map_size(1), MAP_SIZE_GRANULE);
         assert_eq!(round_map_size(MAP_SIZE_GRANULE), MAP_SIZE_GRANULE);
         assert_eq!(round_map_size(MAP_SIZE_GRANULE + 1), 2 * MAP_SIZE_GRANULE);
+    }
+
+    /// The usage follows the data up, stays at its high-water mark when
+    /// the data goes (the freed pages are reused), and a commit that does
+    /// not fit fails at the map's size.
+    #[test]
+    fn map_usage_is_a_high_water_mark_up_to_the_map_size() {
+        let size = 4 * MAP_SIZE_GRANULE;
+        let (_dir, env, db) = scratch_table(size);
+        let empty = map_usage(&env);
+        assert_eq!(empty.size, size as u64);
+        assert!(empty.used > 0 && empty.used < empty.size / 4, "{empty:?}");
+
+        let value = vec![7u8; 1000];
+        let fill = |first: u32, n: u32| {
+            let mut txn = env.write_txn().unwrap();
+            for i in first..first + n {
+                db.put(&mut txn, &i.to_be_bytes(), &value).unwrap();
+            }
+            txn.commit().unwrap();
+        };
+        fill(0, 100);
+        let filled = map_usage(&env);
+        assert!(
+            filled.used >= empty.used + 100 * 1000,
+            "{empty:?} → {filled:?}"
+        );
+        assert!(filled.share() > 0.3 && filled.share() <= 1.0);
+
+        let mut txn = env.write_txn().unwrap();
+        db.clear(&mut txn).unwrap();
+        txn.commit().unwrap();
+        assert!(map_usage(&env).used >= filled.used);
+
+        // Past the map, the commit fails; the usage never passes the size.
+        let mut txn = env.write_txn().unwrap();
+        let mut full = false;
+        for i in 0..1_000u32 {
+            if let Err(e) = db.put(&mut txn, &i.to_be_bytes(), &value) {
+                assert!(is_map_full(&e), "{e}");
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "a 256 KiB map took a megabyte");
+        drop(txn);
+        assert!(map_usage(&env).used <= size as u64);
     }
 }

@@ -9,6 +9,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use super::env::MapUsage;
+
 /// Upper bounds of `commit_duration` buckets, in µs (0.1 ms … 5 s): a
 /// commit is one or two fsyncs, so most land in the low milliseconds.
 const COMMIT_DURATION_BOUNDS_US: &[u64] = &[
@@ -62,6 +64,10 @@ pub struct StoreStats {
     pub(crate) dedup_batches: AtomicU64,
     pub(crate) dedup_batch_keys: AtomicU64,
     pub(crate) writeback_wait_us: AtomicU64,
+    pub(crate) map_size_bytes: AtomicU64,
+    pub(crate) map_used_bytes: AtomicU64,
+    pub(crate) writeback_map_size_bytes: AtomicU64,
+    pub(crate) writeback_map_used_bytes: AtomicU64,
 }
 
 macro_rules! getters {
@@ -152,6 +158,15 @@ getters! {
     /// Microseconds the writer waited for a batch still in flight when
     /// the next was due.
     writeback_wait_us,
+    /// The store's LMDB map size, bytes.
+    map_size_bytes,
+    /// The store's map used up to its high-water mark, bytes (see
+    /// `env::MapUsage`).
+    map_used_bytes,
+    /// The write-back environment's map size, bytes.
+    writeback_map_size_bytes,
+    /// The write-back environment's map used up to its high-water mark.
+    writeback_map_used_bytes,
 }
 
 impl Default for StoreStats {
@@ -190,11 +205,28 @@ impl Default for StoreStats {
             dedup_batches: AtomicU64::new(0),
             dedup_batch_keys: AtomicU64::new(0),
             writeback_wait_us: AtomicU64::new(0),
+            map_size_bytes: AtomicU64::new(0),
+            map_used_bytes: AtomicU64::new(0),
+            writeback_map_size_bytes: AtomicU64::new(0),
+            writeback_map_used_bytes: AtomicU64::new(0),
         }
     }
 }
 
 impl StoreStats {
+    /// How full the two environments' maps are now (the write-back one
+    /// left as it was when closed).
+    pub(crate) fn set_map_usage(&self, store: MapUsage, writeback: Option<MapUsage>) {
+        self.map_size_bytes.store(store.size, Ordering::Relaxed);
+        self.map_used_bytes.store(store.used, Ordering::Relaxed);
+        if let Some(w) = writeback {
+            self.writeback_map_size_bytes
+                .store(w.size, Ordering::Relaxed);
+            self.writeback_map_used_bytes
+                .store(w.used, Ordering::Relaxed);
+        }
+    }
+
     /// Write transaction durations (seconds), commits that failed excluded.
     pub fn commit_duration(&self) -> HistogramSnapshot {
         self.commit_duration.snapshot()

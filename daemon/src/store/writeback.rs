@@ -25,7 +25,7 @@ use heed::types::{Bytes, Str};
 use heed::{Database, EnvFlags, RoTxn, RwTxn, WithoutTls};
 use tracing::warn;
 
-use super::env::{open_env, LmdbEnv};
+use super::env::{map_usage, open_env, LmdbEnv, MapUsage};
 use super::hot::Changes;
 use super::sorted::{self, Order};
 
@@ -181,6 +181,11 @@ impl WriteBack {
                 "the write-back environment is closed",
             ))
         })
+    }
+
+    /// How full the environment's map is, while it is open.
+    pub(crate) fn map_usage(&self) -> Option<MapUsage> {
+        self.env.as_ref().map(map_usage)
     }
 
     pub(crate) fn in_flight(&self) -> bool {

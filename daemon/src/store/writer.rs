@@ -25,7 +25,7 @@ use super::checkpoint::{Deferred, DeferredError, EngineTable, Policy, Schedule};
 use super::customers::{self, Admission, CustomerDbs, CustomerError, ProfileCache};
 use super::dedup::Dedup;
 use super::engine_table::{LmdbTable, ProgressView};
-use super::env::{is_map_full, Dbs, LmdbEnv};
+use super::env::{self, is_map_full, Dbs, LmdbEnv};
 use super::keys::KeyBuf;
 use super::meta::{self, Meta};
 use super::nba::{Drain, Nba, NbaError, Output as NbaOutput};
@@ -56,6 +56,14 @@ const SWEEP_BASE_BUDGET: usize = 64;
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often the maps' usage is published.
+const MAP_USAGE_INTERVAL: Duration = Duration::from_secs(1);
+/// The share of a map past which the writer warns, at most every
+/// [`MAP_WARN_INTERVAL`]: raising `store.map_size` takes a restart, so
+/// an operator wants to hear well before commits fail.
+const MAP_WARN_SHARE: f64 = 0.9;
+const MAP_WARN_INTERVAL: Duration = Duration::from_secs(600);
 
 /// A submission's answer, with its events handed back: the submitter
 /// frees them on its own thread. Freeing each event's JSON data on the
@@ -320,6 +328,9 @@ pub(crate) struct Writer {
     deferred: Option<Deferred>,
     /// When the deferred state, presence and dedup keys are written back.
     schedule: Schedule,
+    /// When the maps' usage was last published.
+    map_usage_noted: Option<Instant>,
+    map_warn_log: LogLimiter,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -376,6 +387,8 @@ impl Writer {
             profiles: ProfileCache::new(customers::PROFILE_CACHE_MAX),
             deferred,
             schedule,
+            map_usage_noted: None,
+            map_warn_log: LogLimiter::new(MAP_WARN_INTERVAL),
         }
     }
 
@@ -392,6 +405,7 @@ impl Writer {
             // heartbeat stays fresh while idle and goes stale only when a
             // commit hangs.
             self.stats.beat();
+            self.note_map_usage();
             self.report_rule_stats(false);
             self.nba_tick(false);
             if self.hold_due() {
@@ -1134,6 +1148,36 @@ impl Writer {
                 if let Some(suppressed) = self.error_log.check() {
                     warn!(error = %e, suppressed, "cannot queue rule statistics; the counts go out with the next report");
                 }
+            }
+        }
+    }
+
+    /// Publishes how full both environments' maps are, and warns when
+    /// either is past [`MAP_WARN_SHARE`].
+    fn note_map_usage(&mut self) {
+        if self
+            .map_usage_noted
+            .is_some_and(|at| at.elapsed() < MAP_USAGE_INTERVAL)
+        {
+            return;
+        }
+        self.map_usage_noted = Some(Instant::now());
+        let store = env::map_usage(&self.env);
+        let writeback = self.dedup.map_usage();
+        self.stats.set_map_usage(store, writeback);
+        for (environment, usage) in [("store", Some(store)), ("writeback", writeback)] {
+            let Some(usage) = usage.filter(|u| u.share() >= MAP_WARN_SHARE) else {
+                continue;
+            };
+            if self.map_warn_log.check().is_some() {
+                warn!(
+                    environment,
+                    used_bytes = usage.used,
+                    map_size_bytes = usage.size,
+                    "the LMDB map is {:.0} % used (its high-water mark): raise store.map_size \
+                     before commits fail",
+                    usage.share() * 100.0
+                );
             }
         }
     }

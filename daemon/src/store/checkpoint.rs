@@ -49,7 +49,19 @@ pub(crate) struct Schedule {
     last: Instant,
     /// The open transaction wrote everything back.
     wrote_back: bool,
+    /// After a write-back that did not commit, none is due before this.
+    retry_at: Option<Instant>,
+    /// How long the next failure puts the write-back off.
+    backoff: Duration,
 }
+
+/// The first pause after a write-back that did not commit; each further
+/// failure doubles it, up to [`RETRY_MAX`]. A write-back that cannot
+/// commit (a full map above all) fails again at once: tried before every
+/// group, it would take the writer's time and, riding in the groups'
+/// transactions, take down with it the acks that free space.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Schedule {
     pub(crate) fn new(policy: Policy) -> Schedule {
@@ -57,12 +69,19 @@ impl Schedule {
             policy,
             last: Instant::now(),
             wrote_back: false,
+            retry_at: None,
+            backoff: RETRY_FIRST,
         }
     }
 
     /// Whether a write-back is due with `keys` held (state and dedup
-    /// keys) and `events` journaled since the last one.
+    /// keys) and `events` journaled since the last one. Never while a
+    /// failed one is put off, whatever the bounds: holding more is all
+    /// the writer can do until it commits.
     pub(crate) fn due(&self, keys: usize, events: u64) -> bool {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
         keys >= self.policy.max_keys
             || events >= self.policy.max_events
             || ((keys > 0 || events > 0) && self.last.elapsed() >= self.policy.interval)
@@ -80,7 +99,18 @@ impl Schedule {
     pub(crate) fn commit(&mut self) {
         if std::mem::take(&mut self.wrote_back) {
             self.last = Instant::now();
+            self.retry_at = None;
+            self.backoff = RETRY_FIRST;
         }
+    }
+
+    /// A write-back did not commit: the next is put off, longer after
+    /// each failure in a row. Returns for how long.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.backoff;
+        self.retry_at = Some(Instant::now() + wait);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+        wait
     }
 }
 
@@ -353,5 +383,32 @@ mod tests {
         assert!(s.due(1, 0), "a held key, the interval past");
         assert!(s.due(0, 1), "a journaled event, the interval past");
         assert!(!s.due(0, 0), "nothing held: nothing to write");
+    }
+
+    #[test]
+    fn a_failed_write_back_is_put_off_longer_each_time_until_one_commits() {
+        let mut s = Schedule::new(Policy {
+            interval: Duration::ZERO,
+            max_keys: 10,
+            max_events: 5,
+        });
+        assert!(s.due(100, 100));
+        let waits: Vec<Duration> = (0..7).map(|_| s.failed()).collect();
+        assert_eq!(
+            waits.iter().map(Duration::as_secs).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 30, 30]
+        );
+        assert!(!s.due(100, 100), "put off, whatever the bounds");
+        // A write-back that commits ends the pause and the doubling.
+        s.begin();
+        s.wrote_back();
+        s.commit();
+        assert!(s.due(100, 100));
+        assert_eq!(s.failed(), Duration::from_secs(1));
+        // A transaction that wrote nothing back changes neither.
+        s.begin();
+        s.commit();
+        assert!(!s.due(100, 100));
+        assert_eq!(s.failed(), Duration::from_secs(2));
     }
 }

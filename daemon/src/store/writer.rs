@@ -331,6 +331,9 @@ pub(crate) struct Writer {
     /// When the maps' usage was last published.
     map_usage_noted: Option<Instant>,
     map_warn_log: LogLimiter,
+    /// Whether the last [`Writer::apply`] wrote back what is held (it may
+    /// have failed before it got that far).
+    tried_write_back: bool,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -389,6 +392,7 @@ impl Writer {
             schedule,
             map_usage_noted: None,
             map_warn_log: LogLimiter::new(MAP_WARN_INTERVAL),
+            tried_write_back: false,
         }
     }
 
@@ -534,7 +538,18 @@ impl Writer {
         let now_ms = (self.clock)();
         let mut answers: Vec<Option<Answer>> = group.iter().map(|_| None).collect();
         let all: Vec<usize> = (0..group.len()).collect();
-        match self.apply(group, &all, now_ms) {
+        let mut first = self.apply(group, &all, now_ms, true);
+        // Only `journal` mode writes pages for what it holds (the state,
+        // presence); `direct` mode's write-back hands dedup keys over.
+        let wrote_pages = self.tried_write_back && self.deferred.is_some();
+        if wrote_pages && matches!(first, Err(GroupError::MapFull)) {
+            // The write-back may be what does not fit: the group goes
+            // again without it, and the write-back waits (see
+            // `Schedule::failed`), so the acks that free space commit.
+            self.write_back_failed("it did not fit with the events");
+            first = self.apply(group, &all, now_ms, false);
+        }
+        match first {
             Ok(done) => self.record(done, &mut answers),
             Err(GroupError::MapFull) => {
                 self.refuse_map_full(group, &all, &mut answers);
@@ -547,7 +562,7 @@ impl Writer {
                     })
                     .collect();
                 if !acks.is_empty() {
-                    match self.apply(group, &acks, now_ms) {
+                    match self.apply(group, &acks, now_ms, false) {
                         Ok(done) => self.record(done, &mut answers),
                         Err(e) => self.fail(group, &acks, &e, &mut answers),
                     }
@@ -557,7 +572,7 @@ impl Writer {
                 // Isolate the command that fails so the others still commit.
                 self.log_failure(&msg, group.len());
                 for i in all {
-                    match self.apply(group, &[i], now_ms) {
+                    match self.apply(group, &[i], now_ms, true) {
                         Ok(done) => self.record(done, &mut answers),
                         Err(GroupError::MapFull) => self.refuse_map_full(group, &[i], &mut answers),
                         Err(e) => self.fail(group, &[i], &e, &mut answers),
@@ -616,11 +631,14 @@ impl Writer {
     }
 
     /// Applies the picked commands in one transaction and commits it.
+    /// With `write_back`, what is held is written back in the same
+    /// transaction when it is due.
     fn apply(
         &mut self,
         group: &[Command],
         pick: &[usize],
         now_ms: i64,
+        write_back: bool,
     ) -> Result<(Vec<(usize, Answer)>, Tally), GroupError> {
         let started = Instant::now();
         let env = self.env.clone();
@@ -628,6 +646,7 @@ impl Writer {
         self.engine.begin();
         self.profiles.rollback();
         self.begin_held();
+        self.tried_write_back = false;
         let mut meta = self.meta;
         let mut tally = Tally::default();
         let mut answers = Vec::with_capacity(pick.len());
@@ -687,7 +706,8 @@ impl Writer {
             &mut txn,
             &self.dbs,
         ))?;
-        if self.hold_due() {
+        self.tried_write_back = write_back && self.hold_due();
+        if self.tried_write_back {
             if let Some(keys) = self.write_back_held(&mut txn)? {
                 tally.checkpointed(keys);
             }
@@ -882,11 +902,26 @@ impl Writer {
             }
             Err(e) => {
                 self.begin_held();
-                if let Some(suppressed) = self.error_log.check() {
-                    warn!(error = %e, why, suppressed, "checkpoint not committed; the journal keeps the state");
-                }
+                self.write_back_failed(&format!("{why}: {e}"));
                 Err(e)
             }
+        }
+    }
+
+    /// A write-back did not commit: counted as a storage error, logged,
+    /// and put off (see `Schedule::failed`). What is held stays held,
+    /// and in `journal` mode the journal keeps it durable.
+    fn write_back_failed(&mut self, why: &str) {
+        StoreStats::add(&self.stats.storage_errors, 1);
+        let retry_in = self.schedule.failed();
+        if let Some(suppressed) = self.error_log.check() {
+            warn!(
+                why,
+                suppressed,
+                retry_in_ms = retry_in.as_millis() as u64,
+                "write-back of what the writer holds not committed; it stays held \
+                 (in journal mode the journal keeps it) and is tried again later"
+            );
         }
     }
 

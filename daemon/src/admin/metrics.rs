@@ -402,7 +402,7 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
     );
     x.counter(
         "touchline_store_dedup_writeback_keys_total",
-        "Dedup keys written by those batches.",
+        "Dedup keys written by those batches (or deleted: held keys that expired before they were written back).",
         store.dedup_batch_keys(),
     );
     x.family(

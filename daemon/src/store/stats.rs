@@ -153,7 +153,8 @@ getters! {
     journal_replayed,
     /// Batches of dedup keys the write-back thread committed.
     dedup_batches,
-    /// Dedup keys those batches wrote.
+    /// Dedup keys those batches wrote, or deleted (held keys that
+    /// expired before they were written back).
     dedup_batch_keys,
     /// Microseconds the writer waited for a batch still in flight when
     /// the next was due.

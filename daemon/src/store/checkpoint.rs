@@ -18,6 +18,7 @@ use super::env::{Dbs, LmdbEnv};
 use super::hot::{HotState, HotTable, Profiles};
 use super::journal::{Journal, JournalError};
 use super::keys::KeyBuf;
+use super::ratelimit::RetryPause;
 use crate::engine::table::{Entry, Profile, StateTable};
 use crate::engine::{ApplyError, Engine, Output};
 use crate::event::Event;
@@ -49,19 +50,13 @@ pub(crate) struct Schedule {
     last: Instant,
     /// The open transaction wrote everything back.
     wrote_back: bool,
-    /// After a write-back that did not commit, none is due before this.
-    retry_at: Option<Instant>,
-    /// How long the next failure puts the write-back off.
-    backoff: Duration,
+    /// After a write-back that did not commit, none is due for a while:
+    /// one that cannot commit (a full map above all) fails again at
+    /// once, and tried before every group it would take the writer's
+    /// time and, riding in the groups' transactions, take down with it
+    /// the acks that free space.
+    retry: RetryPause,
 }
-
-/// The first pause after a write-back that did not commit; each further
-/// failure doubles it, up to [`RETRY_MAX`]. A write-back that cannot
-/// commit (a full map above all) fails again at once: tried before every
-/// group, it would take the writer's time and, riding in the groups'
-/// transactions, take down with it the acks that free space.
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Schedule {
     pub(crate) fn new(policy: Policy) -> Schedule {
@@ -69,8 +64,7 @@ impl Schedule {
             policy,
             last: Instant::now(),
             wrote_back: false,
-            retry_at: None,
-            backoff: RETRY_FIRST,
+            retry: RetryPause::new(),
         }
     }
 
@@ -79,7 +73,7 @@ impl Schedule {
     /// failed one is put off, whatever the bounds: holding more is all
     /// the writer can do until it commits.
     pub(crate) fn due(&self, keys: usize, events: u64) -> bool {
-        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+        if self.retry.waiting() {
             return false;
         }
         keys >= self.policy.max_keys
@@ -99,18 +93,14 @@ impl Schedule {
     pub(crate) fn commit(&mut self) {
         if std::mem::take(&mut self.wrote_back) {
             self.last = Instant::now();
-            self.retry_at = None;
-            self.backoff = RETRY_FIRST;
+            self.retry.succeeded();
         }
     }
 
     /// A write-back did not commit: the next is put off, longer after
     /// each failure in a row. Returns for how long.
     pub(crate) fn failed(&mut self) -> Duration {
-        let wait = self.backoff;
-        self.retry_at = Some(Instant::now() + wait);
-        self.backoff = (self.backoff * 2).min(RETRY_MAX);
-        wait
+        self.retry.failed()
     }
 }
 

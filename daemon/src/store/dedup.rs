@@ -43,7 +43,7 @@ use super::append;
 use super::env::{Dbs, MapUsage};
 use super::hot::{Changes, HotState};
 use super::keys::KeyBuf;
-use super::ratelimit::LogLimiter;
+use super::ratelimit::{LogLimiter, RetryPause};
 use super::sorted::SortedPuts;
 use super::stats::StoreStats;
 use super::writeback::{decode_time, Batch, Outcome, WriteBack, WriteBackDbs};
@@ -82,6 +82,10 @@ pub(crate) struct Dedup {
     spare: Changes,
     stats: Arc<StoreStats>,
     failure_log: LogLimiter,
+    /// After a batch that did not commit (a full map), the next try
+    /// waits: it would fail again at once, and every write-back of the
+    /// writer's would wait for it.
+    retry: RetryPause,
 }
 
 /// What is not in the `dedup` table yet.
@@ -190,6 +194,7 @@ impl Dedup {
             spare: Changes::default(),
             stats,
             failure_log: LogLimiter::new(LOG_INTERVAL),
+            retry: RetryPause::new(),
         };
         Ok((dedup, restored))
     }
@@ -224,6 +229,18 @@ impl Dedup {
         }
         if std::mem::take(&mut held.due) {
             self.hand_over();
+        }
+    }
+
+    /// Keys a write-back would hand over now: none while a batch that
+    /// did not commit waits for its next try. They must not make the
+    /// writer's write-backs due meanwhile (holding them is all that can
+    /// be done), and nothing needs writing back for them.
+    pub(crate) fn keys_to_write_back(&self) -> usize {
+        if self.held.frozen.is_some() && self.retry.waiting() {
+            0
+        } else {
+            self.held_keys()
         }
     }
 
@@ -270,6 +287,11 @@ impl Dedup {
                 self.heard(outcome);
             }
         }
+        if self.held.frozen.is_some() && self.retry.waiting() {
+            // The batch that did not commit goes again once its pause is
+            // over; what was held since stays held behind it.
+            return;
+        }
         if self.held.frozen.is_none() {
             let keys = self
                 .held
@@ -299,6 +321,7 @@ impl Dedup {
     fn heard(&mut self, outcome: Outcome) {
         match outcome {
             Ok(written) => {
+                self.retry.succeeded();
                 StoreStats::add(&self.stats.dedup_batches, 1);
                 StoreStats::add(&self.stats.dedup_batch_keys, written as u64);
                 let Some(frozen) = self.held.frozen.take() else {
@@ -314,8 +337,15 @@ impl Dedup {
             }
             Err(e) => {
                 StoreStats::add(&self.stats.storage_errors, 1);
+                let retry_in = self.retry.failed();
                 if let Some(suppressed) = self.failure_log.check() {
-                    warn!(error = %e, suppressed, "dedup keys not written back; they stay in memory and go again at the next checkpoint");
+                    warn!(
+                        error = %e,
+                        suppressed,
+                        retry_in_ms = retry_in.as_millis() as u64,
+                        "dedup keys not written back; they stay in memory and go again \
+                         at the first write-back after the pause"
+                    );
                 }
             }
         }
@@ -918,7 +948,8 @@ mod tests {
 
     /// A batch the write-back environment cannot take (its map is full)
     /// is counted, its keys stay duplicates, and it goes again at the
-    /// next write-back.
+    /// first write-back after a pause. Meanwhile its keys make no
+    /// write-back due, and write-backs do not try it again.
     #[test]
     fn a_batch_that_does_not_commit_stays_held() {
         let (dir, env, dbs) = store();
@@ -932,7 +963,10 @@ mod tests {
                 .storage_errors
                 .load(std::sync::atomic::Ordering::Relaxed)
         };
-        for (round, now) in [T, T + 1].into_iter().enumerate() {
+        for (round, now) in [T, T + 1, T + 2].into_iter().enumerate() {
+            if round == 2 {
+                dedup.retry.end();
+            }
             committed(&mut dedup, &env, |dedup, txn| {
                 for id in &ids {
                     assert_eq!(seen(dedup, &dbs, txn, id, now), round > 0, "{id}");
@@ -940,9 +974,14 @@ mod tests {
                 dedup.write_back();
             });
             dedup.settle();
-            assert_eq!(failures(&dedup), round as u64 + 1, "tried again");
+            let tries = [1, 1, 2][round];
+            assert_eq!(failures(&dedup), tries, "round {round}");
             assert_eq!(dedup.held_keys(), ids.len(), "still waiting");
+            assert_eq!(dedup.keys_to_write_back(), 0, "paused");
             assert_eq!(counts(&dedup, &env, &dbs).0, 0);
         }
+        // Once the pause is over, the keys make a write-back due again.
+        dedup.retry.end();
+        assert_eq!(dedup.keys_to_write_back(), ids.len());
     }
 }

@@ -1,7 +1,8 @@
-//! Log rate limiting for conditions that can repeat thousands of times a
+//! Rate limiting for conditions that can repeat thousands of times a
 //! second (map full, outbox drops, predicate errors): the first occurrence
 //! is logged at once, then at most one line per interval carrying how many
-//! were suppressed.
+//! were suppressed. And the pause before trying again something that
+//! failed and would fail again at once (a write-back into a full map).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,52 @@ impl LogLimiter {
                 Some(std::mem::take(&mut self.suppressed))
             }
         }
+    }
+}
+
+/// Puts off the next try of something that failed: 1 s after the first
+/// failure, doubling with each failure in a row up to 30 s, until one
+/// succeeds.
+#[derive(Debug)]
+pub(crate) struct RetryPause {
+    until: Option<Instant>,
+    next: Duration,
+}
+
+impl RetryPause {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub(crate) const fn new() -> Self {
+        RetryPause {
+            until: None,
+            next: Self::FIRST,
+        }
+    }
+
+    /// Whether a try now would come too soon.
+    pub(crate) fn waiting(&self) -> bool {
+        self.until.is_some_and(|at| Instant::now() < at)
+    }
+
+    /// A try failed: the next waits. Returns for how long.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let wait = self.next;
+        self.until = Some(Instant::now() + wait);
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+
+    /// A try succeeded: the next failure waits the first pause again.
+    pub(crate) fn succeeded(&mut self) {
+        self.until = None;
+        self.next = Self::FIRST;
+    }
+
+    /// Ends the pause now (tests).
+    #[cfg(test)]
+    pub(crate) fn end(&mut self) {
+        self.until = None;
     }
 }
 

@@ -875,7 +875,7 @@ impl Writer {
     fn checkpoint(&mut self, why: &str) -> heed::Result<()> {
         let held = self.deferred.as_ref().is_some_and(Deferred::pending)
             || self.nba.presence_held()
-            || self.dedup.held_keys() > 0;
+            || self.dedup.keys_to_write_back() > 0;
         if !held {
             return Ok(());
         }
@@ -933,7 +933,7 @@ impl Writer {
             .deferred
             .as_ref()
             .map_or((0, 0), |d| (d.hot.keys(), d.journal.entries()));
-        self.schedule.due(keys + self.dedup.held_keys(), events)
+        self.schedule.due(keys + self.dedup.keys_to_write_back(), events)
     }
 
     /// Writes back, in `txn`, everything the writer holds in memory: in

@@ -933,7 +933,8 @@ impl Writer {
             .deferred
             .as_ref()
             .map_or((0, 0), |d| (d.hot.keys(), d.journal.entries()));
-        self.schedule.due(keys + self.dedup.keys_to_write_back(), events)
+        self.schedule
+            .due(keys + self.dedup.keys_to_write_back(), events)
     }
 
     /// Writes back, in `txn`, everything the writer holds in memory: in

@@ -669,6 +669,11 @@ struct Http {
     /// Seconds the writer waited, over the timed hour, for a write-back
     /// batch still in flight when the next was due.
     waited: f64,
+    /// Bytes of LMDB map the whole run (untimed events included) left
+    /// used, per event it committed: the store's environment, and the
+    /// write-back one (dedup keys). Read as the data files' sizes after
+    /// the stop, which LMDB grows to its high-water mark.
+    map_per_event: Option<(f64, f64)>,
 }
 
 /// CPU time spent during a timed phase, in seconds, split by thread: the
@@ -725,8 +730,12 @@ fn print_pipeline_run(label: &str, run: &Http, events: usize) {
         Some(bytes) => format!("{:.2}", kib_per_event(bytes, events)),
         None => "not available here".to_owned(),
     };
+    let maps = match run.map_per_event {
+        Some((store, writeback)) => format!("store {store:.0}, write-back {writeback:.0}"),
+        None => "not read".to_owned(),
+    };
     println!(
-        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}  disk KiB/event: {disk}  write-back waits {:.0} ms",
+        "  {label:<45} {:>7.2} s  {:>9.0} events/s  stop {:.2} s  awards {}  CPU µs/event: {cpu}  disk KiB/event: {disk}  write-back waits {:.0} ms  map B/event: {maps}",
         run.seconds,
         events as f64 / run.seconds,
         run.stop_seconds,
@@ -803,10 +812,21 @@ async fn http_run(
         cpu,
         disk,
         waited,
+        map_per_event: None,
     };
+    let committed = daemon.ingest_stats().snapshot().accepted;
     let stopping = Instant::now();
     daemon.shutdown(Duration::from_millis(100)).await;
     run.stop_seconds = stopping.elapsed().as_secs_f64();
+    let data = dir.path().join("data");
+    let file = |path: &Path| std::fs::metadata(path).ok().map(|m| m.len() as f64);
+    if let (Some(store), Some(writeback)) = (
+        file(&data.join("data.mdb")),
+        file(&data.join("writeback").join("data.mdb")),
+    ) {
+        let n = committed.max(1) as f64;
+        run.map_per_event = Some((store / n, writeback / n));
+    }
     if accepted != events.len() as u64 {
         bail!("committed {accepted} of {}", events.len());
     }

@@ -324,4 +324,49 @@ mod tests {
             Err(JournalError::Corrupt { seq: 8, .. })
         ));
     }
+
+    proptest::proptest! {
+        /// Any finite number in an event's data or a profile reads back as
+        /// the very number the engine applied: a replay that saw a
+        /// neighbour of it could cross a tier or a limit the original did
+        /// not.
+        #[test]
+        fn numbers_read_back_exactly(
+            bits in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..20),
+        ) {
+            let numbers: Vec<f64> = bits
+                .into_iter()
+                .map(f64::from_bits)
+                .filter(|x| x.is_finite())
+                .collect();
+            let data = json!({ "values": numbers });
+            let profile = json!({ "score": numbers.first().copied().unwrap_or(0.0) });
+            let event = Event {
+                id: "e".into(),
+                source: "s".into(),
+                kind: "k".into(),
+                subject: Some("c".into()),
+                time_ms: 1,
+                data: data.clone(),
+            };
+            let mut buf = Vec::new();
+            let text = profile.to_string();
+            let rendered = render_data(std::slice::from_ref(&event));
+            encode(1, &event, rendered.first().map(String::as_str), Some(&text), &[], &mut buf)
+                .unwrap();
+            let entry = Entry::decode(1, &buf).unwrap();
+            let back: Vec<u64> = entry.event.data["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap().to_bits())
+                .collect();
+            let sent: Vec<u64> = numbers.iter().map(|x| x.to_bits()).collect();
+            proptest::prop_assert_eq!(back, sent);
+            proptest::prop_assert_eq!(
+                entry.profile.unwrap()["score"].as_f64().map(f64::to_bits),
+                profile["score"].as_f64().map(f64::to_bits)
+            );
+        }
+    }
 }

@@ -1534,6 +1534,67 @@ async fn a_fan_out_reaches_fans_whose_presence_was_held_or_lost_in_a_crash() {
     close(h, w).await;
 }
 
+/// Feedback queued for the broker leaves with the customer's erasure:
+/// once erased, nothing goes out under their topics, not even what
+/// committed before. Other fans' feedback stays, however alike their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_takes_the_customers_queued_feedback_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    // The store only names topics after the broker's section; it never
+    // connects (the publisher does).
+    cfg.ingest.mqtt = Some(edge_config::Mqtt {
+        host: "127.0.0.1".into(),
+        port: 1,
+        client_id: "store-test".into(),
+        topics: vec!["venue/#".into()],
+        max_packet_size: 256 << 10,
+        keep_alive: Duration::from_secs(30),
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(30),
+        inflight: 100,
+    });
+    let (h, w) = open(
+        &cfg,
+        &bundle(vec![rule("hello", "fan.cheer", None, &[1.0, 2.0])]),
+    );
+    let fans = ["fan/erase", "fan/erase-2", "fan"];
+    for (i, fan) in fans.iter().enumerate() {
+        h.submit(vec![
+            cheer(&format!("a{i}"), fan),
+            cheer(&format!("b{i}"), fan),
+        ])
+        .await
+        .unwrap();
+    }
+    let topics = |list: Vec<(u64, touchline::store::publications::Publication)>| {
+        list.into_iter().map(|(_, p)| p.topic).collect::<Vec<_>>()
+    };
+    let before = topics(h.read_publications(0, 100).await.unwrap());
+    let of = |fan: &str| format!("touchline/arena-test/customers/{fan}/progress");
+    for fan in ["fan%2Ferase", "fan%2Ferase-2", "fan"] {
+        assert!(before.contains(&of(fan)), "{fan} in {before:?}");
+    }
+
+    h.submit(vec![ev(
+        "x1",
+        "customer.erased",
+        Some("fan/erase"),
+        json!({}),
+    )])
+    .await
+    .unwrap();
+    let after = topics(h.read_publications(0, 100).await.unwrap());
+    assert!(!after.contains(&of("fan%2Ferase")), "{after:?}");
+    let kept: Vec<&String> = before.iter().filter(|t| **t != of("fan%2Ferase")).collect();
+    assert_eq!(after.iter().collect::<Vec<_>>(), kept);
+    assert_eq!(
+        h.stats().publications_erased() as usize,
+        before.len() - kept.len()
+    );
+    close(h, w).await;
+}
+
 /// In `journal` mode a checkpoint that does not fit in the map must not
 /// take down the transactions that still fit: events, and the acks that
 /// free space. (Once the write-back rode in every group while due, and

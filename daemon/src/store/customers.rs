@@ -341,11 +341,15 @@ pub struct ImportError {
     pub error: String,
 }
 
-/// The `customer.erased` event for `customer`, as of `now_ms`.
+/// The `customer.erased` event for `customer`, as of `now_ms`. Its id
+/// is random: its dedup key outlives the erasure by the retention, so it
+/// must say nothing of the customer (a hash of a guessable id would).
+/// Erasing is idempotent, so a retried erasure needs no deduplication.
 pub fn erase_event(customer: &str, now_ms: i64) -> Result<Event, String> {
     check_customer(customer)?;
+    let nonce: u128 = rand::random();
     Ok(Event {
-        id: format!("erase-{now_ms}-{}", short_hash(customer.as_bytes())),
+        id: format!("erase-{now_ms}-{nonce:032x}"),
         source: ADMIN_SOURCE.into(),
         kind: ERASE_EVENT.into(),
         subject: Some(customer.to_string()),
@@ -429,6 +433,11 @@ mod import_tests {
         let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![3, 4]);
         assert!(erase_event("", 1).is_err());
-        assert_eq!(erase_event("c1", 1).unwrap().kind, ERASE_EVENT);
+        let erase = erase_event("c1", 1).unwrap();
+        assert_eq!(erase.kind, ERASE_EVENT);
+        assert_eq!(erase.subject.as_deref(), Some("c1"));
+        // Nothing in the id comes from the customer: two erasures of one
+        // customer at one instant get ids of their own.
+        assert_ne!(erase.id, erase_event("c1", 1).unwrap().id);
     }
 }

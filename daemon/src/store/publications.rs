@@ -83,6 +83,34 @@ pub(crate) fn ack(db: Database<BeU64, Bytes>, txn: &mut RwTxn, through: u64) -> 
     db.delete_range(txn, &(..=through)).map(|n| n as u64)
 }
 
+/// Deletes the publications still waiting for `customer` (their topics
+/// are `<prefix>/<customer>/<kind>`): after an erasure nothing may go out
+/// naming them, not even what committed before it. Returns how many.
+pub(crate) fn erase(
+    db: Database<BeU64, Bytes>,
+    txn: &mut RwTxn,
+    prefix: &str,
+    customer: &str,
+) -> heed::Result<u64> {
+    let theirs = format!("{prefix}/{}/", topic_level(customer));
+    let mut doomed = Vec::new();
+    for entry in db.iter(txn)? {
+        let (seq, bytes) = entry?;
+        if let Ok(Stored::V1(p)) = postcard::from_bytes::<Stored>(bytes) {
+            if p.topic
+                .strip_prefix(&theirs)
+                .is_some_and(|kind| !kind.contains('/'))
+            {
+                doomed.push(seq);
+            }
+        }
+    }
+    for seq in &doomed {
+        db.delete(txn, seq)?;
+    }
+    Ok(doomed.len() as u64)
+}
+
 /// Pending publications.
 pub(crate) fn len(db: Database<BeU64, Bytes>, txn: &RoTxn) -> heed::Result<u64> {
     db.len(txn)

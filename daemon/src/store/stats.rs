@@ -57,6 +57,7 @@ pub struct StoreStats {
     pub(crate) publications_acked: AtomicU64,
     pub(crate) erasures: AtomicU64,
     pub(crate) dead_letters_erased: AtomicU64,
+    pub(crate) publications_erased: AtomicU64,
     pub(crate) checkpoints: AtomicU64,
     pub(crate) checkpoint_keys: AtomicU64,
     pub(crate) journal_entries: AtomicU64,
@@ -143,6 +144,8 @@ getters! {
     erasures,
     /// Dead-letter samples deleted because they mentioned an erased customer.
     dead_letters_erased,
+    /// MQTT publications for an erased customer deleted before they went out.
+    publications_erased,
     /// `journal` mode: checkpoints committed (rule state written back).
     checkpoints,
     /// `journal` mode: state keys written back by checkpoints.
@@ -199,6 +202,7 @@ impl Default for StoreStats {
             publications_acked: AtomicU64::new(0),
             erasures: AtomicU64::new(0),
             dead_letters_erased: AtomicU64::new(0),
+            publications_erased: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             checkpoint_keys: AtomicU64::new(0),
             journal_entries: AtomicU64::new(0),

@@ -163,6 +163,7 @@ struct Tally {
     published: u64,
     erasures: u64,
     dead_letters_erased: u64,
+    publications_erased: u64,
     /// Checkpoints in the transaction (an erasure's, a due one) and the
     /// keys they wrote back.
     checkpoints: u64,
@@ -801,6 +802,10 @@ impl Writer {
                     self.nba.erase(txn, &customer)?;
                     rewards::erase(self.reward_dbs(), txn, &customer)?;
                     tally.dead_letters_erased += dlq::erase_mentions(&self.dbs, txn, &customer)?;
+                    if let Some(prefix) = &self.settings.feedback_prefix {
+                        tally.publications_erased +=
+                            publications::erase(self.dbs.publications, txn, prefix, &customer)?;
+                    }
                     tally.erasures += 1;
                     self.output.records.push(Emitted {
                         at_ms: event.time_ms,
@@ -1038,6 +1043,7 @@ impl Writer {
             StoreStats::set(&st.journal_entries, d.journal.entries());
         }
         StoreStats::add(&st.dead_letters_erased, tally.dead_letters_erased);
+        StoreStats::add(&st.publications_erased, tally.publications_erased);
         StoreStats::add(&st.commits, 1);
         StoreStats::set(&st.last_commit_events, tally.events + tally.duplicates);
         st.commit_duration.observe_duration(tally.duration);

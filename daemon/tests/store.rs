@@ -1723,6 +1723,40 @@ async fn a_crash_between_checkpoints_replays_each_event_with_the_profile_it_saw(
     close(h, w).await;
 }
 
+/// An erasure's write-back empties the journal, so it must carry what
+/// the events before it in the same commit changed site-wide: a period
+/// opened just before would otherwise be in neither the state nor the
+/// journal after a crash, and no event would count in it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_opened_in_an_erasures_commit_survives_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = journal_site(dir.path());
+    let mut per_period = rule("match-cheer", "fan.cheer", None, &[2.0]);
+    per_period.window = Window::Period;
+    let rules = bundle(vec![per_period]);
+    let (h, w) = open_to_crash(&cfg, &rules);
+    h.submit(vec![
+        ev("ps", "venue.period.started", None, json!({"period": "m1"})),
+        ev("x1", "customer.erased", Some("fan-gone"), json!({})),
+        cheer("k1", "fan-keep"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(h.stats().checkpoints(), 1, "the erasure checkpointed");
+    close(h, w).await;
+
+    let (h, w) = open(&cfg, &rules);
+    h.submit(vec![cheer("k2", "fan-keep")]).await.unwrap();
+    let windows: Vec<String> = all_records(&h)
+        .await
+        .iter()
+        .filter(|r| matches!(r.body, RecordBody::AchievementAwarded(_)))
+        .map(|r| award(r).window.clone())
+        .collect();
+    assert_eq!(windows, vec!["period:m1"], "both cheers count in m1");
+    close(h, w).await;
+}
+
 /// An erasure writes the deferred state back and empties the journal in
 /// its own commit, so after a crash nothing replays the erased customer's
 /// events; what came after the erasure still replays.

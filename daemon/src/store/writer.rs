@@ -793,7 +793,13 @@ impl Writer {
                     // Their state and journaled events go to LMDB first,
                     // so the erasure below finds and deletes every trace
                     // in this commit (with the rest of what is held: one
-                    // write-back writes all of it).
+                    // write-back writes all of it). The write-back empties
+                    // the journal, so it must carry what earlier events of
+                    // this commit changed site-wide (the watermark, the
+                    // periods), which the engine otherwise writes only at
+                    // the commit's end.
+                    self.engine
+                        .flush(&mut EngineTable::new(&mut self.deferred, txn, &self.dbs))?;
                     if let Some(keys) = self.write_back_held(txn)? {
                         tally.checkpointed(keys);
                     }

@@ -285,6 +285,33 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
     let listed = get_json(&client, &format!("{base}/v1/customers/{buyer}/offers")).await;
     assert_eq!(listed["offers"], json!([]), "an accepted offer is closed");
 
+    // A friend erased after a share leaves no trace in the sharer's offer:
+    // the id coming back and accepting earns the sharer nothing.
+    let sharer2 = fans[2].clone();
+    post(vec![
+        event(
+            "share-2",
+            "offer.shared",
+            Some(&sharer2),
+            json!({ "instance": instance_of(&sharer2), "friend": "fan-gone" }),
+        ),
+        event(
+            "gone-erased",
+            "customer.erased",
+            Some("fan-gone"),
+            json!({}),
+        ),
+        event(
+            "gone-accept",
+            "offer.accepted",
+            Some("fan-gone"),
+            json!({ "instance": instance_of(&sharer2) }),
+        ),
+    ])
+    .await;
+    let rewards = get_json(&client, &format!("{base}/v1/customers/{sharer2}/rewards")).await;
+    assert!(rewards["points"].get("referral").is_none(), "{rewards}");
+
     // fan-w dismisses the jersey three times; the fourth moment shows the
     // next best offer instead.
     for round in 1..=4 {
@@ -370,8 +397,12 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
     let count = |outcome: &str| outcomes.iter().filter(|r| r["outcome"] == outcome).count();
     assert_eq!(count("accepted"), 1);
     assert_eq!(count("dismissed"), 3);
-    assert_eq!(count("shared"), 1);
-    assert_eq!(count("referred"), 1);
+    assert_eq!(count("shared"), 2);
+    assert_eq!(
+        count("referred"),
+        1,
+        "not the friend erased after the share"
+    );
     assert_eq!(count("expired"), expiring.len(), "each expiry once");
     let instances: BTreeSet<&str> = outcomes
         .iter()

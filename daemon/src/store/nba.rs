@@ -601,6 +601,21 @@ impl Nba {
             }
             self.dbs.instances.delete(txn, &id)?;
         }
+        // Other fans' offers shared with them name them too, and would
+        // credit the sharer if the id came back and accepted. Erasures
+        // are rare and open instances bounded by their lives: a scan.
+        let mut shared = Vec::new();
+        for entry in self.dbs.instances.iter(txn)? {
+            let (_, bytes) = entry?;
+            let inst = OfferInstance::from_bytes(bytes)?;
+            if inst.shared_with.iter().any(|f| f == customer) {
+                shared.push(inst);
+            }
+        }
+        for mut inst in shared {
+            inst.shared_with.retain(|f| f != customer);
+            self.store_instance(txn, &inst)?;
+        }
         Ok(())
     }
 

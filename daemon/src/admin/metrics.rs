@@ -415,35 +415,23 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         &[],
         store.writeback_wait_us() as f64 / 1e6,
     );
-    x.family(
-        "touchline_store_map_size_bytes",
-        Kind::Gauge,
-        "Size of the LMDB memory map, per environment (store.map_size, rounded up).",
-    );
-    for (environment, size) in [
-        ("store", store.map_size_bytes()),
-        ("writeback", store.writeback_map_size_bytes()),
-    ] {
-        x.sample(
+    let maps = [
+        (
             "touchline_store_map_size_bytes",
-            &[("environment", environment)],
-            size as f64,
-        );
-    }
-    x.family(
-        "touchline_store_map_used_bytes",
-        Kind::Gauge,
-        "High-water mark of the LMDB map per environment: bytes up to the highest page a commit has used (freed pages below it are reused first).",
-    );
-    for (environment, used) in [
-        ("store", store.map_used_bytes()),
-        ("writeback", store.writeback_map_used_bytes()),
-    ] {
-        x.sample(
+            "Size of the LMDB memory map, per environment (store.map_size, rounded up).",
+            [store.map_size_bytes(), store.writeback_map_size_bytes()],
+        ),
+        (
             "touchline_store_map_used_bytes",
-            &[("environment", environment)],
-            used as f64,
-        );
+            "High-water mark of the LMDB map per environment: bytes up to the highest page a commit has used (freed pages below it are reused first).",
+            [store.map_used_bytes(), store.writeback_map_used_bytes()],
+        ),
+    ];
+    for (name, help, values) in maps {
+        x.family(name, Kind::Gauge, help);
+        for (environment, value) in ["store", "writeback"].into_iter().zip(values) {
+            x.sample(name, &[("environment", environment)], value as f64);
+        }
     }
     x.counter(
         "touchline_state_journal_replayed_total",

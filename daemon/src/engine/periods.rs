@@ -101,12 +101,16 @@ pub(super) fn venue_event(
         return Ok(false);
     }
     let id = match event.data.get("period") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_PERIOD_ID => s.as_str(),
+        Some(Value::String(s))
+            if !s.is_empty() && s.len() <= MAX_PERIOD_ID && !s.chars().any(char::is_control) =>
+        {
+            s.as_str()
+        }
         _ => {
             work.stats
                 .period_events_invalid
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(event = %event.id, kind = %event.kind, "period event without a usable `data.period` (a non-empty string of at most {MAX_PERIOD_ID} bytes); ignored");
+            warn!(event = %event.id, kind = %event.kind, "period event without a usable `data.period` (a non-empty string of at most {MAX_PERIOD_ID} bytes, no control characters); ignored");
             return Ok(false);
         }
     };

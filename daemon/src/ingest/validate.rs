@@ -52,11 +52,15 @@ pub enum RejectReason {
     UnsupportedEncoding,
     /// `subject` longer than a customer id may be.
     SubjectTooLong,
+    /// A string attribute holds a control character, which CloudEvents
+    /// forbids (and which sinks downstream, PostgreSQL's text above all,
+    /// refuse).
+    ControlCharacter,
 }
 
 impl RejectReason {
     /// Number of reasons: the size of per-reason counter arrays.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 14;
 
     /// Every reason, in `index()` order.
     pub const ALL: [RejectReason; RejectReason::COUNT] = [
@@ -73,6 +77,7 @@ impl RejectReason {
         RejectReason::MissingSubject,
         RejectReason::UnsupportedEncoding,
         RejectReason::SubjectTooLong,
+        RejectReason::ControlCharacter,
     ];
 
     /// Position in `ALL`, for indexing counter arrays.
@@ -96,6 +101,7 @@ impl RejectReason {
             RejectReason::MissingSubject => "missing_subject",
             RejectReason::UnsupportedEncoding => "unsupported_encoding",
             RejectReason::SubjectTooLong => "subject_too_long",
+            RejectReason::ControlCharacter => "control_character",
         }
     }
 }
@@ -435,6 +441,13 @@ fn echo(s: &str) -> String {
 fn optional<'a>(attr: Option<Attr<'a>>, name: &str) -> Result<Option<Cow<'a, str>>, Rejection> {
     match attr {
         None => Ok(None),
+        Some(Attr::Str(s)) if s.chars().any(char::is_control) => Err(Rejection::new(
+            RejectReason::ControlCharacter,
+            format!(
+                "attribute `{name}` contains a control character (U+0000–U+001F or \
+                 U+007F–U+009F), which CloudEvents forbids in strings"
+            ),
+        )),
         Some(Attr::Str(s)) => Ok(Some(s)),
         Some(Attr::Other(kind)) => Err(Rejection::new(
             RejectReason::WrongType,
@@ -718,6 +731,26 @@ mod tests {
             ),
             UnsupportedEncoding
         );
+        // Control characters, escaped or not, in any string attribute;
+        // in `data` they are only data.
+        for attrs in [
+            r#""id":"a\u0000b","source":"s","type":"venue.x""#,
+            r#""id":"i","source":"s\n","type":"venue.x""#,
+            r#""id":"i","source":"s","type":"venue.x\u0085""#,
+            r#""id":"i","source":"s","type":"fan.cheer","subject":"fan\u001f1""#,
+        ] {
+            assert_eq!(
+                reason(&format!(r#"{{"specversion":"1.0",{attrs}}}"#)),
+                ControlCharacter,
+                "{attrs}"
+            );
+        }
+        let ok = parse_event(
+            br#"{"specversion":"1.0","id":"i","source":"s","type":"venue.x","data":{"t":"a\u0000\n"}}"#,
+            NOW,
+            &validation(),
+        );
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]

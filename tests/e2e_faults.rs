@@ -187,6 +187,96 @@ async fn uplink_outage_queues_records_and_delivers_each_once() {
     central.stop().await;
 }
 
+/// A central side that loses records it had acknowledged (its file cut
+/// short, a backup restored) must not stall the site: the site deleted
+/// them on the ack, so it declares them a gap, counts them, and goes on
+/// delivering everything after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_side_that_lost_acknowledged_records_gets_a_gap_not_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central_dir = dir.path().join("central");
+    let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
+    let central_addr = central.addr;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(0),
+            central: Some(central_addr),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let client = reqwest::Client::new();
+    let events = workload(4_000, 100);
+    let (first, after) = events.split_at(2_000);
+    let stats = daemon.store().stats();
+    let all_delivered = |stats: &Arc<touchline::store::StoreStats>| {
+        let (stats, dir) = (stats.clone(), central_dir.clone());
+        async move {
+            tokio::task::spawn_blocking(move || {
+                touchline_tests::wait_until(Duration::from_secs(60), || {
+                    let last = central_records(&dir)
+                        .iter()
+                        .filter_map(|r| r["seq"].as_u64())
+                        .max();
+                    stats.outbox_records() == 0 && last == Some(stats.next_seq() - 1)
+                })
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    post_all(&client, &url, first, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        all_delivered(&stats).await,
+        "the first records never all arrived"
+    );
+    central.stop().await;
+    // The central side loses its last three records.
+    let file = central_dir.join(format!("{SITE}.jsonl"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 3);
+    let lost: Vec<u64> = lines[lines.len() - 3..]
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    std::fs::write(&file, lines[..lines.len() - 3].join("\n") + "\n").unwrap();
+
+    let central = Central::start(&certs, &central_dir, central_addr).await;
+    post_all(&client, &url, after, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(
+        all_delivered(&stats).await,
+        "the site stalled behind the lost records"
+    );
+    assert_eq!(daemon.uplink_state().records_lost_centrally(), 3);
+    let records = central_records(&central_dir);
+    assert_sequences_unique(&records);
+    let held: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert!(
+        lost.iter().all(|s| !held.contains(s)),
+        "lost for good: {lost:?}"
+    );
+    assert_eq!(
+        held.len() as u64,
+        stats.next_seq() - 1 - 3,
+        "everything else, once"
+    );
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}
+
 /// Publishes with QoS 1, re-publishing whatever was not acknowledged when
 /// the broker goes away (what a real gateway does).
 async fn publish_through_restarts(port: u16, events: Vec<Value>) {

@@ -19,7 +19,7 @@ use touchline_proto::{
     decode_server, encode_client, ClientMessage, Record, ServerMessage, FRAME_HEADER_LEN,
     MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How long one request may take before the session is considered dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -117,6 +117,7 @@ pub struct UplinkState {
     batches: AtomicU64,
     reconnects: AtomicU64,
     refusals: AtomicU64,
+    records_lost_centrally: AtomicU64,
 }
 
 impl UplinkState {
@@ -145,6 +146,11 @@ impl UplinkState {
     /// Sessions the central side refused.
     pub fn refusals(&self) -> u64 {
         self.refusals.load(Relaxed)
+    }
+    /// Records the central side had acknowledged (so the site deleted
+    /// them) and then no longer held; declared a gap.
+    pub fn records_lost_centrally(&self) -> u64 {
+        self.records_lost_centrally.load(Relaxed)
     }
 }
 
@@ -260,8 +266,31 @@ async fn session<O: OutboxSource>(
             continue;
         };
         let count = batch.records.len() as u64;
+        // The central side keeps records in sequence: one that follows
+        // neither its mark nor a declared gap would wait for good. That
+        // happens when the central side lost records it had acknowledged
+        // (a sink restored from a backup, a file cut short): the site
+        // deleted them on the ack, so they are gone on both sides, and
+        // are declared a gap, loudly.
+        let mut dropped_through = batch.dropped_through;
+        let expected = sent_through.max(dropped_through) + 1;
+        if let Some(first) = batch.records.first().map(|r| r.seq) {
+            if first > expected {
+                error!(
+                    from = expected,
+                    through = first - 1,
+                    central = %addr,
+                    "the central side no longer holds records it acknowledged \
+                     (the site deleted them then): declaring them a gap"
+                );
+                state
+                    .records_lost_centrally
+                    .fetch_add(first - expected, Relaxed);
+                dropped_through = first - 1;
+            }
+        }
         let msg = ClientMessage::Batch {
-            dropped_through: batch.dropped_through,
+            dropped_through,
             records: batch.records,
         };
         state.records_sent.fetch_add(count, Relaxed);
@@ -270,6 +299,14 @@ async fn session<O: OutboxSource>(
             other => return Err(unexpected(other)),
         };
         state.batches.fetch_add(1, Relaxed);
+        if through > last {
+            // More than was ever sent: the central side holds another
+            // store's records under this site's name. Deleting on its word
+            // would lose records it never had.
+            return Err(UplinkError::Session(format!(
+                "central acknowledged {through} after a batch up to {last}: beyond what was sent"
+            )));
+        }
         if through > sent_through {
             source.acknowledge(through).await?;
             state

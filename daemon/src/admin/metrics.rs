@@ -491,6 +491,11 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         "Uplink sessions the central receiver refused.",
         up.refusals(),
     );
+    x.counter(
+        "touchline_uplink_records_lost_centrally_total",
+        "Records the central side had acknowledged and no longer held (declared a gap).",
+        up.records_lost_centrally(),
+    );
     x.gauge(
         "touchline_uplink_last_acked_seq",
         "Highest sequence the central receiver acknowledged (0 until the first session).",

@@ -25,12 +25,23 @@ pub struct JsonlSink {
 struct SiteFile {
     file: File,
     last: u64,
+    path: PathBuf,
+    /// A failed write could not be cut back: the file may end in part of
+    /// a line, and the next write must not append after it. Opened again
+    /// (which cuts the torn tail) before the next write.
+    torn: bool,
 }
 
 impl JsonlSink {
     /// Uses `dir`, creating it when missing.
     pub fn open(dir: &Path) -> std::io::Result<JsonlSink> {
+        let created = !dir.exists();
         std::fs::create_dir_all(dir)?;
+        if created {
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         Ok(JsonlSink {
             dir: dir.to_path_buf(),
             sites: Mutex::new(HashMap::new()),
@@ -65,14 +76,27 @@ fn valid_site(site: &str) -> bool {
         && !site.starts_with('.')
 }
 
+/// Makes a directory's entries durable: a file created in it and
+/// fsynced is lost in a power cut until the directory is synced too, and
+/// its records were acknowledged by then.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// Opens the file, drops a torn tail, and finds the last sequence.
 fn recover(path: &Path) -> std::io::Result<SiteFile> {
+    let created = !path.exists();
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)?;
+    if created {
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+    }
     let mut text = Vec::new();
     file.read_to_end(&mut text)?;
     let mut good_end = 0;
@@ -102,7 +126,12 @@ fn recover(path: &Path) -> std::io::Result<SiteFile> {
         file.sync_all()?;
     }
     file.seek(SeekFrom::End(0))?;
-    Ok(SiteFile { file, last })
+    Ok(SiteFile {
+        file,
+        last,
+        path: path.to_path_buf(),
+        torn: false,
+    })
 }
 
 impl Sink for JsonlSink {
@@ -124,6 +153,12 @@ impl Sink for JsonlSink {
         // File writes and fsync block: keep them off the async workers.
         tokio::task::spawn_blocking(move || {
             let mut f = f.lock().unwrap_or_else(|p| p.into_inner());
+            if f.torn {
+                let path = f.path.clone();
+                *f = recover(&path).map_err(|e| {
+                    SinkError::Unavailable(format!("cannot reopen {}: {e}", path.display()))
+                })?;
+            }
             let (keep, next) = plan(f.last, dropped_through, &records);
             if !keep.is_empty() {
                 let mut buf = Vec::with_capacity(keep.len() * 256);
@@ -138,9 +173,16 @@ impl Sink for JsonlSink {
                 let written = f.file.write_all(&buf).and_then(|()| f.file.sync_data());
                 if let Err(e) = written {
                     // Cut a partial write so the next one starts on a line
-                    // boundary; if even that fails, the next open does it.
-                    let _ = f.file.set_len(before);
-                    let _ = f.file.seek(SeekFrom::Start(before));
+                    // boundary; if even that fails, the file is opened
+                    // again (cutting the torn tail) before the next write,
+                    // which must not append after half a line.
+                    let cut = f
+                        .file
+                        .set_len(before)
+                        .and_then(|()| f.file.seek(SeekFrom::Start(before)));
+                    if cut.is_err() {
+                        f.torn = true;
+                    }
                     return Err(SinkError::Unavailable(format!("write failed: {e}")));
                 }
             }
@@ -149,5 +191,64 @@ impl Sink for JsonlSink {
         })
         .await
         .map_err(|e| SinkError::Unavailable(format!("writer task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use touchline_proto::{AchievementAwarded, RecordBody};
+
+    fn rec(seq: u64) -> Record {
+        Record {
+            site: "s".into(),
+            seq,
+            at_ms: 0,
+            body: RecordBody::AchievementAwarded(AchievementAwarded {
+                customer: "c".into(),
+                achievement: "a".into(),
+                version: 1,
+                tier: 1,
+                badge: None,
+                points: vec![],
+                window: "lifetime".into(),
+                value: 1.0,
+            }),
+        }
+    }
+
+    fn seqs(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// After a write that failed and could not be cut back, the next
+    /// write reopens the file, cutting the half line, instead of
+    /// appending acknowledged records after it (which the next start
+    /// would cut away with it).
+    #[tokio::test]
+    async fn a_write_after_a_torn_one_starts_on_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = JsonlSink::open(&dir.path().join("central")).unwrap();
+        assert_eq!(sink.write("s", 0, &[rec(1), rec(2)]).await.unwrap(), 2);
+        let path = dir.path().join("central/s.jsonl");
+        {
+            let f = sink.site("s").unwrap();
+            let mut f = f.lock().unwrap();
+            f.file.write_all(br#"{"seq":3,"si"#).unwrap();
+            f.torn = true;
+        }
+        assert_eq!(sink.write("s", 0, &[rec(3), rec(4)]).await.unwrap(), 4);
+        assert_eq!(seqs(&path), vec![1, 2, 3, 4]);
+        // A fresh start reads every acknowledged record back.
+        let again = JsonlSink::open(&dir.path().join("central")).unwrap();
+        assert_eq!(again.last_durable("s").await.unwrap(), 4);
     }
 }

@@ -443,6 +443,14 @@ async fn unusable_batches_are_400() {
     }
     assert!(server.sink.committed_ids().is_empty());
 
+    // More elements than a batch may hold: 413 before any is parsed.
+    let max = touchline::ingest::validate::MAX_BATCH_EVENTS;
+    let body = format!("[{}]", vec!["1"; max + 1].join(","));
+    let response = server.post(BATCH, body).await;
+    assert_eq!(response.status().as_u16(), 413);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "too_many_events", "{answer}");
+
     // Unknown content types are refused before reading.
     let response = server.post("text/plain", "hello").await;
     assert_eq!(response.status().as_u16(), 415);

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::event::{Event, EventOutcome, SubmitError};
 
-use super::validate::{parse_event, split_batch, RejectReason, Rejection};
+use super::validate::{parse_event, split_batch, BatchError, RejectReason, Rejection};
 use super::{count_outcomes, now_ms, EventSink, IngestStats};
 
 /// What the HTTP source needs from the site configuration.
@@ -308,16 +308,24 @@ async fn batch<S: EventSink>(
         Ok(parts) => parts,
         Err(error) => {
             app.stats.add_received(1);
+            let (reason, status, code) = match error {
+                BatchError::TooManyEvents => (
+                    RejectReason::TooLarge,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_events",
+                ),
+                _ => (
+                    RejectReason::InvalidJson,
+                    StatusCode::BAD_REQUEST,
+                    "malformed_batch",
+                ),
+            };
             let rejection = Rejection {
-                reason: RejectReason::InvalidJson,
+                reason,
                 detail: error.to_string(),
             };
             reject(app, vec![(body, &rejection)], now, origin).await;
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "malformed_batch",
-                error.to_string(),
-            );
+            return error_response(status, code, error.to_string());
         }
     };
     if parts.is_empty() {

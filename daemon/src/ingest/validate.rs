@@ -192,7 +192,14 @@ pub enum BatchError {
     NotAnArray(char, usize),
     #[error("malformed batch at byte {offset}: {what}")]
     Malformed { offset: usize, what: &'static str },
+    #[error("the batch holds more than {MAX_BATCH_EVENTS} events; send it in parts")]
+    TooManyEvents,
 }
+
+/// The most events one batch may hold. Each element costs a per-event
+/// answer (and a rejection's detail when it is bad) on top of its bytes:
+/// sixteen MiB of `[1,1,1,…]` would otherwise take gigabytes to answer.
+pub const MAX_BATCH_EVENTS: usize = 20_000;
 
 /// Splits a JSON array into the byte ranges of its elements without
 /// parsing them, so each element is validated (and rejected) on its own:
@@ -214,6 +221,9 @@ pub fn split_batch(bytes: &[u8]) -> Result<Vec<&[u8]>, BatchError> {
         loop {
             let start = i;
             i = scan_value(bytes, i)?;
+            if elements.len() == MAX_BATCH_EVENTS {
+                return Err(BatchError::TooManyEvents);
+            }
             elements.push(&bytes[start..i]);
             i = skip_ws(bytes, i);
             match bytes.get(i) {
@@ -834,5 +844,17 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        // As many elements as a batch may hold split; one more does not.
+        let batch = |n: usize| format!("[{}]", vec!["1"; n].join(","));
+        assert_eq!(
+            split_batch(batch(MAX_BATCH_EVENTS).as_bytes())
+                .unwrap()
+                .len(),
+            MAX_BATCH_EVENTS
+        );
+        assert!(matches!(
+            split_batch(batch(MAX_BATCH_EVENTS + 1).as_bytes()),
+            Err(BatchError::TooManyEvents)
+        ));
     }
 }

@@ -401,6 +401,14 @@ impl EventSink for StoreSink {
         self.0.submit(events).await
     }
 
+    async fn submit_within(
+        &self,
+        events: Vec<Event>,
+        wait: std::time::Duration,
+    ) -> Result<Vec<EventOutcome>, SubmitError> {
+        self.0.submit_within(events, wait).await
+    }
+
     async fn dead_letter(&self, samples: Vec<DeadLetter>) {
         self.0.dead_letter(samples).await
     }

@@ -40,6 +40,11 @@ pub enum SubmitError {
     /// LMDB map is full; the operator must raise `store.map_size`.
     #[error("store map is full: raise store.map_size")]
     StoreFull,
+    /// The writer has as many events queued as it takes, and none left
+    /// the queue within the caller's wait (see
+    /// `StoreHandle::submit_within`).
+    #[error("store is busy: as many events are queued as it takes")]
+    Busy,
     /// The writer is shutting down or gone.
     #[error("store is closed")]
     Closed,

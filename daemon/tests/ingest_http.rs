@@ -23,8 +23,9 @@ use touchline::ingest::{self, EventSink, HttpIngestConfig, IngestStats, RejectRe
 const SINGLE: &str = "application/cloudevents+json";
 const BATCH: &str = "application/cloudevents-batch+json";
 
-/// The store stand-in: commits in memory, dedups by (source, id), and
-/// refuses with `OutboxFull` while `refuse` is set.
+/// The store stand-in: commits in memory, dedups by (source, id),
+/// refuses with `OutboxFull` while `refuse` is set, and answers a bounded
+/// wait with `Busy` while `busy` is set.
 #[derive(Clone, Default)]
 struct MemorySink {
     inner: Arc<SinkInner>,
@@ -34,6 +35,7 @@ struct MemorySink {
 struct SinkInner {
     state: Mutex<SinkState>,
     refuse: AtomicBool,
+    busy: AtomicBool,
 }
 
 #[derive(Default)]
@@ -70,6 +72,17 @@ impl EventSink for MemorySink {
             }
         }
         Ok(outcomes)
+    }
+
+    async fn submit_within(
+        &self,
+        events: Vec<Event>,
+        _wait: Duration,
+    ) -> Result<Vec<EventOutcome>, SubmitError> {
+        if self.inner.busy.load(Ordering::SeqCst) {
+            return Err(SubmitError::Busy);
+        }
+        self.submit(events).await
     }
 
     async fn dead_letter(&self, samples: Vec<DeadLetter>) {
@@ -517,6 +530,21 @@ async fn full_outbox_answers_503_with_retry_after() {
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["accepted"], 2);
     assert_eq!(server.sink.committed_ids(), ["bp-2", "bp-3"]);
+
+    // A queue that stays full past the request's wait: 503 too, so the
+    // request does not hold its body while it waits.
+    server.sink.inner.busy.store(true, Ordering::SeqCst);
+    let response = server
+        .post(SINGLE, event("bp-4", Some("c1")).to_string())
+        .await;
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], "store_busy");
+    server.sink.inner.busy.store(false, Ordering::SeqCst);
 
     server.assert_still_serving().await;
     server.shutdown().await;

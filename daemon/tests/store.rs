@@ -1534,6 +1534,54 @@ async fn a_fan_out_reaches_fans_whose_presence_was_held_or_lost_in_a_crash() {
     close(h, w).await;
 }
 
+/// A submission that cannot join the writer's queue within its wait is
+/// refused as busy and takes no effect: sent again later, it commits as
+/// new, not as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_finds_the_queue_full_is_refused_as_busy_and_takes_no_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    // Four events in the queue at most (one per commit, four commits).
+    cfg.store.commit_max_events = 1;
+    cfg.store.sync = SyncMode::Full;
+    let (h, w) = open(
+        &cfg,
+        &bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]),
+    );
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let event = cheer(&format!("c{i}"), &format!("fan-{i}"));
+                (i, h.submit_within(vec![event], Duration::ZERO).await)
+            })
+        })
+        .collect();
+    let mut busy = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (_, Ok(outcomes)) => {
+                assert_eq!(outcomes, vec![EventOutcome::Committed { records: 1 }])
+            }
+            (i, Err(SubmitError::Busy)) => busy.push(i),
+            (i, Err(e)) => panic!("submission {i}: {e}"),
+        }
+    }
+    assert!(
+        !busy.is_empty(),
+        "200 at once never found four places taken"
+    );
+    for i in busy {
+        let event = cheer(&format!("c{i}"), &format!("fan-{i}"));
+        assert_eq!(
+            h.submit(vec![event]).await,
+            Ok(vec![EventOutcome::Committed { records: 1 }]),
+            "submission {i} took effect although refused"
+        );
+    }
+    close(h, w).await;
+}
+
 /// Feedback queued for the broker leaves with the customer's erasure:
 /// once erased, nothing goes out under their topics, not even what
 /// committed before. Other fans' feedback stays, however alike their ids.

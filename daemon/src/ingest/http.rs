@@ -411,22 +411,27 @@ async fn submit<S: EventSink>(
     app: &AppState<S>,
     events: Vec<Event>,
 ) -> Result<Vec<EventOutcome>, SubmitError> {
-    let outcomes = app.sink.submit(events).await?;
+    let outcomes = app.sink.submit_within(events, SUBMIT_WAIT).await?;
     let (accepted, duplicates) = count_outcomes(&outcomes);
     app.stats.add_outcomes(accepted, duplicates);
     Ok(outcomes)
 }
 
+/// How long a request waits for room in the writer's queue before it is
+/// answered 503: a client retries, and a request held longer keeps its
+/// body in memory for nothing.
+const SUBMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Maps a refusal to the HTTP answer the client acts on.
 fn submit_error_response<S>(app: &AppState<S>, error: SubmitError, now: i64) -> Response {
     let detail = error.to_string();
     match error {
-        SubmitError::OutboxFull | SubmitError::StoreFull => {
+        SubmitError::OutboxFull | SubmitError::StoreFull | SubmitError::Busy => {
             app.stats.record_backpressure("http", &error, now);
-            let code = if error == SubmitError::OutboxFull {
-                "outbox_full"
-            } else {
-                "store_full"
+            let code = match error {
+                SubmitError::OutboxFull => "outbox_full",
+                SubmitError::Busy => "store_busy",
+                _ => "store_full",
             };
             let body = ErrorBody {
                 error: code,
@@ -439,9 +444,15 @@ fn submit_error_response<S>(app: &AppState<S>, error: SubmitError, now: i64) -> 
             )
                 .into_response()
         }
-        SubmitError::Closed => {
-            error_response(StatusCode::SERVICE_UNAVAILABLE, "store_closed", detail)
-        }
+        SubmitError::Closed => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            Json(ErrorBody {
+                error: "store_closed",
+                detail,
+            }),
+        )
+            .into_response(),
         SubmitError::Storage(_) => {
             app.stats.add_submit_error();
             tracing::error!(error = %detail, "store failed an HTTP ingest submission");

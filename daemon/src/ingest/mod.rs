@@ -36,6 +36,20 @@ pub trait EventSink: Clone + Send + Sync + 'static {
         events: Vec<Event>,
     ) -> impl Future<Output = Result<Vec<EventOutcome>, SubmitError>> + Send;
 
+    /// As [`EventSink::submit`], but refuses with [`SubmitError::Busy`]
+    /// when the store cannot take the events within `wait`: for a source
+    /// that answers a client who can retry (HTTP), rather than holding its
+    /// request, body and all, while the queue stays full. By default it
+    /// waits as `submit` does.
+    fn submit_within(
+        &self,
+        events: Vec<Event>,
+        wait: std::time::Duration,
+    ) -> impl Future<Output = Result<Vec<EventOutcome>, SubmitError>> + Send {
+        let _ = wait;
+        self.submit(events)
+    }
+
     /// Keeps bounded samples of rejected input for `touchline dlq`.
     fn dead_letter(&self, samples: Vec<DeadLetter>) -> impl Future<Output = ()> + Send;
 }

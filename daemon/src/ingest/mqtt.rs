@@ -552,7 +552,9 @@ impl<S: EventSink> Ingest<S> {
                     return Commit::Done;
                 }
                 Err(SubmitError::Closed) => return Commit::Closed,
-                Err(error @ (SubmitError::OutboxFull | SubmitError::StoreFull)) => {
+                Err(
+                    error @ (SubmitError::OutboxFull | SubmitError::StoreFull | SubmitError::Busy),
+                ) => {
                     refusals += 1;
                     self.stats.record_backpressure("mqtt", &error, now_ms());
                 }

@@ -374,17 +374,41 @@ impl StoreHandle {
     /// event, in order, only after the commit holding their effects. On
     /// `Err` nothing of the submission took effect.
     pub async fn submit(&self, events: Vec<Event>) -> Result<Vec<EventOutcome>, SubmitError> {
+        self.submit_waiting(events, None).await
+    }
+
+    /// As [`StoreHandle::submit`], but refuses with
+    /// [`SubmitError::Busy`] when the events cannot join the writer's
+    /// queue within `wait` (nothing of them took effect then).
+    pub async fn submit_within(
+        &self,
+        events: Vec<Event>,
+        wait: std::time::Duration,
+    ) -> Result<Vec<EventOutcome>, SubmitError> {
+        self.submit_waiting(events, Some(wait)).await
+    }
+
+    async fn submit_waiting(
+        &self,
+        events: Vec<Event>,
+        wait: Option<std::time::Duration>,
+    ) -> Result<Vec<EventOutcome>, SubmitError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let want = events.len().min(self.shared.event_permit_cap);
-        let permit = self
+        let acquire = self
             .shared
             .event_permits
             .clone()
-            .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX))
-            .await
-            .map_err(|_| SubmitError::Closed)?;
+            .acquire_many_owned(u32::try_from(want).unwrap_or(u32::MAX));
+        let acquired = match wait {
+            None => acquire.await,
+            Some(wait) => tokio::time::timeout(wait, acquire)
+                .await
+                .map_err(|_| SubmitError::Busy)?,
+        };
+        let permit = acquired.map_err(|_| SubmitError::Closed)?;
         // The journal keeps each event's data as JSON text. Rendered here,
         // on the submitter's thread, the writer (one thread for the whole
         // store) only copies it.

@@ -122,6 +122,7 @@ pub async fn run<S: EventSink>(
         generation: 0,
         subscribed: false,
         need_subscribe: false,
+        connected_at: None,
     };
     poller.pump(&cancel, publish_tx).await;
     poller.drain(&mut acker).await;
@@ -255,7 +256,16 @@ struct Poller {
     /// Whether this process subscribed at least once.
     subscribed: bool,
     need_subscribe: bool,
+    /// When the current connection was accepted.
+    connected_at: Option<std::time::Instant>,
 }
+
+/// How long a connection must have lasted for its loss to start the
+/// reconnect backoff over. Reset at every accepted connection instead, a
+/// connection that fails at once every time (a message the client cannot
+/// read, sent again first on each one) would be retried at the shortest
+/// delay for good.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 impl Poller {
     /// Polls and forwards until `cancel`.
@@ -301,7 +311,7 @@ impl Poller {
     }
 
     fn on_connack(&mut self, session_present: bool) {
-        self.backoff.reset();
+        self.connected_at = Some(std::time::Instant::now());
         self.stats.set_mqtt_connected(true);
         tracing::info!(broker = %self.broker, session_present, "connected to the MQTT broker");
         if !session_present && self.subscribed {
@@ -348,6 +358,13 @@ impl Poller {
     }
 
     fn on_error(&mut self, error: &ConnectionError) {
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+        {
+            self.backoff.reset();
+        }
         let was_connected = self.stats.mqtt_connected();
         self.stats.set_mqtt_connected(false);
         self.stats.add_mqtt_connection_error();

@@ -436,6 +436,9 @@ impl Dedup {
                 Some(_) => value,
                 None => &[][..],
             };
+            // A key LMDB cannot take (a damaged entry) was never written
+            // either: its entry goes, and no removal fails its batch.
+            let time = time.filter(|_| storable(key));
             let start = self.sweep_keys.len();
             self.sweep_keys.extend_from_slice(key);
             self.sweep_offsets
@@ -502,6 +505,12 @@ fn move_keys(dbs: &Dbs, main: &RoTxn, wtxn: &mut RwTxn, wdbs: WriteBackDbs) -> h
 /// Puts back the key of every expiry entry after `mark` (every entry
 /// without one) that `wdbs` lacks (or holds with an earlier time), in
 /// key order.
+/// Whether LMDB can take `key` (1 to 511 bytes). Every key this module
+/// writes is (longer natural keys are hashed); a damaged entry's may not.
+fn storable(key: &[u8]) -> bool {
+    (1..=511).contains(&key.len())
+}
+
 fn restore_after(
     dbs: &Dbs,
     main: &RoTxn,
@@ -521,6 +530,16 @@ fn restore_after(
             continue;
         };
         let key = if value.is_empty() { &ekey[8..] } else { value };
+        if !storable(key) {
+            // Only a damaged entry has one; failing here would keep the
+            // store from opening.
+            warn!(
+                entry = ?ekey,
+                key_bytes = key.len(),
+                "dedup expiry entry with a key LMDB cannot take; skipped"
+            );
+            continue;
+        }
         keys.push((key.to_vec(), time));
     }
     // A key seen twice keeps its later time: the first of its run.
@@ -944,6 +963,50 @@ mod tests {
             dedup.sweep(&dbs, txn, T + DAY + 1, DAY, 10).unwrap();
         });
         assert_eq!(counts(&dedup, &env, &dbs), (0, 0));
+    }
+
+    /// A damaged expiry entry whose key LMDB cannot take (here: a time and
+    /// nothing else) neither keeps the store from opening nor fails the
+    /// batch that would remove it: the next sweep drops it, and the keys
+    /// around it are put back and expire as usual.
+    #[test]
+    fn a_damaged_expiry_entry_is_skipped_not_fatal() {
+        let (dir, env, dbs) = store();
+        let mut dedup = open(dir.path(), &env, &dbs);
+        assert!(!commit_seen(&mut dedup, (&env, &dbs), "before", T, false));
+        drop(dedup);
+        let mut txn = env.write_txn().unwrap();
+        dbs.dedup_expiry
+            .put(&mut txn, &(T as u64 + 1).to_be_bytes(), &[])
+            .unwrap();
+        txn.commit().unwrap();
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let (mut dedup, restored) = open_sized(dir2.path(), &env, &dbs, 1 << 24);
+        assert_eq!(restored, 1, "the good key is put back");
+        assert!(commit_seen(
+            &mut dedup,
+            (&env, &dbs),
+            "before",
+            T + 2,
+            false
+        ));
+        committed(&mut dedup, &env, |dedup, txn| {
+            dedup.sweep(&dbs, txn, T + DAY + 10, DAY, 10).unwrap();
+            dedup.write_back();
+        });
+        dedup.settle();
+        committed(&mut dedup, &env, |dedup, txn| {
+            dedup.sweep(&dbs, txn, T + DAY + 10, DAY, 10).unwrap();
+        });
+        assert_eq!(counts(&dedup, &env, &dbs), (0, 0), "all swept");
+        assert_eq!(
+            dedup
+                .stats
+                .storage_errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
     }
 
     /// A batch the write-back environment cannot take (its map is full)

@@ -546,6 +546,24 @@ async fn full_outbox_answers_503_with_retry_after() {
     assert_eq!(answer["error"], "store_busy");
     server.sink.inner.busy.store(false, Ordering::SeqCst);
 
+    // A refused batch's bad events are counted once: when the batch that
+    // comes again is answered with them.
+    let rejected_before = server.stats.snapshot().rejected_total();
+    let mixed = json!([event("bp-5", Some("c1")), event("bp-bad", None)]);
+    server.sink.inner.refuse.store(true, Ordering::SeqCst);
+    let response = server.post(BATCH, mixed.to_string()).await;
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(server.stats.snapshot().rejected_total(), rejected_before);
+    server.sink.inner.refuse.store(false, Ordering::SeqCst);
+    let (status, answer) = server.post_json(BATCH, &mixed).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["rejected"], 1);
+    assert_eq!(answer["results"][1]["reason"], "missing_subject");
+    assert_eq!(
+        server.stats.snapshot().rejected_total(),
+        rejected_before + 1
+    );
+
     server.assert_still_serving().await;
     server.shutdown().await;
 }

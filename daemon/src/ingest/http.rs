@@ -350,20 +350,21 @@ async fn batch<S: EventSink>(
         }
     }
     let rejected = rejections.len() as u64;
-    reject(
-        app,
-        rejections.iter().map(|(_, raw, r)| (*raw, r)).collect(),
-        now,
-        origin,
-    )
-    .await;
-
+    // Rejections are counted (and sampled) once the batch is answered
+    // with them: a batch refused with 503 comes again, and its bad events
+    // with it.
+    let account = || {
+        reject(
+            app,
+            rejections.iter().map(|(_, raw, r)| (*raw, r)).collect(),
+            now,
+            origin,
+        )
+    };
     // Results by index; accepted slots are filled in after the commit.
     let mut results: Vec<Option<ItemResult>> = (0..parts.len()).map(|_| None).collect();
-    for (index, _, rejection) in rejections {
-        results[index] = Some(ItemResult::rejected(Some(index), rejection));
-    }
     let status = if events.is_empty() {
+        account().await;
         StatusCode::BAD_REQUEST
     } else {
         let submitted = events.len();
@@ -371,6 +372,7 @@ async fn batch<S: EventSink>(
             Ok(outcomes) => outcomes,
             Err(error) => return submit_error_response(app, error, now),
         };
+        account().await;
         if outcomes.len() != submitted {
             return outcome_mismatch(submitted, outcomes.len());
         }
@@ -379,6 +381,9 @@ async fn batch<S: EventSink>(
         }
         StatusCode::ACCEPTED
     };
+    for (index, _, rejection) in rejections {
+        results[index] = Some(ItemResult::rejected(Some(index), rejection));
+    }
     let results: Vec<ItemResult> = results.into_iter().flatten().collect();
     let duplicates = results.iter().filter(|r| r.status == "duplicate").count() as u64;
     let response = BatchResponse {

@@ -135,23 +135,50 @@ async fn kill_9_under_load(rule_state: &str) {
     central.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn uplink_outage_queues_records_and_delivers_each_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = write_certs(dir.path());
-    let central_dir = dir.path().join("central");
+/// A site posting over HTTP to a real central receiver (JSONL sink) over
+/// QUIC, both in `dir`.
+struct SiteWithCentral {
+    certs: std::path::PathBuf,
+    central_dir: std::path::PathBuf,
+    central: Central,
+    daemon: touchline::app::Daemon,
+    url: String,
+}
+
+async fn site_with_central(dir: &std::path::Path) -> SiteWithCentral {
+    let certs = write_certs(dir);
+    let central_dir = dir.join("central");
     let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
-    let central_addr = central.addr;
     let config = write_site_config(
-        dir.path(),
+        dir,
         &SiteOptions {
             http_port: Some(0),
-            central: Some(central_addr),
+            central: Some(central.addr),
             ..Default::default()
         },
     );
     let daemon = start_daemon(&config).await;
     let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    SiteWithCentral {
+        certs,
+        central_dir,
+        central,
+        daemon,
+        url,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_outage_queues_records_and_delivers_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let SiteWithCentral {
+        certs,
+        central_dir,
+        central,
+        daemon,
+        url,
+    } = site_with_central(dir.path()).await;
+    let central_addr = central.addr;
     let client = reqwest::Client::new();
     let events = workload(12_000, 300);
     let expected = expected_awards(&events);
@@ -194,20 +221,14 @@ async fn uplink_outage_queues_records_and_delivers_each_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_central_side_that_lost_acknowledged_records_gets_a_gap_not_a_stall() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = write_certs(dir.path());
-    let central_dir = dir.path().join("central");
-    let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
+    let SiteWithCentral {
+        certs,
+        central_dir,
+        central,
+        daemon,
+        url,
+    } = site_with_central(dir.path()).await;
     let central_addr = central.addr;
-    let config = write_site_config(
-        dir.path(),
-        &SiteOptions {
-            http_port: Some(0),
-            central: Some(central_addr),
-            ..Default::default()
-        },
-    );
-    let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
     let client = reqwest::Client::new();
     let events = workload(4_000, 100);
     let (first, after) = events.split_at(2_000);

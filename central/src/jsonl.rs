@@ -197,25 +197,7 @@ impl Sink for JsonlSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use touchline_proto::{AchievementAwarded, RecordBody};
-
-    fn rec(seq: u64) -> Record {
-        Record {
-            site: "s".into(),
-            seq,
-            at_ms: 0,
-            body: RecordBody::AchievementAwarded(AchievementAwarded {
-                customer: "c".into(),
-                achievement: "a".into(),
-                version: 1,
-                tier: 1,
-                badge: None,
-                points: vec![],
-                window: "lifetime".into(),
-                value: 1.0,
-            }),
-        }
-    }
+    use crate::sink::test_record as rec;
 
     fn seqs(path: &Path) -> Vec<u64> {
         std::fs::read_to_string(path)

@@ -72,27 +72,33 @@ pub fn check_site(site: &str, records: &[Record]) -> Result<(), SinkError> {
     }
 }
 
+/// A record of site `s` with sequence `seq`, for tests.
+#[cfg(test)]
+pub(crate) fn test_record(seq: u64) -> Record {
+    use touchline_proto::{AchievementAwarded, RecordBody};
+    Record {
+        site: "s".into(),
+        seq,
+        at_ms: 0,
+        body: RecordBody::AchievementAwarded(AchievementAwarded {
+            customer: "c".into(),
+            achievement: "a".into(),
+            version: 1,
+            tier: 1,
+            badge: None,
+            points: vec![],
+            window: "lifetime".into(),
+            value: 1.0,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use touchline_proto::{AchievementAwarded, RecordBody};
 
     fn rec(seq: u64) -> Record {
-        Record {
-            site: "s".into(),
-            seq,
-            at_ms: 0,
-            body: RecordBody::AchievementAwarded(AchievementAwarded {
-                customer: "c".into(),
-                achievement: "a".into(),
-                version: 1,
-                tier: 1,
-                badge: None,
-                points: vec![],
-                window: "lifetime".into(),
-                value: 1.0,
-            }),
-        }
+        test_record(seq)
     }
 
     #[test]

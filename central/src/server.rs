@@ -107,6 +107,19 @@ async fn session<S: Sink>(conn: Connection, sink: Arc<S>, stats: Arc<CentralStat
             Err(why) => {
                 stats.protocol_errors.fetch_add(1, Relaxed);
                 warn!(%site, %peer, "bad request: {why}");
+                // Said to the site, which logs and counts a refusal, and
+                // names the likely cause: a record kind this receiver
+                // does not know yet.
+                let answer = refuse(
+                    RefusalReason::ProtocolViolation,
+                    format!(
+                        "this receiver cannot read the request ({why}); if the site runs a \
+                         newer release, upgrade the receiver first"
+                    ),
+                );
+                if respond(&mut send, &answer).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                }
                 conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"bad request");
                 return;
             }

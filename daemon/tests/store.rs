@@ -741,13 +741,30 @@ async fn erasure_deletes_every_trace_and_tells_the_central_side() {
         rule("team-wave", "fan.wave", Some("has(profile.team)"), &[1.0]),
     ]);
     let (h, w) = open(&cfg, &rules);
-    h.dead_letter(vec![DeadLetter {
-        at_ms: T0,
-        origin: "http:127.0.0.1:1".into(),
-        reason: "bad_time".into(),
-        detail: "time is not RFC 3339".into(),
-        sample: r#"{"subject":"fan-erase","time":"yesterday"}"#.into(),
-    }])
+    h.dead_letter(vec![
+        DeadLetter {
+            at_ms: T0,
+            origin: "http:127.0.0.1:1".into(),
+            reason: "bad_time".into(),
+            detail: "time is not RFC 3339".into(),
+            sample: r#"{"subject":"fan-erase","time":"yesterday"}"#.into(),
+        },
+        // Named only by the topic it came on.
+        DeadLetter {
+            at_ms: T0,
+            origin: "mqtt:venue/fans/fan-erase/events".into(),
+            reason: "invalid_json".into(),
+            detail: "invalid JSON".into(),
+            sample: "{".into(),
+        },
+        DeadLetter {
+            at_ms: T0,
+            origin: "mqtt:venue/fans/fan-keep/events".into(),
+            reason: "invalid_json".into(),
+            detail: "invalid JSON".into(),
+            sample: "{".into(),
+        },
+    ])
     .await;
     h.submit(vec![
         ev(
@@ -779,7 +796,11 @@ async fn erasure_deletes_every_trace_and_tells_the_central_side() {
     };
     assert_eq!(erased.customer, pseudonym(&cfg, "fan-erase"));
     assert_eq!(h.stats().erasures(), 1);
-    assert_eq!(h.stats().dead_letters_erased(), 1);
+    assert_eq!(
+        h.stats().dead_letters_erased(),
+        2,
+        "the sample and the topic"
+    );
 
     // State is gone: the customer starts from zero and earns tier 1 again;
     // the other customer keeps their progress (one more cheer reaches 2).
@@ -806,7 +827,12 @@ async fn erasure_deletes_every_trace_and_tells_the_central_side() {
     );
     close(h, w).await;
     let samples = read_dead_letters(&cfg.site.data_dir, cfg.store.map_size, 10).unwrap();
-    assert!(samples.is_empty(), "the sample naming the customer is gone");
+    let origins: Vec<&str> = samples.iter().map(|s| s.origin.as_str()).collect();
+    assert_eq!(
+        origins,
+        ["mqtt:venue/fans/fan-keep/events"],
+        "the samples naming the customer are gone, the other fan's stays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,16 +73,28 @@ pub(crate) fn read(
     Ok(out)
 }
 
-/// Deletes every sample whose input or detail mentions `text` (a
-/// customer being erased). May delete a little more than needed, never
-/// less. Undecodable samples cannot be checked and are left; they
-/// age out like every sample.
+/// Deletes every sample whose input, detail or origin (an MQTT topic
+/// can name the customer) mentions `text` (a customer being erased), as
+/// it is or as JSON escapes it in the input. May delete a little more
+/// than needed, never less. Undecodable samples cannot be checked and
+/// are left; they age out like every sample.
 pub(crate) fn erase_mentions(dbs: &Dbs, txn: &mut RwTxn, text: &str) -> heed::Result<u64> {
+    // `"a\"b"` → `a\"b`: how the id reads inside a JSON string.
+    let escaped = serde_json::to_string(text).unwrap_or_default();
+    let escaped = escaped
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .filter(|s| *s != text);
     let mut doomed = Vec::new();
     for entry in dbs.dead_letters.iter(txn)? {
         match entry {
             Ok((key, sample)) => {
-                if sample.sample.contains(text) || sample.detail.contains(text) {
+                let mentions = |t: &str| {
+                    sample.sample.contains(t)
+                        || sample.detail.contains(t)
+                        || sample.origin.contains(t)
+                };
+                if mentions(text) || escaped.is_some_and(mentions) {
                     doomed.push(key);
                 }
             }
@@ -94,4 +106,50 @@ pub(crate) fn erase_mentions(dbs: &Dbs, txn: &mut RwTxn, text: &str) -> heed::Re
         dbs.dead_letters.delete(txn, key)?;
     }
     Ok(doomed.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::env::open_env;
+
+    fn letter(sample: &str) -> DeadLetter {
+        DeadLetter {
+            at_ms: 0,
+            origin: "http:127.0.0.1:1".into(),
+            reason: "bad_time".into(),
+            detail: "time is not RFC 3339".into(),
+            sample: sample.into(),
+        }
+    }
+
+    /// An id with characters JSON escapes is found as the input spells
+    /// it, escaped.
+    #[test]
+    fn an_id_is_found_as_json_escapes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = open_env(dir.path(), 1 << 20, heed::EnvFlags::empty()).unwrap();
+        let mut txn = env.write_txn().unwrap();
+        let dbs = Dbs::create(&env, &mut txn).unwrap();
+        let mut meta = Meta::default();
+        put(
+            &dbs,
+            &mut txn,
+            &mut meta,
+            &letter(r#"{"subject":"fan\"1"}"#),
+            10,
+        )
+        .unwrap();
+        put(
+            &dbs,
+            &mut txn,
+            &mut meta,
+            &letter(r#"{"subject":"fan-2"}"#),
+            10,
+        )
+        .unwrap();
+        assert_eq!(erase_mentions(&dbs, &mut txn, "fan\"1").unwrap(), 1);
+        assert_eq!(dbs.dead_letters.len(&txn).unwrap(), 1);
+        assert_eq!(erase_mentions(&dbs, &mut txn, "fan-2").unwrap(), 1);
+    }
 }

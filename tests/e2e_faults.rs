@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,6 +216,199 @@ async fn uplink_outage_queues_records_and_delivers_each_once() {
     central.stop().await;
 }
 
+/// Waits until the outbox is empty and the central side holds the site's
+/// last record.
+async fn all_delivered(stats: &Arc<touchline::store::StoreStats>, central_dir: &Path) -> bool {
+    let (stats, dir) = (stats.clone(), central_dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        touchline_tests::wait_until(Duration::from_secs(60), || {
+            let last = central_records(&dir)
+                .iter()
+                .filter_map(|r| r["seq"].as_u64())
+                .max();
+            stats.outbox_records() == 0 && last == Some(stats.next_seq() - 1)
+        })
+    })
+    .await
+    .unwrap()
+}
+
+/// The central side's sequences are exactly 1, 2, … with nothing missing.
+fn assert_sequences_contiguous(records: &[Value]) {
+    let seqs: Vec<u64> = records.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "sequences with a hole or a repeat");
+}
+
+/// Award counts of several store histories (each the whole event stream
+/// one store applied): `add` summed, each of `sub` taken out once (a past
+/// two histories share, whose awards went out once).
+fn awards_of(add: &[&[Value]], sub: &[&[Value]]) -> BTreeMap<(String, u64), usize> {
+    let mut out: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for events in add {
+        for (key, n) in expected_awards(events) {
+            *out.entry(key).or_default() += n;
+        }
+    }
+    for events in sub {
+        for (key, n) in expected_awards(events) {
+            let left = out.get(&key).copied().unwrap_or(0) - n;
+            if left == 0 {
+                out.remove(&key);
+            } else {
+                out.insert(key, left);
+            }
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A site rebuilt under its old id (a new disk, a wiped data directory)
+/// starts a new store, numbering its records from 1 again. The central
+/// side holds the old store's records under those numbers: the new
+/// store's records must follow them, not be dropped as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_site_continues_after_the_central_mark_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let SiteWithCentral {
+        certs,
+        central_dir,
+        central,
+        daemon,
+        url,
+    } = site_with_central(dir.path()).await;
+    let central_addr = central.addr;
+    let client = reqwest::Client::new();
+    let events = workload(4_000, 300);
+    let (old, new) = events.split_at(2_000);
+
+    post_all(&client, &url, old, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stats = daemon.store().stats();
+    assert!(
+        all_delivered(&stats, &central_dir).await,
+        "old store's records"
+    );
+    let old_records = stats.next_seq() - 1;
+    daemon.shutdown(Duration::from_secs(2)).await;
+
+    // Rebuilt while the central side is down: the new store queues
+    // records before its first session.
+    central.stop().await;
+    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+    let daemon = start_daemon(&dir.path().join("site.toml")).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    post_all(&client, &url, new, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stats = daemon.store().stats();
+    let queued = stats.outbox_records();
+    assert!(queued > 0, "the new store should hold records");
+    let central = Central::start(&certs, &central_dir, central_addr).await;
+
+    assert!(
+        all_delivered(&stats, &central_dir).await,
+        "the new store's records never all arrived"
+    );
+    assert_eq!(daemon.uplink_state().rebases(), 1);
+    let records = central_records(&central_dir);
+    assert_sequences_contiguous(&records);
+    assert_eq!(records.len() as u64, old_records + queued);
+    assert_eq!(awards_at_central(&records), awards_of(&[old, new], &[]));
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}
+
+/// A store restored from a backup is behind the central side, which holds
+/// what the original sent after the backup. The restored store's queued
+/// records are the ones the original sent (same numbers, same content):
+/// they are not sent twice, and its new records follow the central mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_a_backup_sends_nothing_twice_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let SiteWithCentral {
+        certs,
+        central_dir,
+        central,
+        daemon,
+        url,
+    } = site_with_central(dir.path()).await;
+    let central_addr = central.addr;
+    let config = dir.path().join("site.toml");
+    let data = dir.path().join("data");
+    let backup = dir.path().join("backup");
+    let client = reqwest::Client::new();
+    let events = workload(8_000, 300);
+    let (sent, rest) = events.split_at(2_000);
+    let (queued, rest) = rest.split_at(2_000);
+    let (original, restored) = rest.split_at(2_000);
+
+    post_all(&client, &url, sent, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(all_delivered(&daemon.store().stats(), &central_dir).await);
+    // The backup is taken while records wait for the central side.
+    central.stop().await;
+    post_all(&client, &url, queued, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(daemon.store().stats().outbox_records() > 0);
+    daemon.shutdown(Duration::from_secs(2)).await;
+    copy_dir(&data, &backup);
+
+    // The original goes on: it sends what was queued and more.
+    let central = Central::start(&certs, &central_dir, central_addr).await;
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    post_all(&client, &url, original, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(all_delivered(&daemon.store().stats(), &central_dir).await);
+    daemon.shutdown(Duration::from_secs(2)).await;
+
+    // Its disk fails; the backup is restored.
+    std::fs::remove_dir_all(&data).unwrap();
+    copy_dir(&backup, &data);
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    post_all(&client, &url, restored, 250, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let stats = daemon.store().stats();
+    assert!(
+        all_delivered(&stats, &central_dir).await,
+        "the restored store's records never all arrived"
+    );
+    assert_eq!(daemon.uplink_state().rebases(), 1);
+    let records = central_records(&central_dir);
+    assert_sequences_contiguous(&records);
+    // Two histories from one past: the shared part once, each branch's
+    // own awards once.
+    let past: Vec<Value> = [sent, queued].concat();
+    let first: Vec<Value> = [&past, original].concat();
+    let second: Vec<Value> = [&past, restored].concat();
+    assert_eq!(
+        awards_at_central(&records),
+        awards_of(&[&first, &second], &[&past])
+    );
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+}
+
 /// A central side that loses records it had acknowledged (its file cut
 /// short, a backup restored) must not stall the site: the site deleted
 /// them on the ack, so it declares them a gap, counts them, and goes on
@@ -233,28 +428,12 @@ async fn a_central_side_that_lost_acknowledged_records_gets_a_gap_not_a_stall() 
     let events = workload(4_000, 100);
     let (first, after) = events.split_at(2_000);
     let stats = daemon.store().stats();
-    let all_delivered = |stats: &Arc<touchline::store::StoreStats>| {
-        let (stats, dir) = (stats.clone(), central_dir.clone());
-        async move {
-            tokio::task::spawn_blocking(move || {
-                touchline_tests::wait_until(Duration::from_secs(60), || {
-                    let last = central_records(&dir)
-                        .iter()
-                        .filter_map(|r| r["seq"].as_u64())
-                        .max();
-                    stats.outbox_records() == 0 && last == Some(stats.next_seq() - 1)
-                })
-            })
-            .await
-            .unwrap()
-        }
-    };
 
     post_all(&client, &url, first, 250, Duration::from_secs(60))
         .await
         .unwrap();
     assert!(
-        all_delivered(&stats).await,
+        all_delivered(&stats, &central_dir).await,
         "the first records never all arrived"
     );
     central.stop().await;
@@ -278,7 +457,7 @@ async fn a_central_side_that_lost_acknowledged_records_gets_a_gap_not_a_stall() 
         .await
         .unwrap();
     assert!(
-        all_delivered(&stats).await,
+        all_delivered(&stats, &central_dir).await,
         "the site stalled behind the lost records"
     );
     assert_eq!(daemon.uplink_state().records_lost_centrally(), 3);

@@ -22,7 +22,7 @@ use crate::ingest::{self, EventSink, IngestStats};
 use crate::instance::{InstanceLock, LockError};
 use crate::publish::{self, PublisherSettings, PublisherState};
 use crate::reload::Reloader;
-use crate::store::{Store, StoreHandle, WriterThread};
+use crate::store::{Rebase, Store, StoreHandle, WriterThread};
 use crate::uplink::{self, OutboxBatch, OutboxSource, UplinkError, UplinkSettings, UplinkState};
 
 /// Why the daemon could not start.
@@ -435,6 +435,13 @@ impl OutboxSource for StoreSink {
     async fn acknowledge(&self, through: u64) -> Result<(), UplinkError> {
         self.0
             .ack_outbox(through)
+            .await
+            .map_err(|e| UplinkError::Outbox(e.to_string()))
+    }
+
+    async fn welcome(&self, central_mark: u64) -> Result<Option<Rebase>, UplinkError> {
+        self.0
+            .welcome(central_mark)
             .await
             .map_err(|e| UplinkError::Outbox(e.to_string()))
     }

@@ -6,6 +6,11 @@
 //! side (the Welcome of each session and each Ack), so a crash or a lost
 //! connection at any point means at most a resend, which the central side
 //! drops by sequence number. An outage only grows the outbox.
+//!
+//! The sequence numbers here are the central side's. A store that starts
+//! over under a known site id has its records renumbered after the
+//! central side's mark at the Welcome (see `store::outbox`), so they are
+//! not mistaken for records the central side already holds.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +25,8 @@ use touchline_proto::{
     MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tracing::{debug, error, info, warn};
+
+use crate::store::{Rebase, RebaseCause};
 
 /// How long one request may take before the session is considered dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,6 +55,13 @@ pub trait OutboxSource: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<OutboxBatch, UplinkError>> + Send;
     /// Everything up to `through` is durable centrally: delete it.
     fn acknowledge(&self, through: u64) -> impl Future<Output = Result<(), UplinkError>> + Send;
+    /// A session began: the central side holds the site's records up to
+    /// `central_mark`. Like `acknowledge`, and renumbers the records after
+    /// the mark when it is beyond anything this store sent.
+    fn welcome(
+        &self,
+        central_mark: u64,
+    ) -> impl Future<Output = Result<Option<Rebase>, UplinkError>> + Send;
     /// Resolves when new records may be available.
     fn changed(&self) -> impl Future<Output = ()> + Send;
 }
@@ -118,6 +132,7 @@ pub struct UplinkState {
     reconnects: AtomicU64,
     refusals: AtomicU64,
     records_lost_centrally: AtomicU64,
+    rebases: AtomicU64,
 }
 
 impl UplinkState {
@@ -151,6 +166,12 @@ impl UplinkState {
     /// them) and then no longer held; declared a gap.
     pub fn records_lost_centrally(&self) -> u64 {
         self.records_lost_centrally.load(Relaxed)
+    }
+
+    /// Welcomes at which the store's records were renumbered after the
+    /// central side's mark.
+    pub fn rebases(&self) -> u64 {
+        self.rebases.load(Relaxed)
     }
 }
 
@@ -242,7 +263,10 @@ async fn session<O: OutboxSource>(
         other => return Err(unexpected(other)),
     };
     // What the central side holds needs no resend, even if its Ack was lost.
-    source.acknowledge(last_durable).await?;
+    if let Some(rebase) = source.welcome(last_durable).await? {
+        state.rebases.fetch_add(1, Relaxed);
+        log_rebase(&settings.site, &rebase);
+    }
     state.last_acked.store(last_durable, Relaxed);
     state.connected.store(true, Relaxed);
     *backoff = settings.reconnect_min;
@@ -319,6 +343,29 @@ async fn session<O: OutboxSource>(
                 "central acknowledged {through} after a batch up to {last}: no progress"
             )));
         }
+    }
+}
+
+fn log_rebase(site: &str, r: &Rebase) {
+    match r.cause {
+        RebaseCause::NewStore => warn!(
+            site,
+            central_mark = r.central_mark,
+            offset = r.offset,
+            queued = r.queued,
+            "the central side holds records of this site from another store (the site was \
+             rebuilt or its data directory wiped): this store's records follow them"
+        ),
+        RebaseCause::StoreBehind => error!(
+            site,
+            central_mark = r.central_mark,
+            offset = r.offset,
+            superseded = r.superseded,
+            "the central side holds records of this site beyond any this store numbered (a \
+             store restored from a backup, or a copy running elsewhere): the records this \
+             store still held are taken as sent by the other copy and deleted, and new ones \
+             follow the central side's mark"
+        ),
     }
 }
 

@@ -496,6 +496,11 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         "Records the central side had acknowledged and no longer held (declared a gap).",
         up.records_lost_centrally(),
     );
+    x.counter(
+        "touchline_uplink_sequence_rebases_total",
+        "Welcomes at which the store's records were renumbered after the central side's mark (a rebuilt or restored site).",
+        up.rebases(),
+    );
     x.gauge(
         "touchline_uplink_last_acked_seq",
         "Highest sequence the central receiver acknowledged (0 until the first session).",

@@ -56,7 +56,7 @@ use tracing::warn;
 use crate::engine::{Engine, EngineError, EngineStats, Pseudonymizer};
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 use env::{LmdbEnv, ReadDbs};
-pub use outbox::OutboxSummary;
+pub use outbox::{OutboxSummary, Rebase, RebaseCause};
 pub use stats::{HistogramSnapshot, StoreStats};
 use writer::{Command, Opened, Settings, Writer};
 
@@ -454,7 +454,8 @@ impl StoreHandle {
 
     /// Records with a sequence above `after`, in order, at most
     /// `max_records` and about `max_bytes` (at least one when any), plus
-    /// the current `dropped_through`. Runs on the blocking pool.
+    /// the current `dropped_through`, all numbered as the central side
+    /// numbers them (see [`Self::welcome`]). Runs on the blocking pool.
     pub async fn read_outbox(
         &self,
         after: u64,
@@ -468,22 +469,48 @@ impl StoreHandle {
             let meta = meta::load(dbs.meta, &txn)
                 .map_err(|e| StoreError::Read(e.to_string()))?
                 .unwrap_or_default();
-            let records = outbox::read(dbs.outbox, &txn, after, max_records, max_bytes)
-                .map_err(|e| StoreError::Read(e.to_string()))?;
-            Ok((records, meta.dropped_through))
+            let mut records = outbox::read(
+                dbs.outbox,
+                &txn,
+                meta.local_seq(after),
+                max_records,
+                max_bytes,
+            )
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+            for record in &mut records {
+                record.seq = meta.central_seq(record.seq);
+            }
+            Ok((records, meta.central_dropped_through()))
         })
         .await
         .map_err(|e| StoreError::Read(e.to_string()))?
     }
 
     /// Deletes every outbox record up to `through` (the central side made
-    /// them durable). Goes through the writer; works even when the map is
-    /// full.
+    /// them durable; its numbering). Goes through the writer; works even
+    /// when the map is full.
     pub async fn ack_outbox(&self, through: u64) -> Result<(), StoreError> {
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
             .send(Command::Ack { through, reply })
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Takes a session's Welcome: the central side holds the site's
+    /// records up to `central_mark`. Deletes them here, and renumbers this
+    /// store's records after the mark when the mark is beyond anything
+    /// this store sent (a new store under a known site id, or a restored
+    /// one); returns the renumbering, if any. Goes through the writer.
+    pub async fn welcome(&self, central_mark: u64) -> Result<Option<Rebase>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.shared
+            .tx
+            .send(Command::Welcome {
+                central_mark,
+                reply,
+            })
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -861,6 +888,7 @@ fn prepare(env: &LmdbEnv, dir: &Path, site: &str) -> Result<(env::Dbs, meta::Met
         meta.outbox_bytes = bytes;
         meta.next_seq = meta.next_seq.max(last + 1);
     }
+    meta.opened();
     meta::save(dbs.meta, &mut txn, &meta).map_err(write_err)?;
     txn.commit().map_err(write_err)?;
     Ok((dbs, meta))

@@ -5,6 +5,15 @@
 //! drops and restarts, so the central side can deduplicate by it). The byte
 //! total is kept in [`Meta`] in the same transaction, so the bound is
 //! checked without scanning.
+//!
+//! The central side knows a site by its id, not by its store. A store
+//! that starts over under a known id (the disk replaced, the data
+//! directory wiped, a backup restored) would number its records from
+//! where it stands, and the central side would take them for records it
+//! already holds. [`welcome`] compares the central side's mark with what
+//! this store could have sent and, where the mark is beyond it, moves the
+//! store's numbering after the mark ([`Meta::seq_offset`]): the store keeps
+//! its own sequence, and only what goes on the wire is renumbered.
 
 use heed::{RoTxn, RwTxn, WithoutTls};
 use touchline_proto::{Record, RecordBody};
@@ -49,6 +58,90 @@ impl Outbox {
         meta.outbox_records += 1;
         Ok(seq)
     }
+}
+
+/// Why a store's records were renumbered for the central side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebaseCause {
+    /// The store had never been welcomed, yet the central side held
+    /// records of the site: another store's. Everything this store holds
+    /// goes after them.
+    NewStore,
+    /// The central side held sequences beyond any this store numbered:
+    /// the store is a restored backup or a copy. The records it held
+    /// when it was opened are taken to have been sent by the store it was
+    /// copied from; the ones it made since go after the mark.
+    StoreBehind,
+}
+
+/// A renumbering decided at a Welcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebase {
+    pub cause: RebaseCause,
+    /// The central side's mark the store's records now follow.
+    pub central_mark: u64,
+    /// The new difference between the central side's numbers and the
+    /// store's.
+    pub offset: u64,
+    /// Records the store held that go out after the mark.
+    pub queued: u64,
+    /// Records the store held that were deleted as the central side's
+    /// ([`RebaseCause::StoreBehind`] only).
+    pub superseded: u64,
+}
+
+/// The offset the store's numbering needs once the central side says it
+/// holds the site's records up to `central_mark`, or `None` when the
+/// numbering is right. `first_queued` is the store's oldest record in the
+/// outbox (`next_seq` when it is empty).
+pub(crate) fn rebase_offset(
+    meta: &Meta,
+    first_queued: u64,
+    central_mark: u64,
+) -> Option<(u64, RebaseCause)> {
+    if !meta.joined {
+        // Nothing the central side holds came from this store, so its
+        // oldest record must follow the mark.
+        let before_first = first_queued.saturating_sub(1);
+        (central_mark > meta.central_seq(before_first))
+            .then(|| (central_mark - before_first, RebaseCause::NewStore))
+    } else {
+        // In one store's history the central side can only be behind it;
+        // ahead means another history, which shares this store's past up
+        // to where the copy was taken: at the latest when it was opened
+        // after its last session.
+        let highest = meta.central_seq(meta.next_seq.saturating_sub(1));
+        let shared = meta.opened_at_seq.saturating_sub(1);
+        (central_mark > highest).then(|| (central_mark - shared, RebaseCause::StoreBehind))
+    }
+}
+
+/// Takes the central side's Welcome: renumbers when the mark is beyond
+/// what this store could have sent (see [`rebase_offset`]), records that
+/// the store has joined, and deletes what the central side holds.
+pub(crate) fn welcome(
+    dbs: &Dbs,
+    txn: &mut RwTxn,
+    meta: &mut Meta,
+    central_mark: u64,
+) -> heed::Result<(u64, Option<Rebase>)> {
+    let first_queued = dbs.outbox.first(txn)?.map_or(meta.next_seq, |(seq, _)| seq);
+    let decided = rebase_offset(meta, first_queued, central_mark);
+    let records_before = meta.outbox_records;
+    if let Some((offset, _)) = decided {
+        meta.seq_offset = offset;
+    }
+    meta.joined = true;
+    meta.joined_since_open = true;
+    let acked = ack(dbs, txn, meta, meta.local_seq(central_mark))?;
+    let rebase = decided.map(|(offset, cause)| Rebase {
+        cause,
+        central_mark,
+        offset,
+        queued: records_before.saturating_sub(acked),
+        superseded: acked,
+    });
+    Ok((acked, rebase))
 }
 
 /// Deletes every record with a sequence up to `through`; returns how many.
@@ -152,7 +245,8 @@ pub(crate) fn read(
     Ok(records)
 }
 
-/// A snapshot of the outbox for status output.
+/// A snapshot of the outbox for status output, numbered as the central
+/// side numbers it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxSummary {
     /// Records waiting for acknowledgement.
@@ -181,7 +275,7 @@ pub(crate) fn summary(
         if let Some((seq, value)) = db.first(txn)? {
             let record: Record =
                 postcard::from_bytes(value).map_err(|source| ReadError::Decode { seq, source })?;
-            oldest_seq = Some(seq);
+            oldest_seq = Some(meta.central_seq(seq));
             oldest_at_ms = Some(record.at_ms);
         }
     }
@@ -190,7 +284,118 @@ pub(crate) fn summary(
         bytes: meta.outbox_bytes,
         oldest_seq,
         oldest_at_ms,
-        next_seq: meta.next_seq,
-        dropped_through: meta.dropped_through,
+        next_seq: meta.central_seq(meta.next_seq),
+        dropped_through: meta.central_dropped_through(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A store opened at `next_seq` after its last session.
+    fn store(joined: bool, seq_offset: u64, next_seq: u64) -> Meta {
+        Meta {
+            joined,
+            seq_offset,
+            next_seq,
+            opened_at_seq: next_seq,
+            ..Meta::default()
+        }
+    }
+
+    #[test]
+    fn a_new_store_under_a_known_site_follows_the_central_mark() {
+        // Nothing queued yet.
+        let meta = store(false, 0, 1);
+        assert_eq!(
+            rebase_offset(&meta, 1, 50),
+            Some((50, RebaseCause::NewStore))
+        );
+        // Records 1..=80 queued before the first session: all are new.
+        let meta = store(false, 0, 81);
+        assert_eq!(
+            rebase_offset(&meta, 1, 50),
+            Some((50, RebaseCause::NewStore))
+        );
+    }
+
+    #[test]
+    fn a_new_store_needs_nothing_when_its_records_already_follow_the_mark() {
+        // Records up to 100 were dropped before the first session.
+        let meta = store(false, 0, 121);
+        assert_eq!(rebase_offset(&meta, 101, 50), None);
+        assert_eq!(rebase_offset(&store(false, 0, 9), 1, 0), None);
+    }
+
+    #[test]
+    fn a_joined_store_is_left_alone_while_the_mark_is_within_its_history() {
+        let meta = store(true, 0, 1001);
+        for mark in [0, 10, 999, 1000] {
+            assert_eq!(rebase_offset(&meta, 900, mark), None, "mark {mark}");
+        }
+        // Sessions before the first format recorded joining count as joined.
+        assert_eq!(rebase_offset(&store(true, 0, 1), 1, 0), None);
+    }
+
+    #[test]
+    fn a_store_behind_the_central_mark_continues_after_it() {
+        let meta = store(true, 0, 1001);
+        assert_eq!(
+            rebase_offset(&meta, 900, 1500),
+            Some((500, RebaseCause::StoreBehind))
+        );
+        // Already renumbered once: the offset grows by what it is behind.
+        let meta = store(true, 50, 1001);
+        assert_eq!(
+            rebase_offset(&meta, 900, 1500),
+            Some((500, RebaseCause::StoreBehind))
+        );
+        // Records made since the copy was opened are its own: they go
+        // after the mark, not in with what the original sent.
+        let meta = Meta {
+            next_seq: 1021,
+            ..store(true, 0, 1001)
+        };
+        assert_eq!(
+            rebase_offset(&meta, 900, 1500),
+            Some((500, RebaseCause::StoreBehind))
+        );
+    }
+
+    proptest! {
+        /// Whatever the central mark, the store's next record goes out
+        /// after it; a new store's queued records all do; and a store
+        /// whose history holds the mark is never renumbered.
+        #[test]
+        fn after_a_welcome_nothing_goes_out_under_a_held_number(
+            joined in any::<bool>(),
+            seq_offset in 0u64..1_000,
+            next_seq in 1u64..10_000,
+            queued_back in 0u64..10_000,
+            made_since_open in 0u64..10_000,
+            mark in 0u64..20_000,
+        ) {
+            let seq_offset = if joined { seq_offset } else { 0 };
+            let first_queued = next_seq - queued_back.min(next_seq - 1);
+            let opened_at_seq = next_seq - made_since_open.min(next_seq - 1);
+            let mut meta = Meta { opened_at_seq, ..store(joined, seq_offset, next_seq) };
+            let decided = rebase_offset(&meta, first_queued, mark);
+            let highest = meta.central_seq(next_seq - 1);
+            if let Some((offset, _)) = decided {
+                meta.seq_offset = offset;
+            }
+            prop_assert!(meta.central_seq(next_seq) > mark);
+            if !joined {
+                prop_assert!(meta.central_seq(first_queued) > mark);
+            } else if mark <= highest {
+                prop_assert_eq!(decided, None);
+            } else {
+                // A copy's own records follow the mark; the shared past
+                // falls at or below it.
+                prop_assert_eq!(meta.central_seq(opened_at_seq), mark + 1);
+            }
+        }
+    }
 }

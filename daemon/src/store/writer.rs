@@ -94,6 +94,12 @@ pub(crate) enum Command {
         through: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A session's Welcome: the central side holds the site's records up
+    /// to `central_mark` (see `outbox::welcome`).
+    Welcome {
+        central_mark: u64,
+        reply: oneshot::Sender<Result<Option<outbox::Rebase>, StoreError>>,
+    },
     /// The broker acknowledged every publication up to `through`.
     AckPublished {
         through: u64,
@@ -140,6 +146,7 @@ impl Command {
 enum Answer {
     Submit(Result<Vec<EventOutcome>, SubmitError>),
     Ack(Result<(), StoreError>),
+    Welcome(Result<Option<outbox::Rebase>, StoreError>),
     /// Dead letters and shutdown: nobody waits for a value.
     Done,
 }
@@ -559,7 +566,12 @@ impl Writer {
                     .iter()
                     .copied()
                     .filter(|&i| {
-                        matches!(group[i], Command::Ack { .. } | Command::AckPublished { .. })
+                        matches!(
+                            group[i],
+                            Command::Ack { .. }
+                                | Command::AckPublished { .. }
+                                | Command::Welcome { .. }
+                        )
                     })
                     .collect();
                 if !acks.is_empty() {
@@ -617,6 +629,12 @@ impl Writer {
                 (Command::Ack { reply, .. }, _) | (Command::AckPublished { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
+                (Command::Welcome { reply, .. }, Some(Answer::Welcome(result))) => {
+                    let _ = reply.send(result);
+                }
+                (Command::Welcome { reply, .. }, _) => {
+                    let _ = reply.send(Err(StoreError::Write("not applied".into())));
+                }
                 (Command::ReplaceEngine { reply, .. }, _) => {
                     let _ = reply.send(Err(StoreError::Write("not applied".into())));
                 }
@@ -672,8 +690,15 @@ impl Writer {
                     Answer::Done
                 }
                 Command::Ack { through, .. } => {
-                    tally.acked += outbox::ack(&self.dbs, &mut txn, &mut meta, *through)?;
+                    let local = meta.local_seq(*through);
+                    tally.acked += outbox::ack(&self.dbs, &mut txn, &mut meta, local)?;
                     Answer::Ack(Ok(()))
+                }
+                Command::Welcome { central_mark, .. } => {
+                    let (acked, rebase) =
+                        outbox::welcome(&self.dbs, &mut txn, &mut meta, *central_mark)?;
+                    tally.acked += acked;
+                    Answer::Welcome(Ok(rebase))
                 }
                 Command::AckPublished { through, .. } => {
                     tally.published +=
@@ -1094,6 +1119,7 @@ impl Writer {
                 }
                 Command::Ack { .. }
                 | Command::AckPublished { .. }
+                | Command::Welcome { .. }
                 | Command::Shutdown { .. }
                 | Command::ReplaceEngine { .. }
                 | Command::ReplaceOffers { .. }
@@ -1132,6 +1158,9 @@ impl Writer {
                 }))),
                 Command::Ack { .. } | Command::AckPublished { .. } => {
                     Some(Answer::Ack(Err(StoreError::Write(msg.clone()))))
+                }
+                Command::Welcome { .. } => {
+                    Some(Answer::Welcome(Err(StoreError::Write(msg.clone()))))
                 }
                 Command::DeadLetters { samples, .. } => {
                     StoreStats::add(&self.stats.dead_letters_dropped, samples.len() as u64);
@@ -1406,8 +1435,8 @@ impl Writer {
 pub(crate) fn publish_meta(st: &StoreStats, meta: &Meta) {
     StoreStats::set(&st.outbox_records, meta.outbox_records);
     StoreStats::set(&st.outbox_bytes, meta.outbox_bytes);
-    StoreStats::set(&st.next_seq, meta.next_seq);
-    StoreStats::set(&st.dropped_through, meta.dropped_through);
+    StoreStats::set(&st.next_seq, meta.central_seq(meta.next_seq));
+    StoreStats::set(&st.dropped_through, meta.central_dropped_through());
 }
 
 /// The progress message for a reached tier. `id` names the award (rule,

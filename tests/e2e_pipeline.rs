@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
+use touchline::ingest::RejectReason;
 use touchline_tests::mosquitto::Mosquitto;
 
 /// Publishes every event with QoS 1 and waits for all PUBACKs.
@@ -192,6 +193,14 @@ async fn bad_input_is_rejected_counted_and_kept_without_hurting_valid_events() {
         ]
     );
 
+    // Requests refused whole: a body of another type, an empty batch.
+    let (status, body) = post("text/plain", cheer(7, 1, 3).to_string().into_bytes()).await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("unsupported_media_type"), "{body}");
+    let (status, body) = post(BATCH, b"[ ]".to_vec()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("empty_batch"), "{body}");
+
     // 10,000 copies of one event: one takes effect.
     let dup = cheer(99, 2, 3);
     let copies = Value::Array(vec![dup; 10_000]);
@@ -208,7 +217,10 @@ async fn bad_input_is_rejected_counted_and_kept_without_hurting_valid_events() {
         "3 batch events + 1 of the copies + 1 fresh"
     );
     assert_eq!(stats.duplicates, 9_999);
-    assert!(stats.rejected_total() >= 7);
+    assert!(stats.rejected_total() >= 9);
+    for reason in [RejectReason::UnsupportedMediaType, RejectReason::EmptyBatch] {
+        assert_eq!(stats.rejected_for(reason), 1, "{reason}");
+    }
     // fan-1 sent three cheers: the first tier is reached exactly once.
     assert_eq!(daemon.store().stats().records_appended(), 1);
     daemon.shutdown(Duration::from_millis(100)).await;

@@ -183,13 +183,27 @@ async fn too_large<S: EventSink>(
         "the request body exceeds the limit of {} bytes",
         app.cfg.max_body
     );
+    let refusal = (RejectReason::TooLarge, StatusCode::PAYLOAD_TOO_LARGE);
+    refuse_request(app, refusal, "payload_too_large", detail, now, origin).await
+}
+
+/// A request refused as a whole before any event in it was read: counted
+/// as one rejected input (without a body sample) and answered with `code`.
+async fn refuse_request<S: EventSink>(
+    app: &AppState<S>,
+    (reason, status): (RejectReason, StatusCode),
+    code: &str,
+    detail: String,
+    now: i64,
+    origin: &(dyn Fn() -> String + Sync),
+) -> Response {
     app.stats.add_received(1);
     let rejection = Rejection {
-        reason: RejectReason::TooLarge,
+        reason,
         detail: detail.clone(),
     };
     reject(app, vec![(&[][..], &rejection)], now, origin).await;
-    error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", detail)
+    error_response(status, code, detail)
 }
 
 /// The body kind from `Content-Type`, or why it is not acceptable.
@@ -236,13 +250,15 @@ async fn post_events<S: EventSink>(State(app): State<AppState<S>>, req: Request)
     let kind = match body_kind(req.headers()) {
         Ok(kind) => kind,
         Err(what) => {
-            return error_response(
+            let detail = format!(
+                "{what}; send {CONTENT_TYPE_EVENT} (one event) or {CONTENT_TYPE_BATCH} (a JSON array)"
+            );
+            let refusal = (
+                RejectReason::UnsupportedMediaType,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                format!(
-                    "{what}; send {CONTENT_TYPE_EVENT} (one event) or {CONTENT_TYPE_BATCH} (a JSON array)"
-                ),
-            )
+            );
+            let code = refusal.0.label();
+            return refuse_request(&app, refusal, code, detail, now, &origin).await;
         }
     };
     let max_body = app.cfg.max_body;
@@ -258,7 +274,10 @@ async fn post_events<S: EventSink>(State(app): State<AppState<S>>, req: Request)
             return too_large(&app, now, &origin).await
         }
         Err(rejection) => {
-            return error_response(rejection.status(), "bad_body", rejection.body_text())
+            let refusal = (RejectReason::UnreadableBody, rejection.status());
+            let code = refusal.0.label();
+            let detail = rejection.body_text();
+            return refuse_request(&app, refusal, code, detail, now, &origin).await;
         }
     };
     match kind {
@@ -329,11 +348,9 @@ async fn batch<S: EventSink>(
         }
     };
     if parts.is_empty() {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "empty_batch",
-            "the batch holds no events",
-        );
+        let refusal = (RejectReason::EmptyBatch, StatusCode::BAD_REQUEST);
+        let detail = "the batch holds no events".to_string();
+        return refuse_request(app, refusal, "empty_batch", detail, now, origin).await;
     }
     app.stats.add_received(parts.len() as u64);
 

@@ -56,11 +56,19 @@ pub enum RejectReason {
     /// forbids (and which sinks downstream, PostgreSQL's text above all,
     /// refuse).
     ControlCharacter,
+    /// An HTTP request whose `Content-Type` is neither one event nor a
+    /// batch (answered 415; its body is not read).
+    UnsupportedMediaType,
+    /// An HTTP batch that holds no events (`[]`).
+    EmptyBatch,
+    /// An HTTP body that could not be read to its end (the client stopped
+    /// sending or the connection broke).
+    UnreadableBody,
 }
 
 impl RejectReason {
     /// Number of reasons: the size of per-reason counter arrays.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 17;
 
     /// Every reason, in `index()` order.
     pub const ALL: [RejectReason; RejectReason::COUNT] = [
@@ -78,6 +86,9 @@ impl RejectReason {
         RejectReason::UnsupportedEncoding,
         RejectReason::SubjectTooLong,
         RejectReason::ControlCharacter,
+        RejectReason::UnsupportedMediaType,
+        RejectReason::EmptyBatch,
+        RejectReason::UnreadableBody,
     ];
 
     /// Position in `ALL`, for indexing counter arrays.
@@ -102,6 +113,9 @@ impl RejectReason {
             RejectReason::UnsupportedEncoding => "unsupported_encoding",
             RejectReason::SubjectTooLong => "subject_too_long",
             RejectReason::ControlCharacter => "control_character",
+            RejectReason::UnsupportedMediaType => "unsupported_media_type",
+            RejectReason::EmptyBatch => "empty_batch",
+            RejectReason::UnreadableBody => "unreadable_body",
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The JSONL sink: one append-only file per site, fsync before ack.
 //!
 //! The file is its own recovery log: on first use the sink reads it to
-//! learn the last durable sequence, and cuts away a torn last line left by
-//! a crash mid-write (that record was never acknowledged, so the site still
-//! has it and sends it again).
+//! learn the last durable sequence, and cuts away a torn tail left by a
+//! crash mid-write (what follows the last whole record was never
+//! acknowledged, so the site still has it and sends it again). A damaged
+//! line with whole records after it is not a torn write: those records
+//! were acknowledged, so it is reported and everything is kept.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use touchline_proto::Record;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::sink::{check_site, plan, Sink, SinkError};
 
@@ -99,23 +101,17 @@ fn recover(path: &Path) -> std::io::Result<SiteFile> {
     }
     let mut text = Vec::new();
     file.read_to_end(&mut text)?;
-    let mut good_end = 0;
-    let mut last = 0;
-    let mut start = 0;
-    while let Some(nl) = text[start..].iter().position(|b| *b == b'\n') {
-        let line = &text[start..start + nl];
-        match serde_json::from_slice::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v["seq"].as_u64())
-        {
-            Some(seq) => {
-                last = last.max(seq);
-                good_end = start + nl + 1;
-            }
-            None => break,
-        }
-        start += nl + 1;
+    let scan = scan(&text);
+    if !scan.damaged.is_empty() {
+        error!(
+            file = %path.display(),
+            lines = ?scan.damaged,
+            "lines that are not records, with records after them: the file was damaged \
+             after it was written; keeping every line (the records after them were \
+             acknowledged)"
+        );
     }
+    let (good_end, last) = (scan.good_end, scan.last);
     if good_end < text.len() {
         warn!(
             file = %path.display(),
@@ -132,6 +128,46 @@ fn recover(path: &Path) -> std::io::Result<SiteFile> {
         path: path.to_path_buf(),
         torn: false,
     })
+}
+
+/// What a read of a site file found.
+#[derive(Debug, PartialEq)]
+struct Scan {
+    /// Highest sequence of a whole record.
+    last: u64,
+    /// Byte offset just after the last whole record: what follows is a
+    /// torn tail.
+    good_end: usize,
+    /// 1-based numbers of lines before `good_end` that are not records.
+    damaged: Vec<usize>,
+}
+
+fn scan(text: &[u8]) -> Scan {
+    let mut found = Scan {
+        last: 0,
+        good_end: 0,
+        damaged: Vec::new(),
+    };
+    let mut bad_since_good = Vec::new();
+    let mut start = 0;
+    let mut line_no = 0;
+    while let Some(nl) = text[start..].iter().position(|b| *b == b'\n') {
+        line_no += 1;
+        let line = &text[start..start + nl];
+        match serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+        {
+            Some(seq) => {
+                found.last = found.last.max(seq);
+                found.good_end = start + nl + 1;
+                found.damaged.append(&mut bad_since_good);
+            }
+            None => bad_since_good.push(line_no),
+        }
+        start += nl + 1;
+    }
+    found
 }
 
 impl Sink for JsonlSink {
@@ -209,6 +245,48 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_a_damaged_middle_line_keeps_what_follows() {
+        let good = |seq: u64| format!("{{\"seq\":{seq},\"kind\":\"x\"}}\n");
+        // A torn last line, with and without its newline.
+        let text = format!("{}{}{{\"seq\":3,\"ki", good(1), good(2));
+        let found = scan(text.as_bytes());
+        assert_eq!((found.last, found.damaged.len()), (2, 0));
+        assert_eq!(found.good_end, good(1).len() + good(2).len());
+        let text = format!("{}garbage\n", good(1));
+        assert_eq!(scan(text.as_bytes()).good_end, good(1).len());
+        // Damage in the middle: the records after it count and stay.
+        let text = format!("{}not json\n{}{}", good(1), good(2), good(3));
+        let found = scan(text.as_bytes());
+        assert_eq!(found.last, 3);
+        assert_eq!(found.good_end, text.len());
+        assert_eq!(found.damaged, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn opening_a_damaged_file_keeps_every_acknowledged_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let central = dir.path().join("central");
+        let sink = JsonlSink::open(&central).unwrap();
+        assert_eq!(
+            sink.write("s", 0, &[rec(1), rec(2), rec(3)]).await.unwrap(),
+            3
+        );
+        drop(sink);
+        let path = central.join("s.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[1] = "{\"seq\":2,\"kind\":\"achievem";
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+
+        let again = JsonlSink::open(&central).unwrap();
+        assert_eq!(again.last_durable("s").await.unwrap(), 3);
+        assert_eq!(again.write("s", 0, &[rec(4)]).await.unwrap(), 4);
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(kept.lines().count(), 4, "{kept}");
+        assert!(kept.lines().last().unwrap().contains("\"seq\":4"));
     }
 
     /// After a write that failed and could not be cut back, the next

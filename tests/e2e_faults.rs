@@ -673,3 +673,58 @@ async fn postgres_sink_holds_each_award_once_across_central_restarts() {
     daemon.shutdown(Duration::from_secs(2)).await;
     central.stop().await;
 }
+
+/// PostgreSQL cannot store U+0000, which a record can carry in a string
+/// from event data (here an offer segment taken from a profile). Such a
+/// record must be stored, altered, rather than fail its batch on every
+/// retry and stall the site behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_sink_stores_a_record_holding_a_nul_instead_of_stalling() {
+    if std::env::var("TOUCHLINE_SKIP_PG").as_deref() == Ok("1") {
+        eprintln!("skipped: TOUCHLINE_SKIP_PG=1");
+        return;
+    }
+    use touchline_central::Sink;
+    use touchline_proto::{OfferDecision, Record, RecordBody};
+    let pg = touchline_tests::postgres::Postgres::start().expect("PostgreSQL");
+    let sink = touchline_central::PostgresSink::connect(&pg.url())
+        .await
+        .expect("sink");
+    let decision = |seq: u64, segment: &str| Record {
+        site: SITE.into(),
+        seq,
+        at_ms: 1_700_000_000_000,
+        body: RecordBody::OfferDecision(OfferDecision {
+            customer: "fan-1".into(),
+            offer: "half-time-hotdog".into(),
+            version: 1,
+            instance: format!("i-{seq}"),
+            trigger: "fan.cheer".into(),
+            score: 0.5,
+            control: false,
+            segment: segment.into(),
+            expires_ms: 1_700_000_600_000,
+        }),
+    };
+    let batch = [
+        decision(1, "home"),
+        decision(2, "a\0b"),
+        decision(3, "away"),
+    ];
+    assert_eq!(sink.write(SITE, 0, &batch).await.unwrap(), 3);
+    assert_eq!(sink.last_durable(SITE).await.unwrap(), 3);
+
+    let (db, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = db
+        .query(
+            "SELECT record->>'segment' FROM touchline_records WHERE site = $1 ORDER BY seq",
+            &[&SITE],
+        )
+        .await
+        .unwrap();
+    let segments: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(segments, ["home", "a\u{FFFD}b", "away"]);
+}

@@ -7,6 +7,12 @@
 //! deletes the site's earlier rows of that customer in the same
 //! transaction. A lost connection makes the sink unavailable (the site
 //! retries) until it reconnects.
+//!
+//! PostgreSQL's `text` and `jsonb` cannot hold U+0000, which a record may
+//! carry in a string that came from event data (a profile value used as
+//! an offer's segment). Refusing the record would fail the batch the same
+//! way on every retry and stall the site behind it, so such characters
+//! are stored as U+FFFD and each altered record is logged.
 
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
@@ -65,7 +71,49 @@ async fn open(url: &str) -> Result<Client, SinkError> {
 }
 
 fn unavailable(e: tokio_postgres::Error) -> SinkError {
-    SinkError::Unavailable(e.to_string())
+    // The database's own message says what was wrong; the error's
+    // display alone is only "db error".
+    match e.as_db_error() {
+        Some(db) => SinkError::Unavailable(format!(
+            "PostgreSQL: {} ({}){}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        )),
+        None => SinkError::Unavailable(e.to_string()),
+    }
+}
+
+/// Replaces U+0000, which PostgreSQL cannot store, in every string and key
+/// of `value` with U+FFFD; returns whether anything changed.
+fn storable(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => storable_text(s),
+        Value::Array(items) => items.iter_mut().fold(false, |c, v| storable(v) | c),
+        Value::Object(map) => {
+            let mut changed = false;
+            if map.keys().any(|k| k.contains('\0')) {
+                let entries = std::mem::take(map);
+                for (mut k, v) in entries {
+                    storable_text(&mut k);
+                    map.insert(k, v);
+                }
+                changed = true;
+            }
+            map.values_mut().fold(changed, |c, v| storable(v) | c)
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+fn storable_text(s: &mut String) -> bool {
+    if s.contains('\0') {
+        *s = s.replace('\0', "\u{FFFD}");
+        true
+    } else {
+        false
+    }
 }
 
 impl PostgresSink {
@@ -121,8 +169,18 @@ async fn write_batch(
             seqs.push(r.seq as i64);
             kinds.push(r.body.kind().to_string());
             ats.push(r.at_rfc3339());
-            customers.push(r.body.customer().map(str::to_string));
-            bodies.push(r.to_json());
+            let mut customer = r.body.customer().map(str::to_string);
+            let mut body = r.to_json();
+            let altered = customer.as_mut().is_some_and(storable_text) | storable(&mut body);
+            if altered {
+                warn!(
+                    site,
+                    seq = r.seq,
+                    "record holds U+0000, which PostgreSQL cannot store: stored as U+FFFD"
+                );
+            }
+            customers.push(customer);
+            bodies.push(body);
         }
         tx.execute(
             "INSERT INTO touchline_records (site, seq, kind, at, customer, record)
@@ -191,5 +249,23 @@ impl Sink for PostgresSink {
             *guard = None;
         }
         result.map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_become_replacement_characters_everywhere() {
+        let mut v = json!({"segment": "a\0b", "points": {"x\0": 1}, "badges": ["ok", "\0"]});
+        assert!(storable(&mut v));
+        assert_eq!(
+            v,
+            json!({"segment": "a\u{FFFD}b", "points": {"x\u{FFFD}": 1}, "badges": ["ok", "\u{FFFD}"]})
+        );
+        let mut clean = json!({"segment": "ab", "n": 1.5});
+        assert!(!storable(&mut clean));
     }
 }

@@ -728,3 +728,128 @@ async fn postgres_sink_stores_a_record_holding_a_nul_instead_of_stalling() {
     let segments: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(segments, ["home", "a\u{FFFD}b", "away"]);
 }
+
+/// After `kill -9` in `journal` mode, the journal replays with the rules
+/// that applied it, even when the rule file was edited in place (same id
+/// and version) before the restart, or a reload took rules the file no
+/// longer holds; the rules on disk apply from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_applies_the_journal_with_the_rules_that_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_certs(dir.path());
+    let http_port = touchline_tests::free_port().unwrap();
+    let admin_port = touchline_tests::free_port().unwrap();
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(http_port),
+            store: "rule_state = \"journal\"\ncheckpoint_interval = \"1h\"\n".into(),
+            extra: format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"),
+            ..Default::default()
+        },
+    );
+    let log = dir.path().join("daemon.log");
+    let config_arg = config.to_string_lossy().to_string();
+    let spawn = || {
+        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &config_arg], &log)
+            .expect("daemon process");
+        touchline_tests::wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
+        child
+    };
+    let base = format!("http://127.0.0.1:{http_port}");
+    let client = reqwest::Client::new();
+    let value = |client: reqwest::Client, base: String| async move {
+        let progress: Value = client
+            .get(format!("{base}/v1/customers/fan-1/progress"))
+            .send()
+            .await
+            .expect("fan API answers")
+            .json()
+            .await
+            .expect("progress is JSON");
+        progress["rules"]
+            .as_array()
+            .and_then(|rules| rules.iter().find(|r| r["rule"] == "cheer-leader"))
+            .map_or(0.0, |r| r["value"].as_f64().unwrap_or(0.0))
+    };
+    let url = format!("{base}/v1/events");
+
+    let mut daemon = spawn();
+    // Intensity 2 counts under the rule as first written.
+    post_all(
+        &client,
+        &url,
+        &[cheer(1, 1, 2), cheer(2, 1, 2)],
+        10,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(client.clone(), base.clone()).await, 2.0);
+    daemon.kill9().expect("kill -9");
+
+    // Edited in place: intensity 2 no longer counts.
+    let rules = dir.path().join("rules/e2e.toml");
+    let edited = RULES.replace("data.intensity >= 2", "data.intensity >= 3");
+    assert_ne!(edited, RULES);
+    std::fs::write(&rules, &edited).unwrap();
+    let mut daemon = spawn();
+    assert_eq!(
+        value(client.clone(), base.clone()).await,
+        2.0,
+        "the replay counted the journal's cheers under other rules; log:\n{}",
+        daemon.log_text()
+    );
+    assert!(daemon
+        .log_text()
+        .contains("replays with the rules it was applied with"));
+    // From here on the edited rule applies: only the intensity-3 cheer
+    // counts, and it reaches the first tier (3).
+    post_all(
+        &client,
+        &url,
+        &[cheer(3, 1, 2), cheer(4, 1, 3)],
+        10,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(client.clone(), base.clone()).await, 3.0);
+
+    // A reload takes the first rule back; the file is edited again before
+    // a crash. The journal written since the reload replays with the
+    // reloaded rules, not with those on disk.
+    std::fs::write(&rules, RULES).unwrap();
+    let out = std::process::Command::new(touchline_bin())
+        .args(["reload", "--config", &config_arg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    post_all(
+        &client,
+        &url,
+        &[cheer(5, 1, 2)],
+        10,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(value(client.clone(), base.clone()).await, 4.0);
+    daemon.kill9().expect("kill -9");
+    std::fs::write(&rules, &edited).unwrap();
+    let mut daemon = spawn();
+    assert_eq!(
+        value(client.clone(), base.clone()).await,
+        4.0,
+        "the replay did not apply the reloaded rules; log:\n{}",
+        daemon.log_text()
+    );
+    let status = daemon
+        .terminate(Duration::from_secs(20))
+        .expect("clean exit");
+    assert!(status.success(), "SIGTERM exit: {status}");
+}

@@ -104,6 +104,7 @@ fn bundle(rules: Vec<AchievementRule>) -> RuleBundle {
         voucher_pools: Vec::new(),
         timezone: Default::default(),
         files: vec![PathBuf::from("rules/test.toml")],
+        sources: Vec::new(),
     }
 }
 

@@ -30,7 +30,7 @@ pub use diagnostic::{ConfigErrors, Diagnostic};
 pub use model::*;
 pub use offers::defaults as nba_defaults;
 pub use offers::parse_offers;
-pub use rule_files::load_rules;
+pub use rule_files::{load_rules, rules_from_sources};
 pub use rules::parse_rules;
 pub use site::{load_site_config, parse_site_config};
 pub use units::{parse_duration, parse_size};

@@ -263,6 +263,9 @@ pub struct RuleBundle {
     pub timezone: TimeZone,
     /// The files the bundle was read from, in load order.
     pub files: Vec<PathBuf>,
+    /// Their texts as read, in the same order (empty for a bundle not
+    /// built from files), so a store can record the rules it applies.
+    pub sources: Vec<String>,
 }
 
 /// `[[achievement]]`

@@ -17,6 +17,7 @@ use crate::model::{RuleBundle, SiteConfig};
 use crate::offers::{parse_offers_located, LocatedOffer};
 use crate::paths;
 use crate::rules::{parse_rules_located, LocatedPool, PoolRef};
+use crate::timezone::TimeZone;
 
 /// Loads every rule file `site.rules` names and checks that rule ids are
 /// unique across them.
@@ -45,6 +46,48 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
         }
     }
 
+    let mut sources = Vec::with_capacity(files.len());
+    for file in files {
+        match paths::read_text(&file) {
+            Ok(text) => sources.push((file, text)),
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    let built = build(sources, site.site.timezone, CodesFiles::Check);
+    match built {
+        Ok(bundle) if errors.is_empty() => Ok(bundle),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(e) => {
+            errors.extend(e.0);
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Builds the bundle `load_rules` would from rule files with these texts,
+/// in this order, without touching the disk: codes files are not read
+/// (their codes are the engine's to load). A store uses it to rebuild
+/// the rules it recorded.
+pub fn rules_from_sources(
+    sources: Vec<(PathBuf, String)>,
+    timezone: TimeZone,
+) -> Result<RuleBundle, ConfigErrors> {
+    build(sources, timezone, CodesFiles::Skip)
+}
+
+/// Whether building a bundle checks that each pool's codes file serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CodesFiles {
+    Check,
+    Skip,
+}
+
+fn build(
+    sources: Vec<(PathBuf, String)>,
+    timezone: TimeZone,
+    codes: CodesFiles,
+) -> Result<RuleBundle, ConfigErrors> {
+    let mut errors = Vec::new();
     let mut bundle = RuleBundle::default();
     // Rule id → where it was first defined.
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
@@ -53,22 +96,15 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
     // Voucher pool id → where it was first defined.
     let mut seen_pools: HashMap<String, (PathBuf, usize)> = HashMap::new();
     let mut pool_refs: Vec<(PathBuf, PoolRef)> = Vec::new();
-    for file in &files {
-        let text = match paths::read_text(file) {
-            Ok(text) => text,
-            Err(e) => {
-                errors.extend(e.0);
-                continue;
-            }
-        };
-        if let Some(kind) = offer_file(&text, file) {
-            match kind.and_then(|()| parse_offers_located(&text, file)) {
+    for (file, text) in &sources {
+        if let Some(kind) = offer_file(text, file) {
+            match kind.and_then(|()| parse_offers_located(text, file)) {
                 Ok(offers) => add_offers(&mut bundle, &mut seen_offers, &mut errors, file, offers),
                 Err(e) => errors.extend(e.0),
             }
             continue;
         }
-        match parse_rules_located(&text, file) {
+        match parse_rules_located(text, file) {
             Ok(parsed) => {
                 add_pools(
                     &mut bundle,
@@ -76,6 +112,7 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
                     &mut errors,
                     file,
                     parsed.pools,
+                    codes,
                 );
                 for located in parsed.rules {
                     let rule = located.rule;
@@ -120,8 +157,8 @@ pub fn load_rules(site: &SiteConfig) -> Result<RuleBundle, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    bundle.files = files;
-    bundle.timezone = site.site.timezone;
+    (bundle.files, bundle.sources) = sources.into_iter().unzip();
+    bundle.timezone = timezone;
     Ok(bundle)
 }
 
@@ -182,6 +219,7 @@ fn add_pools(
     errors: &mut Vec<Diagnostic>,
     file: &Path,
     pools: Vec<LocatedPool>,
+    codes: CodesFiles,
 ) {
     for located in pools {
         let pool = located.pool;
@@ -199,7 +237,11 @@ fn add_pools(
             });
             continue;
         }
-        if let Err(message) = check_codes(&pool.codes) {
+        let checked = match codes {
+            CodesFiles::Check => check_codes(&pool.codes),
+            CodesFiles::Skip => Ok(()),
+        };
+        if let Err(message) = checked {
             errors.push(Diagnostic {
                 file: paths::shown(file),
                 line: located.codes_line,

@@ -202,3 +202,30 @@ fn glob_metacharacters_in_the_config_folder_are_literal() {
     assert_eq!(ids(&bundle), ["a"]);
     let _: &Path = bundle.files[0].as_path();
 }
+
+#[test]
+fn the_recorded_sources_rebuild_the_same_bundle_without_the_files() {
+    let site = Site::new();
+    site.write("conf/rules/a.toml", &rule("a"));
+    site.write(
+        "conf/rules/b.toml",
+        &format!(
+            "{}\n[[voucher_pool]]\nid = \"p\"\ncodes = \"codes.txt\"\n",
+            rule("b")
+        ),
+    );
+    site.write("conf/rules/codes.txt", "ONE\nTWO\n");
+    let loaded = site.load(&["rules/*.toml"]).expect("valid rules");
+    assert_eq!(loaded.sources.len(), 2);
+
+    // The files change or go; the recorded texts still give the bundle.
+    std::fs::remove_dir_all(site.path("conf/rules")).unwrap();
+    let sources = loaded
+        .files
+        .iter()
+        .cloned()
+        .zip(loaded.sources.iter().cloned())
+        .collect();
+    let rebuilt = edge_config::rules_from_sources(sources, loaded.timezone).expect("rebuilt");
+    assert_eq!(rebuilt, loaded);
+}

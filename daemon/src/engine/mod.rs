@@ -383,6 +383,16 @@ pub(crate) struct Work<'a> {
 }
 
 impl Engine {
+    /// How many codes each voucher pool holds (see [`Pools::sizes`]).
+    pub fn pool_sizes(&self) -> Vec<(String, u64)> {
+        self.pools.sizes()
+    }
+
+    /// Limits the voucher pools to `sizes` (see [`Pools::limit`]).
+    pub fn limit_pools(&mut self, sizes: &[(String, u64)]) {
+        self.pools.limit(sizes);
+    }
+
     /// Compiles every rule's expressions once (on a thread with a deep
     /// stack), reads the voucher pools and indexes rules by event type.
     pub fn new(bundle: &RuleBundle, pseudonymizer: Pseudonymizer) -> Result<Engine, EngineError> {

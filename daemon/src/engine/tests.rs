@@ -20,6 +20,7 @@ fn bundle(rules: &str) -> RuleBundle {
         voucher_pools: Vec::new(),
         timezone: Default::default(),
         files: vec![PathBuf::from("rules/test.toml")],
+        sources: Vec::new(),
     }
 }
 

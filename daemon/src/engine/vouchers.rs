@@ -61,6 +61,28 @@ impl Pools {
         Ok(Pools { codes })
     }
 
+    /// How many codes each pool holds, by pool id, sorted.
+    pub fn sizes(&self) -> Vec<(String, u64)> {
+        let mut sizes: Vec<(String, u64)> = self
+            .codes
+            .iter()
+            .map(|(id, codes)| (id.clone(), codes.len() as u64))
+            .collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
+    /// Keeps at most `sizes`' count of codes in each pool it names: the
+    /// pools as they were when a journal was applied (codes are only
+    /// appended, so the first ones are the same).
+    pub fn limit(&mut self, sizes: &[(String, u64)]) {
+        for (id, size) in sizes {
+            if let Some(codes) = self.codes.get_mut(id) {
+                codes.truncate(usize::try_from(*size).unwrap_or(usize::MAX));
+            }
+        }
+    }
+
     /// Hands out one voucher of `voucher` for `customer`'s `tier` (1-based)
     /// of `rule`, inside the award's transaction.
     #[allow(clippy::too_many_arguments)]

@@ -29,6 +29,7 @@ mod env;
 mod fanout;
 mod hot;
 mod journal;
+mod journal_rules;
 pub(crate) mod keys;
 mod meta;
 pub mod nba;
@@ -277,7 +278,8 @@ impl Store {
             drop(txn);
             let mut deferred = checkpoint::Deferred::new(journal);
             if deferred.journal.entries() > 0 {
-                let replay_engine = Engine::new(rules, pseudonymizer.clone())?;
+                let replay_engine =
+                    replay_engine(&env, &dbs, rules, &engine.pool_sizes(), &pseudonymizer)?;
                 let replayed = std::thread::scope(|scope| {
                     std::thread::Builder::new()
                         .name("store-replay".into())
@@ -298,7 +300,14 @@ impl Store {
                 })?;
                 StoreStats::add(&stats.journal_replayed, replayed);
             }
-            // The replay checkpointed: in direct mode nothing is held.
+            // The replay checkpointed: the journal's next entries are
+            // applied with these rules.
+            let recorded = journal_rules::JournalRules::of(rules, engine.pool_sizes());
+            let write_err = |e: heed::Error| open_error(dir, e);
+            let mut txn = env.write_txn().map_err(write_err)?;
+            journal_rules::save(dbs.meta, &mut txn, recorded.as_ref()).map_err(write_err)?;
+            txn.commit().map_err(write_err)?;
+            // In direct mode nothing is held.
             (site.store.rule_state == edge_config::RuleStateMode::Journal).then_some(deferred)
         };
         // Dedup keys a run held when it stopped uncleanly are put back
@@ -546,9 +555,13 @@ impl StoreHandle {
         // Compiling the predicates is CPU work: keep it off the workers.
         let bundle = rules.clone();
         let pseudonymizer = self.shared.pseudonymizer.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::new(&bundle, pseudonymizer))
-            .await
-            .map_err(|e| StoreError::Write(format!("rule compilation aborted: {e}")))??;
+        let (engine, recorded) = tokio::task::spawn_blocking(move || {
+            let engine = Engine::new(&bundle, pseudonymizer)?;
+            let recorded = journal_rules::JournalRules::of(&bundle, engine.pool_sizes());
+            Ok::<_, StoreError>((engine, recorded))
+        })
+        .await
+        .map_err(|e| StoreError::Write(format!("rule compilation aborted: {e}")))??;
         let stats = engine.stats();
         let offers = rules.offers.clone();
         let policy = self.shared.nba_policy.clone();
@@ -566,6 +579,7 @@ impl StoreHandle {
             .tx
             .send(Command::ReplaceEngine {
                 engine: Box::new(engine),
+                recorded,
                 reply,
             })
             .map_err(|_| StoreError::Closed)?;
@@ -824,6 +838,52 @@ fn open_error(dir: &Path, e: heed::Error) -> StoreError {
             source,
         },
     }
+}
+
+/// The engine a replay applies the journal with: the rules recorded with
+/// the journal when the rule files (or pools, or the time zone) changed
+/// since, else `rules`. A store of a release that recorded nothing, or a
+/// record that cannot be built again (a codes file gone), replays with
+/// `rules`, saying so.
+fn replay_engine(
+    env: &LmdbEnv,
+    dbs: &env::Dbs,
+    rules: &RuleBundle,
+    pools: &[(String, u64)],
+    pseudonymizer: &Pseudonymizer,
+) -> Result<Engine, StoreError> {
+    let txn = env.read_txn().map_err(read_error)?;
+    let recorded = journal_rules::load(dbs.meta, &txn).map_err(read_error)?;
+    drop(txn);
+    let current = || Engine::new(rules, pseudonymizer.clone());
+    let fallback = |why: String| {
+        warn!("{why}: the journal replays with the rule files as they are now");
+        current()
+    };
+    let engine = match recorded {
+        Ok(Some(recorded)) if recorded.matches(rules, pools) => current(),
+        Ok(Some(recorded)) => {
+            let rebuilt = recorded.bundle().and_then(|bundle| {
+                Engine::new(&bundle, pseudonymizer.clone()).map_err(|e| e.to_string())
+            });
+            match rebuilt {
+                Ok(mut engine) => {
+                    engine.limit_pools(recorded.pool_sizes());
+                    tracing::info!(
+                        "the rule files changed since the journal was written: it replays with \
+                         the rules it was applied with, and the new ones apply after it"
+                    );
+                    Ok(engine)
+                }
+                Err(e) => fallback(format!(
+                    "the rules recorded with the journal cannot be built again ({e})"
+                )),
+            }
+        }
+        Ok(None) => current(),
+        Err(why) => fallback(why),
+    };
+    Ok(engine?)
 }
 
 fn read_error(e: heed::Error) -> StoreError {

@@ -111,6 +111,8 @@ pub(crate) enum Command {
     /// fails the old rules stay and the reply says why.
     ReplaceEngine {
         engine: Box<Engine>,
+        /// The new rules as the journal records them.
+        recorded: Option<super::journal_rules::JournalRules>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     /// Swaps the offers (next best action) between two commits, after
@@ -342,6 +344,9 @@ pub(crate) struct Writer {
     /// Whether the last [`Writer::apply`] wrote back what is held (it may
     /// have failed before it got that far).
     tried_write_back: bool,
+    /// The rules a reload put in place, to record with the next commit
+    /// (`None` inside: they cannot be recorded; see `journal_rules`).
+    journal_rules: Option<Option<super::journal_rules::JournalRules>>,
 }
 
 /// The environment as `Store::open` prepared it.
@@ -401,6 +406,7 @@ impl Writer {
             map_usage_noted: None,
             map_warn_log: LogLimiter::new(MAP_WARN_INTERVAL),
             tried_write_back: false,
+            journal_rules: None,
         }
     }
 
@@ -456,7 +462,12 @@ impl Writer {
                 }
                 other => other,
             };
-            if let Command::ReplaceEngine { engine, reply } = first {
+            if let Command::ReplaceEngine {
+                engine,
+                recorded,
+                reply,
+            } = first
+            {
                 // A journal never spans two rule bundles: a replay must
                 // apply each entry with the rules that applied it. So the
                 // rules change only once the journal is empty. (In
@@ -475,6 +486,9 @@ impl Writer {
                 // The old rules' last counts go out under their versions.
                 self.report_rule_stats(true);
                 self.engine = *engine;
+                // Written with the next commit: the first that can hold
+                // journal entries made under these rules.
+                self.journal_rules = Some(recorded);
                 self.rule_stats.forget_counters();
                 let _ = reply.send(Ok(()));
                 continue;
@@ -738,7 +752,11 @@ impl Writer {
                 tally.checkpointed(keys);
             }
         }
+        if let Some(recorded) = &self.journal_rules {
+            super::journal_rules::save(self.dbs.meta, &mut txn, recorded.as_ref())?;
+        }
         txn.commit()?;
+        self.journal_rules = None;
         self.engine.committed();
         self.profiles.committed();
         self.commit_held();

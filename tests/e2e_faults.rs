@@ -853,3 +853,129 @@ async fn a_replay_applies_the_journal_with_the_rules_that_wrote_it() {
         .expect("clean exit");
     assert!(status.success(), "SIGTERM exit: {status}");
 }
+
+/// A slow link on loopback: a UDP relay that carries what the site sends
+/// at `bytes_per_sec`, behind a router's bounded queue (a datagram that
+/// would wait more than `MAX_QUEUE` is dropped, as a full queue drops
+/// it), and what the peer answers at once.
+struct SlowLink {
+    addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SlowLink {
+    const MAX_QUEUE: Duration = Duration::from_millis(300);
+
+    async fn start(peer: std::net::SocketAddr, bytes_per_sec: f64) -> SlowLink {
+        use tokio::net::UdpSocket;
+        use tokio::time::Instant;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(peer).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let site = Arc::new(std::sync::Mutex::new(None));
+        let (paced, mut due) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let upload = {
+            let (front, site) = (front.clone(), site.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                let mut free_at = Instant::now();
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *site.lock().unwrap() = Some(from);
+                    let now = Instant::now();
+                    let start = free_at.max(now);
+                    if start - now > Self::MAX_QUEUE {
+                        continue;
+                    }
+                    free_at = start + Duration::from_secs_f64(n as f64 / bytes_per_sec);
+                    if paced.send((free_at, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let pacer = {
+            let back = back.clone();
+            tokio::spawn(async move {
+                while let Some((at, datagram)) = due.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    let _ = back.send(&datagram).await;
+                }
+            })
+        };
+        let download = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *site.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        SlowLink {
+            addr,
+            tasks: vec![upload, pacer, download],
+        }
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A link too slow to carry a full batch within `uplink.request_timeout`
+/// would time out on the same batch for good. Each timeout halves the
+/// next batch, so the records still all arrive, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_too_slow_for_a_full_batch_still_delivers_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = write_certs(dir.path());
+    let central_dir = dir.path().join("central");
+    let central = Central::start(&certs, &central_dir, "127.0.0.1:0".parse().unwrap()).await;
+    // 16 KiB/s: a batch of the default size (2,000 records, 1 MiB) takes
+    // far longer than the 2 s the site gives it.
+    let link = SlowLink::start(central.addr, 16.0 * 1024.0).await;
+    let config = write_site_config(
+        dir.path(),
+        &SiteOptions {
+            http_port: Some(0),
+            central: Some(link.addr),
+            uplink: "request_timeout = \"2s\"\n".into(),
+            ..Default::default()
+        },
+    );
+    let daemon = start_daemon(&config).await;
+    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let client = reqwest::Client::new();
+    // 600 awards (three tiers for each of 200 fans), about 130 KB of
+    // records, queued before the site's first session gets through.
+    let events = workload(8_000, 200);
+    let expected = expected_awards(&events);
+    assert_eq!(expected.len(), 600);
+    post_all(&client, &url, &events, 500, Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    assert!(
+        wait_for_awards(&central_dir, expected.len(), Duration::from_secs(120)).await,
+        "not every award crossed the slow link: {} timeouts, next batch {} bytes",
+        daemon.uplink_state().batch_timeouts(),
+        daemon.uplink_state().batch_bytes()
+    );
+    let records = central_records(&central_dir);
+    assert_eq!(awards_at_central(&records), expected);
+    assert_sequences_unique(&records);
+    let up = daemon.uplink_state();
+    assert!(
+        up.batch_timeouts() >= 1,
+        "the first batches should time out"
+    );
+    assert!(up.batch_bytes() < 1 << 20);
+    daemon.shutdown(Duration::from_secs(2)).await;
+    central.stop().await;
+    drop(link);
+}

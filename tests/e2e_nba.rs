@@ -126,6 +126,7 @@ async fn the_stadium_scenario_offers_escalates_rewards_and_expires() {
             // of the whole daemon covers it next to the direct-mode ones.
             store: "rule_state = \"journal\"\n".into(),
             extra: NBA.to_string(),
+            ..Default::default()
         },
     );
     std::fs::write(dir.path().join("rules/offers.toml"), OFFERS).unwrap();

@@ -28,9 +28,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::store::{Rebase, RebaseCause};
 
-/// How long one request may take before the session is considered dead.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How often an idle session looks at the outbox even without a
 /// notification (a safety net; notifications are the normal path).
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -80,6 +77,8 @@ pub enum UplinkError {
     Session(String),
     #[error("central refused: {0}")]
     Refused(String),
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// Everything the uplink needs, resolved from the site config.
@@ -91,6 +90,8 @@ pub struct UplinkSettings {
     pub client: quinn::ClientConfig,
     pub batch_max_records: usize,
     pub batch_max_bytes: usize,
+    /// How long one exchange may take before the session is given up.
+    pub request_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
 }
@@ -115,6 +116,7 @@ impl UplinkSettings {
             client,
             batch_max_records: up.batch_max_records,
             batch_max_bytes: up.batch_max_bytes,
+            request_timeout: up.request_timeout,
             reconnect_min: up.reconnect_min,
             reconnect_max: up.reconnect_max,
         })
@@ -133,6 +135,9 @@ pub struct UplinkState {
     refusals: AtomicU64,
     records_lost_centrally: AtomicU64,
     rebases: AtomicU64,
+    batch_timeouts: AtomicU64,
+    /// The byte budget of the next batch (see [`BatchBudget`]).
+    batch_bytes: AtomicU64,
 }
 
 impl UplinkState {
@@ -173,6 +178,57 @@ impl UplinkState {
     pub fn rebases(&self) -> u64 {
         self.rebases.load(Relaxed)
     }
+
+    /// Batches that got no answer within `uplink.request_timeout`.
+    pub fn batch_timeouts(&self) -> u64 {
+        self.batch_timeouts.load(Relaxed)
+    }
+
+    /// How many bytes the next batch may carry (below
+    /// `uplink.batch_max_bytes` after timeouts); 0 before the first
+    /// session.
+    pub fn batch_bytes(&self) -> u64 {
+        self.batch_bytes.load(Relaxed)
+    }
+}
+
+/// How much one batch may carry. A batch that gets no answer in time (a
+/// link too slow for its size, a slow sink) goes again at half the size,
+/// down to one record, so such a link still makes progress instead of
+/// sending the same batch until it times out again. A batch answered
+/// within a quarter of the timeout lets the next one double, up to the
+/// configured limits; one that took longer keeps the size, which is what
+/// the link carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchBudget {
+    records: usize,
+    bytes: usize,
+    max_records: usize,
+    max_bytes: usize,
+}
+
+impl BatchBudget {
+    fn new(max_records: usize, max_bytes: usize) -> BatchBudget {
+        let (max_records, max_bytes) = (max_records.max(1), max_bytes.max(1));
+        BatchBudget {
+            records: max_records,
+            bytes: max_bytes,
+            max_records,
+            max_bytes,
+        }
+    }
+
+    fn timed_out(&mut self) {
+        self.records = (self.records / 2).max(1);
+        self.bytes = (self.bytes / 2).max(1);
+    }
+
+    fn answered(&mut self, took: Duration, timeout: Duration) {
+        if took < timeout / 4 {
+            self.records = self.records.saturating_mul(2).min(self.max_records);
+            self.bytes = self.bytes.saturating_mul(2).min(self.max_bytes);
+        }
+    }
 }
 
 /// Runs sessions with jittered exponential backoff until `shutdown`.
@@ -202,10 +258,11 @@ pub async fn run<O: OutboxSource>(
     };
     endpoint.set_default_client_config(settings.client.clone());
     let mut backoff = settings.reconnect_min;
+    let mut budget = BatchBudget::new(settings.batch_max_records, settings.batch_max_bytes);
     loop {
         let outcome = tokio::select! {
             _ = &mut shutdown => break,
-            r = session(&endpoint, &settings, &source, &state, &mut backoff) => r,
+            r = session(&endpoint, &settings, &source, &state, &mut backoff, &mut budget) => r,
         };
         state.connected.store(false, Relaxed);
         state.reconnects.fetch_add(1, Relaxed);
@@ -241,6 +298,7 @@ async fn session<O: OutboxSource>(
     source: &O,
     state: &UplinkState,
     backoff: &mut Duration,
+    budget: &mut BatchBudget,
 ) -> Result<(), UplinkError> {
     let addr = settings.central;
     let conn = endpoint
@@ -258,7 +316,8 @@ async fn session<O: OutboxSource>(
         site: settings.site.clone(),
         protocol_version: PROTOCOL_VERSION,
     };
-    let last_durable = match request(&conn, &hello).await? {
+    let timeout = settings.request_timeout;
+    let last_durable = match request(&conn, &hello, timeout).await? {
         ServerMessage::Welcome { last_durable } => last_durable,
         other => return Err(unexpected(other)),
     };
@@ -274,12 +333,9 @@ async fn session<O: OutboxSource>(
 
     let mut sent_through = last_durable;
     loop {
+        state.batch_bytes.store(budget.bytes as u64, Relaxed);
         let batch = source
-            .read(
-                sent_through,
-                settings.batch_max_records,
-                settings.batch_max_bytes,
-            )
+            .read(sent_through, budget.records, budget.bytes)
             .await?;
         let Some(last) = batch.records.last().map(|r| r.seq) else {
             tokio::select! {
@@ -318,10 +374,28 @@ async fn session<O: OutboxSource>(
             records: batch.records,
         };
         state.records_sent.fetch_add(count, Relaxed);
-        let through = match request(&conn, &msg).await? {
+        let started = tokio::time::Instant::now();
+        let answer = match request(&conn, &msg, timeout).await {
+            Err(UplinkError::TimedOut(after)) => {
+                state.batch_timeouts.fetch_add(1, Relaxed);
+                budget.timed_out();
+                warn!(
+                    records = count,
+                    ?after,
+                    next_max_records = budget.records,
+                    next_max_bytes = budget.bytes,
+                    "a batch got no answer in time (a slow link or sink): \
+                     the next ones are half the size"
+                );
+                return Err(UplinkError::TimedOut(after));
+            }
+            other => other?,
+        };
+        let through = match answer {
             ServerMessage::Ack { through } => through,
             other => return Err(unexpected(other)),
         };
+        budget.answered(started.elapsed(), timeout);
         state.batches.fetch_add(1, Relaxed);
         if through > last {
             // More than was ever sent: the central side holds another
@@ -378,8 +452,12 @@ fn unexpected(msg: ServerMessage) -> UplinkError {
     }
 }
 
-/// One request on its own bidirectional stream.
-async fn request(conn: &Connection, msg: &ClientMessage) -> Result<ServerMessage, UplinkError> {
+/// One request on its own bidirectional stream, answered within `timeout`.
+async fn request(
+    conn: &Connection,
+    msg: &ClientMessage,
+    timeout: Duration,
+) -> Result<ServerMessage, UplinkError> {
     let frame = encode_client(msg).map_err(|e| UplinkError::Session(e.to_string()))?;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -391,8 +469,42 @@ async fn request(conn: &Connection, msg: &ClientMessage) -> Result<ServerMessage
             .map_err(|e| e.to_string())?;
         decode_server(&bytes).map_err(|e| e.to_string())
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| UplinkError::Session("request timed out".into()))?
+        .map_err(|_| UplinkError::TimedOut(timeout))?
         .map_err(UplinkError::Session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_timed_out_batch_halves_the_next_down_to_one_record() {
+        let mut budget = BatchBudget::new(2000, 1 << 20);
+        budget.timed_out();
+        assert_eq!((budget.records, budget.bytes), (1000, 1 << 19));
+        for _ in 0..40 {
+            budget.timed_out();
+        }
+        assert_eq!((budget.records, budget.bytes), (1, 1));
+    }
+
+    #[test]
+    fn quick_answers_double_it_back_to_the_limits_and_slow_ones_keep_it() {
+        let mut budget = BatchBudget::new(2000, 1 << 20);
+        for _ in 0..3 {
+            budget.timed_out();
+        }
+        budget.answered(TIMEOUT / 2, TIMEOUT);
+        assert_eq!(budget.records, 250, "a slow answer keeps the size");
+        budget.answered(TIMEOUT / 5, TIMEOUT);
+        assert_eq!((budget.records, budget.bytes), (500, 1 << 18));
+        for _ in 0..10 {
+            budget.answered(Duration::from_millis(1), TIMEOUT);
+        }
+        assert_eq!((budget.records, budget.bytes), (2000, 1 << 20));
+    }
 }

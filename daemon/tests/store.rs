@@ -1148,6 +1148,7 @@ async fn raw_ids_when_pseudonymization_is_off() {
         key: dir.path().join("site.key"),
         batch_max_records: 2000,
         batch_max_bytes: 1 << 20,
+        request_timeout: Duration::from_secs(30),
         keep_alive: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(30),
         reconnect_min: Duration::from_millis(200),

@@ -66,6 +66,8 @@ pub const UPLINK_SERVER_NAME: &str = "localhost";
 pub const UPLINK_BATCH_MAX_RECORDS: usize = 2000;
 /// `uplink.batch_max_bytes`.
 pub const UPLINK_BATCH_MAX_BYTES: u64 = MIB;
+/// `uplink.request_timeout`.
+pub const UPLINK_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// `uplink.keep_alive`.
 pub const UPLINK_KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// `uplink.idle_timeout`.

@@ -203,6 +203,11 @@ pub struct Uplink {
     /// `batch_max_bytes`: default 1 MiB; at most half the protocol's frame
     /// limit (8 MiB), leaving room for the envelope.
     pub batch_max_bytes: usize,
+    /// `request_timeout`: default 30 s: how long one exchange (a batch's
+    /// upload, the central side's write, its answer) may take before the
+    /// session is given up. A batch that times out goes again at half the
+    /// size, down to one record.
+    pub request_timeout: Duration,
     /// `keep_alive`: default 5 s; `idle_timeout`: default 30 s. Keep-alive
     /// must be below the idle timeout.
     pub keep_alive: Duration,

@@ -607,6 +607,8 @@ fn read_uplink(
     let batch_max_records =
         t.or::<usize>(d, "batch_max_records", defaults::UPLINK_BATCH_MAX_RECORDS);
     let batch_max_bytes = t.or::<Size>(d, "batch_max_bytes", defaults::UPLINK_BATCH_MAX_BYTES);
+    let request_timeout =
+        t.or::<PositiveDur>(d, "request_timeout", defaults::UPLINK_REQUEST_TIMEOUT);
     let keep_alive = t.or::<PositiveDur>(d, "keep_alive", defaults::UPLINK_KEEP_ALIVE);
     let idle_timeout = t.or::<PositiveDur>(d, "idle_timeout", defaults::UPLINK_IDLE_TIMEOUT);
     let reconnect_min = t.or::<PositiveDur>(d, "reconnect_min", defaults::UPLINK_RECONNECT_MIN);
@@ -665,6 +667,7 @@ fn read_uplink(
         key: path(key?),
         batch_max_records: batch_max_records?.value,
         batch_max_bytes: to_usize(d, &t, "batch_max_bytes", batch_max_bytes?)?,
+        request_timeout: request_timeout?.value,
         keep_alive: keep_alive?.value,
         idle_timeout: idle_timeout?.value,
         reconnect_min: reconnect_min?.value,

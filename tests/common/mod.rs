@@ -141,6 +141,8 @@ pub struct SiteOptions {
     pub central: Option<SocketAddr>,
     /// Lines for the `[store]` table.
     pub store: String,
+    /// Lines added to the `[uplink]` table (with `central`).
+    pub uplink: String,
     pub extra: String,
 }
 
@@ -166,7 +168,8 @@ pub fn write_site_config(dir: &Path, opts: &SiteOptions) -> PathBuf {
         text += &format!(
             "[uplink]\ncentral = \"{central}\"\nserver_name = \"localhost\"\nca = \"certs/ca.pem\"\n\
              cert = \"certs/{SITE}.pem\"\nkey = \"certs/{SITE}.key\"\npseudonymize = false\n\
-             reconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n\n"
+             reconnect_min = \"50ms\"\nreconnect_max = \"500ms\"\n{}\n",
+            opts.uplink
         );
     }
     text += &opts.extra;

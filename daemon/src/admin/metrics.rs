@@ -497,6 +497,16 @@ pub(super) fn render(observed: &Observed, sample: &Sample) -> String {
         up.records_lost_centrally(),
     );
     x.counter(
+        "touchline_uplink_batch_timeouts_total",
+        "Batches that got no answer within uplink.request_timeout (each halves the next batch).",
+        up.batch_timeouts(),
+    );
+    x.gauge(
+        "touchline_uplink_batch_max_bytes",
+        "Bytes the next batch may carry: uplink.batch_max_bytes, less after timeouts (0 before the first session).",
+        up.batch_bytes() as f64,
+    );
+    x.counter(
         "touchline_uplink_sequence_rebases_total",
         "Welcomes at which the store's records were renumbered after the central side's mark (a rebuilt or restored site).",
         up.rebases(),

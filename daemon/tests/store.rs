@@ -429,6 +429,60 @@ async fn drop_oldest_drops_counts_and_advances_dropped_through() {
     close(h, w).await;
 }
 
+/// Drop-oldest gives records up, but never an erasure: the central side
+/// must still delete what it holds of the customer. The erasure goes
+/// back at the end of the outbox with a new sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_erasure_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = site(dir.path());
+    cfg.outbox.when_full = WhenFull::DropOldest;
+    let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
+    let (h, w) = open(&cfg, &rules);
+    h.submit(vec![cheer("probe", "fan-0")]).await.unwrap();
+    let one = h.stats().outbox_bytes();
+    h.ack_outbox(u64::MAX).await.unwrap();
+    close(h, w).await;
+
+    cfg.outbox.max_bytes = one * 3;
+    let (h, w) = open(&cfg, &rules);
+    h.submit(vec![cheer("e1", "fan-1")]).await.unwrap();
+    h.submit(vec![ev(
+        "x1",
+        "customer.erased",
+        Some("fan-gone"),
+        json!({}),
+    )])
+    .await
+    .unwrap();
+    let erasure_seq = all_records(&h).await.last().map(|r| r.seq).unwrap();
+    for i in 2..=6 {
+        h.submit(vec![cheer(&format!("e{i}"), &format!("fan-{i}"))])
+            .await
+            .unwrap();
+    }
+    let stats = h.stats();
+    let (records, dropped_through) = h.read_outbox(0, 100, usize::MAX).await.unwrap();
+    assert!(
+        dropped_through >= erasure_seq,
+        "the erasure's first place was in the dropped range"
+    );
+    let erasures: Vec<&Record> = records
+        .iter()
+        .filter(|r| matches!(r.body, RecordBody::CustomerErased(_)))
+        .collect();
+    assert_eq!(erasures.len(), 1, "{records:?}");
+    let RecordBody::CustomerErased(kept) = &erasures[0].body else {
+        unreachable!()
+    };
+    assert_eq!(kept.customer, pseudonym(&cfg, "fan-gone"));
+    assert!(erasures[0].seq > dropped_through);
+    // Only awards were given up; the outbox holds the rest in order.
+    assert_eq!(stats.records_dropped() + records.len() as u64, 7);
+    assert!(records.windows(2).all(|w| w[0].seq < w[1].seq));
+    close(h, w).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_full_is_refused_not_fatal_and_acks_still_work() {
     let dir = tempfile::tempdir().unwrap();

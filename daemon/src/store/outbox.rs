@@ -155,38 +155,74 @@ pub(crate) fn ack(dbs: &Dbs, txn: &mut RwTxn, meta: &mut Meta, through: u64) -> 
     Ok(count)
 }
 
-/// Drops the oldest records until the outbox holds at most `max_bytes`.
-/// Returns how many were dropped and the highest dropped sequence.
-pub(crate) fn drop_oldest(
-    dbs: &Dbs,
-    txn: &mut RwTxn,
-    meta: &mut Meta,
-    max_bytes: u64,
-) -> heed::Result<Option<(u64, u64)>> {
-    if meta.outbox_bytes <= max_bytes {
-        return Ok(None);
-    }
-    let excess = meta.outbox_bytes - max_bytes;
-    let mut freed = 0u64;
-    let mut count = 0u64;
-    let mut last = 0u64;
-    for entry in dbs.outbox.iter(txn)? {
-        let (seq, value) = entry?;
-        freed += value.len() as u64;
-        count += 1;
-        last = seq;
-        if freed >= excess {
-            break;
+/// What [`Outbox::drop_oldest`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Records given up on.
+    pub records: u64,
+    /// Erasure records in the dropped range, appended again.
+    pub erasures_kept: u64,
+}
+
+impl Outbox {
+    /// Drops the oldest records until the outbox holds at most
+    /// `max_bytes`, and declares them a gap (`dropped_through`).
+    ///
+    /// Erasure records are not given up: the central side must still
+    /// delete what it holds of the customer, so each one in the dropped
+    /// range is appended again with a new sequence. That puts it after
+    /// any record the customer made since, which the central side then
+    /// deletes with the rest. An outbox of nothing but erasure records is
+    /// left over its bound.
+    pub(crate) fn drop_oldest(
+        &mut self,
+        dbs: &Dbs,
+        txn: &mut RwTxn,
+        meta: &mut Meta,
+        max_bytes: u64,
+    ) -> heed::Result<Option<Dropped>> {
+        if meta.outbox_bytes <= max_bytes {
+            return Ok(None);
         }
+        let excess = meta.outbox_bytes - max_bytes;
+        let (mut freed, mut removed_bytes) = (0u64, 0u64);
+        let (mut given_up, mut removed) = (0u64, 0u64);
+        let mut last = 0u64;
+        let mut erasures = Vec::new();
+        for entry in dbs.outbox.iter(txn)? {
+            let (seq, value) = entry?;
+            removed_bytes += value.len() as u64;
+            removed += 1;
+            last = seq;
+            match postcard::from_bytes::<Record>(value) {
+                Ok(record) if matches!(record.body, RecordBody::CustomerErased(_)) => {
+                    erasures.push(record);
+                }
+                _ => {
+                    freed += value.len() as u64;
+                    given_up += 1;
+                    if freed >= excess {
+                        break;
+                    }
+                }
+            }
+        }
+        if given_up == 0 {
+            return Ok(None);
+        }
+        dbs.outbox.delete_range(txn, &(..=last))?;
+        meta.outbox_records = meta.outbox_records.saturating_sub(removed);
+        meta.outbox_bytes = meta.outbox_bytes.saturating_sub(removed_bytes);
+        meta.dropped_through = meta.dropped_through.max(last);
+        let erasures_kept = erasures.len() as u64;
+        for record in erasures {
+            self.append(dbs, txn, meta, &record.site, record.at_ms, record.body)?;
+        }
+        Ok(Some(Dropped {
+            records: given_up,
+            erasures_kept,
+        }))
     }
-    if count == 0 {
-        return Ok(None);
-    }
-    dbs.outbox.delete_range(txn, &(..=last))?;
-    meta.outbox_records = meta.outbox_records.saturating_sub(count);
-    meta.outbox_bytes = meta.outbox_bytes.saturating_sub(freed);
-    meta.dropped_through = meta.dropped_through.max(last);
-    Ok(Some((count, last)))
 }
 
 /// Counts records and bytes with a sequence up to `through`.

@@ -162,6 +162,8 @@ struct Tally {
     records: u64,
     acked: u64,
     dropped: u64,
+    /// Erasure records drop-oldest appended again instead of dropping.
+    erasures_kept: u64,
     refusals: u64,
     dead_letters: u64,
     swept: u64,
@@ -728,8 +730,12 @@ impl Writer {
         }
         if self.settings.when_full == WhenFull::DropOldest {
             let max = self.settings.outbox_max_bytes;
-            if let Some((n, _)) = outbox::drop_oldest(&self.dbs, &mut txn, &mut meta, max)? {
-                tally.dropped = n;
+            let dropped = self
+                .outbox
+                .drop_oldest(&self.dbs, &mut txn, &mut meta, max)?;
+            if let Some(dropped) = dropped {
+                tally.dropped = dropped.records;
+                tally.erasures_kept = dropped.erasures_kept;
             }
         }
         let budget = 2 * (tally.events + tally.duplicates) as usize + SWEEP_BASE_BUDGET;
@@ -1104,6 +1110,7 @@ impl Writer {
             if let Some(suppressed) = self.drop_log.check() {
                 warn!(
                     dropped = tally.dropped,
+                    erasure_records_kept = tally.erasures_kept,
                     dropped_through = self.meta.dropped_through,
                     total_dropped = st.records_dropped(),
                     suppressed,

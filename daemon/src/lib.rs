@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod app;
+pub(crate) mod backoff;
 pub mod certs;
 pub mod cli;
 pub mod clock;

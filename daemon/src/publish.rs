@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ingest::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::store::publications::Publication;
 use crate::store::StoreHandle;
 

@@ -19,13 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint};
-use rand::Rng;
 use touchline_proto::{
     decode_server, encode_client, ClientMessage, Record, ServerMessage, FRAME_HEADER_LEN,
     MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use tracing::{debug, error, info, warn};
 
+use crate::backoff::Backoff;
 use crate::store::{Rebase, RebaseCause};
 
 /// How often an idle session looks at the outbox even without a
@@ -257,7 +257,7 @@ pub async fn run<O: OutboxSource>(
         }
     };
     endpoint.set_default_client_config(settings.client.clone());
-    let mut backoff = settings.reconnect_min;
+    let mut backoff = Backoff::new(settings.reconnect_min, settings.reconnect_max);
     let mut budget = BatchBudget::new(settings.batch_max_records, settings.batch_max_bytes);
     loop {
         let outcome = tokio::select! {
@@ -266,14 +266,14 @@ pub async fn run<O: OutboxSource>(
         };
         state.connected.store(false, Relaxed);
         state.reconnects.fetch_add(1, Relaxed);
+        // Sites restarting together spread out.
+        let pause = backoff.next_delay();
         if let Err(e) = outcome {
             if matches!(e, UplinkError::Refused(_)) {
                 state.refusals.fetch_add(1, Relaxed);
             }
-            warn!(central = %settings.central, error = %e, retry_in = ?backoff, "uplink session ended");
+            warn!(central = %settings.central, error = %e, retry_in = ?pause, "uplink session ended");
         }
-        let pause = jitter(backoff);
-        backoff = (backoff * 2).min(settings.reconnect_max);
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep(pause) => {}
@@ -285,19 +285,13 @@ pub async fn run<O: OutboxSource>(
     debug!("uplink stopped");
 }
 
-/// A random pause in [d/2, d]: sites restarting together spread out.
-fn jitter(d: Duration) -> Duration {
-    let half = d / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
-}
-
 /// One session: hello, then batches until an error.
 async fn session<O: OutboxSource>(
     endpoint: &Endpoint,
     settings: &UplinkSettings,
     source: &O,
     state: &UplinkState,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
     budget: &mut BatchBudget,
 ) -> Result<(), UplinkError> {
     let addr = settings.central;
@@ -328,7 +322,7 @@ async fn session<O: OutboxSource>(
     }
     state.last_acked.store(last_durable, Relaxed);
     state.connected.store(true, Relaxed);
-    *backoff = settings.reconnect_min;
+    backoff.reset();
     info!(central = %addr, last_durable, "uplink connected");
 
     let mut sent_through = last_durable;

@@ -13,7 +13,6 @@ use std::future::Future;
 
 use crate::event::{DeadLetter, Event, EventOutcome, SubmitError};
 
-pub(crate) mod backoff;
 pub mod gate;
 pub mod http;
 pub mod mqtt;

@@ -37,9 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::{Event, SubmitError};
 
-use super::backoff::Backoff;
 use super::validate::parse_event;
 use super::{count_outcomes, now_ms, EventSink, IngestStats};
+use crate::backoff::Backoff;
 
 /// Most messages grouped into one store submission.
 const MAX_BATCH: usize = 1024;

@@ -6,6 +6,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+
 pub(crate) struct LogLimiter {
     interval: Duration,
     last: Option<Instant>,
@@ -43,17 +45,14 @@ impl LogLimiter {
 #[derive(Debug)]
 pub(crate) struct RetryPause {
     until: Option<Instant>,
-    next: Duration,
+    steps: Backoff,
 }
 
 impl RetryPause {
-    const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(30);
-
-    pub(crate) const fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RetryPause {
             until: None,
-            next: Self::FIRST,
+            steps: Backoff::new(Duration::from_secs(1), Duration::from_secs(30)),
         }
     }
 
@@ -64,16 +63,15 @@ impl RetryPause {
 
     /// A try failed: the next waits. Returns for how long.
     pub(crate) fn failed(&mut self) -> Duration {
-        let wait = self.next;
+        let wait = self.steps.next_step();
         self.until = Some(Instant::now() + wait);
-        self.next = (self.next * 2).min(Self::MAX);
         wait
     }
 
     /// A try succeeded: the next failure waits the first pause again.
     pub(crate) fn succeeded(&mut self) {
         self.until = None;
-        self.next = Self::FIRST;
+        self.steps.reset();
     }
 
     /// Ends the pause now (tests).

@@ -1,5 +1,6 @@
-//! Jittered exponential backoff for retries against peers we do not
-//! control (the broker, the store under back-pressure).
+//! Exponential backoff for retries: jittered against peers we do not
+//! control (the broker, the central receiver, the store under
+//! back-pressure), plain for retries of the store's own work.
 //!
 //! The jitter matters: after a broker restart every site reconnects at
 //! once, and without it they would keep colliding in lockstep.
@@ -28,14 +29,23 @@ impl Backoff {
         }
     }
 
-    /// The delay before the next attempt.
+    /// The delay before the next attempt, drawn from the upper half of
+    /// the current step.
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = step.saturating_mul(2).min(self.max);
+        let step = self.next_step();
         let half = step / 2;
         let span = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
         let jitter = Duration::from_nanos(rand::rng().random_range(0..=span));
         (half + jitter).max(self.min)
+    }
+
+    /// The current step as it is, without jitter, and the next one
+    /// doubled: for retries nothing else collides with, where a fixed
+    /// schedule reads better in a log.
+    pub(crate) fn next_step(&mut self) -> Duration {
+        let step = self.step;
+        self.step = step.saturating_mul(2).min(self.max);
+        step
     }
 
     /// Back to `min`, after a success.

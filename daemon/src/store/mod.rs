@@ -499,12 +499,7 @@ impl StoreHandle {
     /// them durable; its numbering). Goes through the writer; works even
     /// when the map is full.
     pub async fn ack_outbox(&self, through: u64) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Command::Ack { through, reply })
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.ask(|reply| Command::Ack { through, reply }).await
     }
 
     /// Takes a session's Welcome: the central side holds the site's
@@ -513,13 +508,23 @@ impl StoreHandle {
     /// this store sent (a new store under a known site id, or a restored
     /// one); returns the renumbering, if any. Goes through the writer.
     pub async fn welcome(&self, central_mark: u64) -> Result<Option<Rebase>, StoreError> {
+        self.ask(|reply| Command::Welcome {
+            central_mark,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends the writer the command `make` builds around a reply channel
+    /// and waits for its answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
-            .send(Command::Welcome {
-                central_mark,
-                reply,
-            })
+            .send(make(reply))
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -574,16 +579,12 @@ impl StoreHandle {
         // The engine first: in `journal` mode it can be refused (its held
         // state must be written back before the rules change), and then
         // the offers must stay as they are too.
-        let (reply, answer) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Command::ReplaceEngine {
-                engine: Box::new(engine),
-                recorded,
-                reply,
-            })
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)??;
+        self.ask(|reply| Command::ReplaceEngine {
+            engine: Box::new(engine),
+            recorded,
+            reply,
+        })
+        .await?;
         let (reply, answer) = oneshot::channel();
         self.shared
             .tx
@@ -621,17 +622,14 @@ impl StoreHandle {
         let now_ms = (self.shared.clock)();
         if self.shared.deferred_state {
             // The writer holds changes LMDB does not have yet.
-            let (reply, answer) = oneshot::channel();
-            self.shared
-                .tx
-                .send(Command::Progress {
+            return self
+                .ask(|reply| Command::Progress {
                     rules,
                     customer,
                     now_ms,
                     reply,
                 })
-                .map_err(|_| StoreError::Closed)?;
-            return answer.await.map_err(|_| StoreError::Closed)?;
+                .await;
         }
         self.read(move |dbs, txn, _| {
             let snapshot = hot::Snapshot {
@@ -732,12 +730,8 @@ impl StoreHandle {
 
     /// Deletes every publication up to `through` (the broker acked them).
     pub async fn ack_publications(&self, through: u64) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.shared
-            .tx
-            .send(Command::AckPublished { through, reply })
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.ask(|reply| Command::AckPublished { through, reply })
+            .await
     }
 
     /// Notified after commits that queued publications.

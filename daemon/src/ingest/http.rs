@@ -183,27 +183,51 @@ async fn too_large<S: EventSink>(
         "the request body exceeds the limit of {} bytes",
         app.cfg.max_body
     );
-    let refusal = (RejectReason::TooLarge, StatusCode::PAYLOAD_TOO_LARGE);
-    refuse_request(app, refusal, "payload_too_large", detail, now, origin).await
+    let refusal = Refusal::new(RejectReason::TooLarge, StatusCode::PAYLOAD_TOO_LARGE)
+        .code("payload_too_large");
+    refuse_request(app, refusal, detail, &[], now, origin).await
 }
 
-/// A request refused as a whole before any event in it was read: counted
-/// as one rejected input (without a body sample) and answered with `code`.
+/// How a request refused as a whole is counted and answered.
+struct Refusal {
+    reason: RejectReason,
+    status: StatusCode,
+    /// The answer's error code; the reason's label unless set.
+    code: &'static str,
+}
+
+impl Refusal {
+    fn new(reason: RejectReason, status: StatusCode) -> Refusal {
+        Refusal {
+            reason,
+            status,
+            code: reason.label(),
+        }
+    }
+
+    fn code(self, code: &'static str) -> Refusal {
+        Refusal { code, ..self }
+    }
+}
+
+/// A request refused as a whole, before any event in it was taken:
+/// counted as one rejected input, `sample` (what of the body was read)
+/// kept with it, and answered with the refusal's status and code.
 async fn refuse_request<S: EventSink>(
     app: &AppState<S>,
-    (reason, status): (RejectReason, StatusCode),
-    code: &str,
+    refusal: Refusal,
     detail: String,
+    sample: &[u8],
     now: i64,
     origin: &(dyn Fn() -> String + Sync),
 ) -> Response {
     app.stats.add_received(1);
     let rejection = Rejection {
-        reason,
+        reason: refusal.reason,
         detail: detail.clone(),
     };
-    reject(app, vec![(&[][..], &rejection)], now, origin).await;
-    error_response(status, code, detail)
+    reject(app, vec![(sample, &rejection)], now, origin).await;
+    error_response(refusal.status, refusal.code, detail)
 }
 
 /// The body kind from `Content-Type`, or why it is not acceptable.
@@ -253,12 +277,11 @@ async fn post_events<S: EventSink>(State(app): State<AppState<S>>, req: Request)
             let detail = format!(
                 "{what}; send {CONTENT_TYPE_EVENT} (one event) or {CONTENT_TYPE_BATCH} (a JSON array)"
             );
-            let refusal = (
+            let refusal = Refusal::new(
                 RejectReason::UnsupportedMediaType,
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             );
-            let code = refusal.0.label();
-            return refuse_request(&app, refusal, code, detail, now, &origin).await;
+            return refuse_request(&app, refusal, detail, &[], now, &origin).await;
         }
     };
     let max_body = app.cfg.max_body;
@@ -274,10 +297,9 @@ async fn post_events<S: EventSink>(State(app): State<AppState<S>>, req: Request)
             return too_large(&app, now, &origin).await
         }
         Err(rejection) => {
-            let refusal = (RejectReason::UnreadableBody, rejection.status());
-            let code = refusal.0.label();
+            let refusal = Refusal::new(RejectReason::UnreadableBody, rejection.status());
             let detail = rejection.body_text();
-            return refuse_request(&app, refusal, code, detail, now, &origin).await;
+            return refuse_request(&app, refusal, detail, &[], now, &origin).await;
         }
     };
     match kind {
@@ -326,31 +348,21 @@ async fn batch<S: EventSink>(
     let parts = match split_batch(body) {
         Ok(parts) => parts,
         Err(error) => {
-            app.stats.add_received(1);
-            let (reason, status, code) = match error {
-                BatchError::TooManyEvents => (
-                    RejectReason::TooLarge,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_many_events",
-                ),
-                _ => (
-                    RejectReason::InvalidJson,
-                    StatusCode::BAD_REQUEST,
-                    "malformed_batch",
-                ),
+            let refusal = match error {
+                BatchError::TooManyEvents => {
+                    Refusal::new(RejectReason::TooLarge, StatusCode::PAYLOAD_TOO_LARGE)
+                        .code("too_many_events")
+                }
+                _ => Refusal::new(RejectReason::InvalidJson, StatusCode::BAD_REQUEST)
+                    .code("malformed_batch"),
             };
-            let rejection = Rejection {
-                reason,
-                detail: error.to_string(),
-            };
-            reject(app, vec![(body, &rejection)], now, origin).await;
-            return error_response(status, code, error.to_string());
+            return refuse_request(app, refusal, error.to_string(), body, now, origin).await;
         }
     };
     if parts.is_empty() {
-        let refusal = (RejectReason::EmptyBatch, StatusCode::BAD_REQUEST);
+        let refusal = Refusal::new(RejectReason::EmptyBatch, StatusCode::BAD_REQUEST);
         let detail = "the batch holds no events".to_string();
-        return refuse_request(app, refusal, "empty_batch", detail, now, origin).await;
+        return refuse_request(app, refusal, detail, body, now, origin).await;
     }
     app.stats.add_received(parts.len() as u64);
 

@@ -685,17 +685,20 @@ async fn postgres_sink_stores_a_record_holding_a_nul_instead_of_stalling() {
         return;
     }
     use touchline_central::Sink;
-    use touchline_proto::{OfferDecision, Record, RecordBody};
+    use touchline_proto::{CustomerErased, OfferDecision, Record, RecordBody};
     let pg = touchline_tests::postgres::Postgres::start().expect("PostgreSQL");
     let sink = touchline_central::PostgresSink::connect(&pg.url())
         .await
         .expect("sink");
-    let decision = |seq: u64, segment: &str| Record {
+    let record = |seq: u64, body: RecordBody| Record {
         site: SITE.into(),
         seq,
         at_ms: 1_700_000_000_000,
-        body: RecordBody::OfferDecision(OfferDecision {
-            customer: "fan-1".into(),
+        body,
+    };
+    let decision = |seq: u64, customer: &str, segment: &str| {
+        let body = RecordBody::OfferDecision(OfferDecision {
+            customer: customer.into(),
             offer: "half-time-hotdog".into(),
             version: 1,
             instance: format!("i-{seq}"),
@@ -704,15 +707,23 @@ async fn postgres_sink_stores_a_record_holding_a_nul_instead_of_stalling() {
             control: false,
             segment: segment.into(),
             expires_ms: 1_700_000_600_000,
-        }),
+        });
+        record(seq, body)
     };
     let batch = [
-        decision(1, "home"),
-        decision(2, "a\0b"),
-        decision(3, "away"),
+        decision(1, "fan-1", "home"),
+        decision(2, "fan-1", "a\0b"),
+        decision(3, "fan-1", "away"),
+        decision(4, "x\0y", "home"),
     ];
-    assert_eq!(sink.write(SITE, 0, &batch).await.unwrap(), 3);
-    assert_eq!(sink.last_durable(SITE).await.unwrap(), 3);
+    assert_eq!(sink.write(SITE, 0, &batch).await.unwrap(), 4);
+    // An erasure of a customer stored altered finds the rows stored for
+    // them, and its own write does not fail on the character either.
+    let erasure = RecordBody::CustomerErased(CustomerErased {
+        customer: "x\0y".into(),
+    });
+    assert_eq!(sink.write(SITE, 0, &[record(5, erasure)]).await.unwrap(), 5);
+    assert_eq!(sink.last_durable(SITE).await.unwrap(), 5);
 
     let (db, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
         .await
@@ -720,13 +731,22 @@ async fn postgres_sink_stores_a_record_holding_a_nul_instead_of_stalling() {
     tokio::spawn(conn);
     let rows = db
         .query(
-            "SELECT record->>'segment' FROM touchline_records WHERE site = $1 ORDER BY seq",
+            "SELECT seq, record->>'segment' FROM touchline_records \
+             WHERE site = $1 AND kind = 'offer_decision' ORDER BY seq",
             &[&SITE],
         )
         .await
         .unwrap();
-    let segments: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(segments, ["home", "a\u{FFFD}b", "away"]);
+    let segments: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        segments,
+        [
+            (1, "home".to_string()),
+            (2, "a\u{FFFD}b".to_string()),
+            (3, "away".to_string())
+        ],
+        "the erased customer's decision is gone"
+    );
 }
 
 /// After `kill -9` in `journal` mode, the journal replays with the rules

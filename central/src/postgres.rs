@@ -196,7 +196,12 @@ async fn write_batch(
         let (erased, erased_at): (Vec<String>, Vec<i64>) = records
             .iter()
             .filter_map(|r| match &r.body {
-                RecordBody::CustomerErased(e) => Some((e.customer.clone(), r.seq as i64)),
+                RecordBody::CustomerErased(e) => {
+                    // Matched against the column as it was stored.
+                    let mut customer = e.customer.clone();
+                    storable_text(&mut customer);
+                    Some((customer, r.seq as i64))
+                }
                 _ => None,
             })
             .unzip();

@@ -430,8 +430,8 @@ fn log_rebase(site: &str, r: &Rebase) {
             offset = r.offset,
             superseded = r.superseded,
             "the central side holds records of this site beyond any this store numbered (a \
-             store restored from a backup, or a copy running elsewhere): the records this \
-             store still held are taken as sent by the other copy and deleted, and new ones \
+             store restored from a backup, or a copy running elsewhere): the records it held \
+             when it was opened are taken as sent by the other copy and deleted, and its own \
              follow the central side's mark"
         ),
     }

@@ -170,7 +170,7 @@ async fn an_erasure_removes_the_customer_from_the_postgres_sink() {
         },
     );
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     let client = reqwest::Client::new();
     let events: Vec<_> = (0..6).map(|n| cheer(n, 1 + (n % 2) as u32, 3)).collect();
     post_all(&client, &url, &events, 10, Duration::from_secs(30))

@@ -15,7 +15,6 @@ use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use touchline_tests::mosquitto::Mosquitto;
-use touchline_tests::process::ChildProcess;
 
 async fn wait_for_awards(central_dir: &std::path::Path, expected: usize, within: Duration) -> bool {
     let dir = central_dir.to_path_buf();
@@ -63,13 +62,7 @@ async fn kill_9_under_load(rule_state: &str) {
         },
     );
     let log = dir.path().join("daemon.log");
-    let config_arg = config.to_string_lossy().to_string();
-    let spawn = || {
-        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &config_arg], &log)
-            .expect("daemon process");
-        touchline_tests::wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
-        child
-    };
+    let spawn = || spawn_touchline_run(&config, http_port, &log);
     let mut daemon = spawn();
 
     // The load: a fixed set of events posted by a client that retries each
@@ -160,7 +153,7 @@ async fn site_with_central(dir: &std::path::Path) -> SiteWithCentral {
         },
     );
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     SiteWithCentral {
         certs,
         central_dir,
@@ -311,7 +304,7 @@ async fn a_rebuilt_site_continues_after_the_central_mark_and_loses_nothing() {
     central.stop().await;
     std::fs::remove_dir_all(dir.path().join("data")).unwrap();
     let daemon = start_daemon(&dir.path().join("site.toml")).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     post_all(&client, &url, new, 250, Duration::from_secs(60))
         .await
         .unwrap();
@@ -373,7 +366,7 @@ async fn a_store_restored_from_a_backup_sends_nothing_twice_and_loses_nothing() 
     // The original goes on: it sends what was queued and more.
     let central = Central::start(&certs, &central_dir, central_addr).await;
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     post_all(&client, &url, original, 250, Duration::from_secs(60))
         .await
         .unwrap();
@@ -384,7 +377,7 @@ async fn a_store_restored_from_a_backup_sends_nothing_twice_and_loses_nothing() 
     std::fs::remove_dir_all(&data).unwrap();
     copy_dir(&backup, &data);
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     post_all(&client, &url, restored, 250, Duration::from_secs(60))
         .await
         .unwrap();
@@ -621,7 +614,7 @@ async fn postgres_sink_holds_each_award_once_across_central_restarts() {
         },
     );
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     let client = reqwest::Client::new();
     let events = workload(8_000, 200);
     let expected = expected_awards(&events);
@@ -769,13 +762,7 @@ async fn a_replay_applies_the_journal_with_the_rules_that_wrote_it() {
         },
     );
     let log = dir.path().join("daemon.log");
-    let config_arg = config.to_string_lossy().to_string();
-    let spawn = || {
-        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &config_arg], &log)
-            .expect("daemon process");
-        touchline_tests::wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
-        child
-    };
+    let spawn = || spawn_touchline_run(&config, http_port, &log);
     let base = format!("http://127.0.0.1:{http_port}");
     let client = reqwest::Client::new();
     let value = |client: reqwest::Client, base: String| async move {
@@ -841,7 +828,7 @@ async fn a_replay_applies_the_journal_with_the_rules_that_wrote_it() {
     // reloaded rules, not with those on disk.
     std::fs::write(&rules, RULES).unwrap();
     let out = std::process::Command::new(touchline_bin())
-        .args(["reload", "--config", &config_arg])
+        .args(["reload", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -969,7 +956,7 @@ async fn a_link_too_slow_for_a_full_batch_still_delivers_everything_once() {
         },
     );
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     let client = reqwest::Client::new();
     // 600 awards (three tiers for each of 200 fans), about 130 KB of
     // records, queued before the site's first session gets through.

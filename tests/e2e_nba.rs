@@ -493,13 +493,7 @@ async fn offer_timers_survive_kill_9_none_lost_none_expired_twice() {
     );
     std::fs::write(dir.path().join("rules/offers.toml"), TIMED_OFFERS).unwrap();
     let log = dir.path().join("touchline.log");
-    let cfg = config.to_string_lossy().to_string();
-    let spawn = || {
-        let child = ChildProcess::spawn(&touchline_bin(), &["run", "--config", &cfg], &log)
-            .expect("daemon process");
-        wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
-        child
-    };
+    let spawn = || spawn_touchline_run(&config, http_port, &log);
     let mut daemon = spawn();
     let url = format!("http://127.0.0.1:{http_port}/v1/events");
     let client = reqwest::Client::builder()

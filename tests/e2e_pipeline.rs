@@ -118,7 +118,7 @@ async fn bad_input_is_rejected_counted_and_kept_without_hurting_valid_events() {
         },
     );
     let daemon = start_daemon(&config).await;
-    let url = format!("http://{}/v1/events", daemon.http_addr().unwrap());
+    let url = events_url(&daemon);
     let client = reqwest::Client::new();
     let post = |ct: &'static str, body: Vec<u8>| {
         let client = client.clone();

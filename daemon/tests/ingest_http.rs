@@ -501,6 +501,17 @@ async fn ten_thousand_duplicates_commit_once() {
     server.shutdown().await;
 }
 
+/// A 503 that tells the client to retry after a second, saying `error`.
+async fn assert_retry_in_a_second(response: reqwest::Response, error: &str) {
+    assert_eq!(response.status().as_u16(), 503);
+    assert_eq!(
+        response.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer["error"], error);
+}
+
 #[tokio::test]
 async fn full_outbox_answers_503_with_retry_after() {
     let server = Server::start(64 * 1024, 1024 * 1024).await;
@@ -509,13 +520,7 @@ async fn full_outbox_answers_503_with_retry_after() {
     let response = server
         .post(SINGLE, event("bp-1", Some("c1")).to_string())
         .await;
-    assert_eq!(response.status().as_u16(), 503);
-    assert_eq!(
-        response.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["error"], "outbox_full");
+    assert_retry_in_a_second(response, "outbox_full").await;
 
     let batch = json!([event("bp-2", Some("c1")), event("bp-3", Some("c2"))]);
     let response = server.post(BATCH, batch.to_string()).await;
@@ -537,13 +542,7 @@ async fn full_outbox_answers_503_with_retry_after() {
     let response = server
         .post(SINGLE, event("bp-4", Some("c1")).to_string())
         .await;
-    assert_eq!(response.status().as_u16(), 503);
-    assert_eq!(
-        response.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"1"[..])
-    );
-    let answer: Value = response.json().await.unwrap();
-    assert_eq!(answer["error"], "store_busy");
+    assert_retry_in_a_second(response, "store_busy").await;
     server.sink.inner.busy.store(false, Ordering::SeqCst);
 
     // A refused batch's bad events are counted once: when the batch that

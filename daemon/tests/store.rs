@@ -392,6 +392,17 @@ async fn block_policy_refuses_when_full_and_recovers_after_ack() {
     close(h, w).await;
 }
 
+/// The outbox bytes of the record one cheer gives under `rules` (one
+/// tier at 1), measured on the store, which is left empty.
+async fn one_record_bytes(cfg: &SiteConfig, rules: &RuleBundle) -> u64 {
+    let (h, w) = open(cfg, rules);
+    h.submit(vec![cheer("probe", "fan-0")]).await.unwrap();
+    let one = h.stats().outbox_bytes();
+    h.ack_outbox(u64::MAX).await.unwrap();
+    close(h, w).await;
+    one
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_drops_counts_and_advances_dropped_through() {
     let dir = tempfile::tempdir().unwrap();
@@ -399,12 +410,7 @@ async fn drop_oldest_drops_counts_and_advances_dropped_through() {
     cfg.outbox.when_full = WhenFull::DropOldest;
     let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
 
-    // Measure one record's size first.
-    let (h, w) = open(&cfg, &rules);
-    h.submit(vec![cheer("probe", "fan-0")]).await.unwrap();
-    let one = h.stats().outbox_bytes();
-    h.ack_outbox(u64::MAX).await.unwrap();
-    close(h, w).await;
+    let one = one_record_bytes(&cfg, &rules).await;
 
     cfg.outbox.max_bytes = one * 2 + one / 2;
     let (h, w) = open(&cfg, &rules);
@@ -438,11 +444,7 @@ async fn drop_oldest_keeps_erasure_records() {
     let mut cfg = site(dir.path());
     cfg.outbox.when_full = WhenFull::DropOldest;
     let rules = bundle(vec![rule("hello", "fan.cheer", None, &[1.0])]);
-    let (h, w) = open(&cfg, &rules);
-    h.submit(vec![cheer("probe", "fan-0")]).await.unwrap();
-    let one = h.stats().outbox_bytes();
-    h.ack_outbox(u64::MAX).await.unwrap();
-    close(h, w).await;
+    let one = one_record_bytes(&cfg, &rules).await;
 
     cfg.outbox.max_bytes = one * 3;
     let (h, w) = open(&cfg, &rules);

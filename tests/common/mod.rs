@@ -48,6 +48,32 @@ pub async fn start_daemon(config: &Path) -> touchline::app::Daemon {
         .expect("daemon starts")
 }
 
+/// The events URL of a daemon started in this process.
+pub fn events_url(daemon: &touchline::app::Daemon) -> String {
+    format!(
+        "http://{}/v1/events",
+        daemon.http_addr().expect("HTTP ingest")
+    )
+}
+
+/// `touchline run --config <config>` as a child process (its output in
+/// `log`), once it listens on `http_port`.
+pub fn spawn_touchline_run(
+    config: &Path,
+    http_port: u16,
+    log: &Path,
+) -> touchline_tests::process::ChildProcess {
+    let config = config.to_string_lossy();
+    let child = touchline_tests::process::ChildProcess::spawn(
+        &touchline_bin(),
+        &["run", "--config", &config],
+        log,
+    )
+    .expect("daemon process");
+    touchline_tests::wait_for_port(http_port, Duration::from_secs(20)).expect("daemon listens");
+    child
+}
+
 /// Development certificates for [`SITE`] in `dir/certs`.
 pub fn write_certs(dir: &Path) -> PathBuf {
     let certs = dir.join("certs");
